@@ -1,0 +1,235 @@
+"""One validated config object per stage, read from its section of params.yaml.
+
+Every key a stage uses lives in params.yaml, so DVC sees it (`dvc params diff`,
+`dvc exp run -S`). Unknown keys and bad values are refused at load time with
+their dotted name, before any work starts.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import ConfigError
+
+PositiveInt = Annotated[int, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+# A split size is a row count (int >= 0) or a share of the rows (0 < float < 1).
+SplitSize = Annotated[int, Field(ge=0)] | Annotated[float, Field(gt=0, lt=1)]
+
+_SHA = re.compile(r"^[0-9a-f]{40}$")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TinyModelConfig(_Section):
+    """A small LLaMA-architecture model built here, for CPU runs and tests.
+
+    bitsandbytes' CPU 4-bit kernels need every linear dimension to be a
+    multiple of 64, hence the checks.
+    """
+
+    hidden_size: PositiveInt = 128
+    intermediate_size: PositiveInt = 384
+    num_layers: PositiveInt = 2
+    num_heads: PositiveInt = 4
+    max_position_embeddings: PositiveInt = 2048
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _shapes(self) -> TinyModelConfig:
+        for key in ("hidden_size", "intermediate_size"):
+            if getattr(self, key) % 64:
+                raise ValueError(f"{key} must be a multiple of 64 (4-bit kernels need it), got {getattr(self, key)}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        return self
+
+
+class BaseConfig(_Section):
+    """Section `base`: which base model the pipeline tunes and compares against."""
+
+    source: Literal["tiny", "pretrained"] = "tiny"
+    # A Hub id (org/name) or a local folder; used when source is `pretrained`.
+    name_or_path: str = "maritaca-ai/sabia-7b"
+    # A commit sha for Hub ids; ignored for local folders.
+    revision: str | None = None
+    # Copy the weights into models/base so DVC tracks them (see README).
+    copy_weights: bool = False
+    tiny: TinyModelConfig = TinyModelConfig()
+
+
+class ColumnMap(_Section):
+    """Which source columns hold instruction, input (optional) and output."""
+
+    instruction: str = "instruction"
+    input: str | None = "input"
+    output: str = "output"
+
+
+class FetchConfig(_Section):
+    """Section `fetch`: where the raw instruction rows come from."""
+
+    source: Literal["file", "hub"] = "file"
+    # For source `file`: a json, jsonl, csv or parquet file (default: the bundled sample).
+    path: str = "data/sample/instructions.jsonl"
+    file_format: Literal["auto", "json", "jsonl", "csv", "parquet"] = "auto"
+    columns: ColumnMap = ColumnMap()
+    # For source `hub`: a Hugging Face dataset id at a pinned revision.
+    dataset: str = "dominguesm/Canarim-Instruct-PTBR-Dataset"
+    revision: str | None = None
+    split: str = "train"
+    # Keep a random subset of this many rows (null: all), drawn with `seed`.
+    max_rows: PositiveInt | None = None
+    seed: int = 42
+
+
+class FormatConfig(_Section):
+    """Section `format`: template, cleaning and the train/val/test split."""
+
+    val_size: SplitSize = 100
+    test_size: SplitSize = 100
+    seed: int = 42
+
+
+class TokenizeConfig(_Section):
+    """Section `tokenize`: token ids and loss labels."""
+
+    max_length: Annotated[int, Field(ge=16)] = 512
+    # Rows longer than max_length: `drop` them, or `truncate` the response
+    # (a truncated response gets no EOS, so the model is never taught to stop
+    # mid-sentence). Either way they are counted in metrics/tokenize.json.
+    overlength: Literal["drop", "truncate"] = "drop"
+
+
+class LoraConfigSection(_Section):
+    r: PositiveInt = 16
+    alpha: PositiveFloat = 32
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.05
+    target_modules: Annotated[list[str], Field(min_length=1)] = ["q_proj", "k_proj", "v_proj"]
+
+
+class TrainConfig(_Section):
+    """Section `train`: LoRA/QLoRA hyperparameters; every one is here."""
+
+    seed: int = 42
+    epochs: PositiveFloat = 3
+    # -1: run for `epochs`; a positive number stops after that many optimizer steps.
+    max_steps: int = Field(default=-1, ge=-1)
+    micro_batch_size: PositiveInt = 8
+    grad_accum: PositiveInt = 1
+    lr: PositiveFloat = 2e-4
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    # A share of the steps below 1, a step count from 1.
+    warmup: Annotated[float, Field(ge=0)] = 0.03
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    max_grad_norm: PositiveFloat = 1.0
+    optim: Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = "adamw_torch"
+    # `nf4`: QLoRA (bitsandbytes NF4 4-bit base weights); `none`: LoRA on full-precision weights.
+    quantization: Literal["none", "nf4"] = "none"
+    double_quant: bool = True
+    # `auto`: bf16 where the GPU supports it, else fp16 with loss scaling; fp32 on CPU.
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    activation_checkpointing: bool = False
+    # Group rows of similar length into batches so dynamic padding wastes little.
+    group_by_length: bool = True
+    lora: LoraConfigSection = LoraConfigSection()
+    logging_steps: PositiveInt = 10
+    eval_steps: PositiveInt = 50
+    # Checkpoints for resuming an interrupted run (models/checkpoints, persisted by DVC).
+    save_steps: PositiveInt = 50
+    save_total_limit: PositiveInt = 2
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Write DVCLive curves (needs dvclive; the GPU benchmark turns it off).
+    live: bool = True
+
+    @model_validator(mode="after")
+    def _warmup(self) -> TrainConfig:
+        if self.warmup >= 1 and self.warmup != int(self.warmup):
+            raise ValueError(f"warmup is a share below 1 or a whole number of steps, got {self.warmup}")
+        return self
+
+
+class EvaluateConfig(_Section):
+    """Section `evaluate`: base vs tuned generation on the test split."""
+
+    max_new_tokens: PositiveInt = 64
+    batch_size: PositiveInt = 16
+    # Generate for the first N test rows (null: all of them).
+    max_samples: PositiveInt | None = None
+    repetition_ngram: PositiveInt = 4
+    # Rows written to the side-by-side samples file.
+    samples_to_write: Annotated[int, Field(ge=0)] = 50
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+SECTIONS: dict[str, type[_Section]] = {
+    "base": BaseConfig,
+    "fetch": FetchConfig,
+    "format": FormatConfig,
+    "tokenize": TokenizeConfig,
+    "train": TrainConfig,
+    "evaluate": EvaluateConfig,
+}
+
+C = TypeVar("C", bound=_Section)
+
+
+def read_params(path: str | Path = "params.yaml") -> dict[str, Any]:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such params file") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
+    unknown = sorted(set(data) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"{path}: unknown section(s) {', '.join(unknown)}; known: {', '.join(SECTIONS)}")
+    return data
+
+
+def _describe(error: dict[str, Any], section: str) -> str:
+    key = ".".join(str(part) for part in (section, *error["loc"]))
+    if error["type"] == "extra_forbidden":
+        return f"{key}: unknown key"
+    if "input" in error and error["type"] != "missing":
+        return f"{key}: {error['msg']} (got {error['input']!r})"
+    return f"{key}: {error['msg']}"
+
+
+def parse_section(section: str, raw: Any, source: str = "params.yaml") -> _Section:
+    cls = SECTIONS[section]
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: section {section} must be a mapping, got {type(raw).__name__}")
+    try:
+        return cls.model_validate(raw)
+    except ValidationError as exc:
+        lines = [_describe(err, section) for err in exc.errors()]
+        raise ConfigError(f"{source}: " + "; ".join(lines)) from None
+
+
+def load_section(section: str, path: str | Path = "params.yaml") -> Any:
+    """Validate and return one stage's config; raises ConfigError naming the key."""
+    params = read_params(path)
+    if section not in params:
+        raise ConfigError(f"{path}: missing section {section}")
+    return parse_section(section, params[section], str(path))
+
+
+def is_commit_sha(revision: str | None) -> bool:
+    return bool(revision and _SHA.match(revision))

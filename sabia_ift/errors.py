@@ -1,0 +1,24 @@
+"""The one exception type users see: a message that names the file, row or key."""
+
+from __future__ import annotations
+
+
+class SabiaError(Exception):
+    """A problem with the user's input or setup, reported without a traceback.
+
+    Stage scripts turn it into a one-line message on stderr and exit code 2, so
+    the message itself must say where the problem is (file, 1-based row, key)
+    and, where it can, what to change.
+    """
+
+
+class ConfigError(SabiaError):
+    """params.yaml holds an unknown key or a bad value."""
+
+
+class DataError(SabiaError):
+    """An input data file is malformed; the message names the file and row."""
+
+
+class ModelError(SabiaError):
+    """A model, tokenizer or adapter cannot be loaded as configured."""

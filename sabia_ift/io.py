@@ -1,0 +1,100 @@
+"""Atomic writes: an output exists only once it is complete.
+
+A stage killed mid-write must not leave a file or folder that the next stage,
+or a person, would take as finished. Everything is written to a temporary
+sibling and renamed into place at the end; rename is atomic on one filesystem.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | Path, *, is_dir: bool = False) -> Iterator[Path]:
+    """Yield a temporary path; on success it replaces `target`, on error it vanishes."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    prefix = f".{target.name}.tmp-"
+    if is_dir:
+        tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; outputs are shared like any folder
+    else:
+        fd, name = tempfile.mkstemp(prefix=prefix, dir=target.parent)
+        os.close(fd)
+        tmp = Path(name)
+    try:
+        yield tmp
+    except BaseException:
+        _remove(tmp)
+        raise
+    if is_dir:
+        # A folder cannot be renamed over a non-empty folder: move the old one
+        # aside first so the target is never half old, half new.
+        old = None
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            os.rmdir(old)
+            os.replace(target, old)
+        os.replace(tmp, target)
+        if old is not None:
+            _remove(old)
+    else:
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> int:
+    count = 0
+    with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+            count += 1
+    return count
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    with Path(path).open(encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def clear_stale_tmp(folder: str | Path) -> None:
+    """Remove temporaries a killed run left next to its outputs."""
+    folder = Path(folder)
+    if folder.is_dir():
+        for path in folder.glob(".*.tmp-*"):
+            _remove(path)
+        for path in folder.glob(".*.old-*"):
+            _remove(path)

@@ -1,0 +1,38 @@
+"""The Alpaca-PT prompt template, character for character as in DESIGN.md.
+
+Training and evaluation both build prompts here, so the model is asked at test
+time exactly what it was taught. BOS and EOS are not part of these strings:
+tokenization adds them as ids, so no tokenizer setting can drop or double them.
+"""
+
+from __future__ import annotations
+
+PROMPT_NO_INPUT = (
+    "Abaixo está uma instrução que descreve uma tarefa. "
+    "Escreva uma resposta que conclua adequadamente a solicitação.\n"
+    "\n"
+    "### Instrução:\n"
+    "{instruction}\n"
+    "\n"
+    "### Resposta:\n"
+)
+
+PROMPT_WITH_INPUT = (
+    "Abaixo está uma instrução que descreve uma tarefa, emparelhada com uma entrada "
+    "que fornece mais contexto. Escreva uma resposta que conclua adequadamente a solicitação.\n"
+    "\n"
+    "### Instrução:\n"
+    "{instruction}\n"
+    "\n"
+    "### Entrada:\n"
+    "{input}\n"
+    "\n"
+    "### Resposta:\n"
+)
+
+
+def build_prompt(instruction: str, input: str = "") -> str:
+    """The prompt the model continues; the response follows it directly."""
+    if input:
+        return PROMPT_WITH_INPUT.format(instruction=instruction, input=input)
+    return PROMPT_NO_INPUT.format(instruction=instruction)
