@@ -1,0 +1,76 @@
+"""Tests for sabia_ift/metrics/repetition."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import evaluate
+import pytest
+
+from sabia_ift.metrics import load_metric
+
+
+def _go_offline(mp: pytest.MonkeyPatch, hf_home: Path) -> None:
+    # evaluate reads these env vars at import time, so its config attributes are
+    # patched too; the socket guard turns any hidden Hub access into a failure.
+    mp.setenv("HF_HUB_OFFLINE", "1")
+    mp.setenv("HF_EVALUATE_OFFLINE", "1")
+    mp.setenv("HF_MODULES_CACHE", str(hf_home / "modules"))
+    mp.setattr(evaluate.config, "HF_EVALUATE_OFFLINE", True)
+    mp.setattr(evaluate.config, "HF_MODULES_CACHE", hf_home / "modules")
+    mp.setattr(evaluate.config, "HF_METRICS_CACHE", hf_home / "metrics")
+
+    def _refuse(*args: object, **kwargs: object) -> None:
+        raise OSError("network access attempted in an offline metric test")
+
+    mp.setattr(socket.socket, "connect", _refuse)
+
+
+@pytest.fixture(scope="module")
+def repetition(tmp_path_factory: pytest.TempPathFactory) -> Iterator[evaluate.EvaluationModule]:
+    # Session-wide modules cache (basetemp); see test_rouge_l.py for why.
+    with pytest.MonkeyPatch.context() as mp:
+        _go_offline(mp, tmp_path_factory.getbasetemp() / "hf")
+        yield load_metric("repetition", keep_in_memory=True)
+
+
+def _rep(metric: evaluate.EvaluationModule, text: str, **kwargs: int) -> float:
+    return metric.compute(predictions=[text], **kwargs)["repetition"]
+
+
+def test_looping_text_hand_computed(repetition: evaluate.EvaluationModule) -> None:
+    # 12 tokens -> 9 four-grams: abcd bcda cdab dabc abcd bcda cdab dabc abcd;
+    # 4 distinct, so rep_4 = 1 - 4/9 = 5/9.
+    assert _rep(repetition, "a b c d a b c d a b c d", n=4) == pytest.approx(5 / 9)
+    # n defaults to 4.
+    assert _rep(repetition, "a b c d a b c d a b c d") == pytest.approx(5 / 9)
+
+
+def test_non_repeating_and_short_texts_score_zero(repetition: evaluate.EvaluationModule) -> None:
+    assert _rep(repetition, "O modelo respondeu à pergunta e parou logo em seguida.") == 0.0
+    assert _rep(repetition, "oi tudo bem") == 0.0  # 3 tokens < n = 4
+    assert _rep(repetition, "") == 0.0
+
+
+def test_mean_and_max(repetition: evaluate.EvaluationModule) -> None:
+    result = repetition.compute(
+        predictions=["a b c d a b c d a b c d", "uma frase sem nenhuma repetição aqui", "curto"]
+    )
+    assert result["repetition"] == pytest.approx((5 / 9) / 3)
+    assert result["repetition_max"] == pytest.approx(5 / 9)
+    assert all(type(v) is float for v in result.values())
+    assert repetition.compute(predictions=[]) == {"repetition": 0.0, "repetition_max": 0.0}
+
+
+def test_tokens_are_unicode_words(repetition: evaluate.EvaluationModule) -> None:
+    # Case and punctuation ignored: 3 unigrams, 1 distinct -> 1 - 1/3.
+    assert _rep(repetition, "Não, não... NÃO!", n=1) == pytest.approx(2 / 3)
+    # Accents distinguish words: não/nao are two distinct unigrams -> 1 - 2/4.
+    assert _rep(repetition, "não nao não nao", n=1) == pytest.approx(1 / 2)
+
+
+def test_invalid_n_is_refused(repetition: evaluate.EvaluationModule) -> None:
+    with pytest.raises(ValueError):
+        repetition.compute(predictions=["a b"], n=0)
