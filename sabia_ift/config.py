@@ -41,6 +41,15 @@ class TinyModelConfig(_Section):
     num_heads: PositiveInt = 4
     max_position_embeddings: PositiveInt = 2048
     seed: int = 0
+    # Plain-text pretraining that makes it a language model (sabia_ift/tiny_model.py).
+    # The corpus comes from sample-generator seeds from corpus_seed up, never seed 0,
+    # which made the bundled sample.
+    corpus_seed: Annotated[int, Field(ge=1)] = 1
+    pretrain_documents: PositiveInt = 3000
+    pretrain_epochs: Annotated[int, Field(ge=0)] = 2
+    pretrain_block: Annotated[int, Field(ge=16)] = 128
+    pretrain_batch: PositiveInt = 16
+    pretrain_lr: PositiveFloat = 3e-3
 
     @model_validator(mode="after")
     def _shapes(self) -> TinyModelConfig:

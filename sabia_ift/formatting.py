@@ -1,0 +1,115 @@
+"""Format stage: clean rows, apply the template, split train/val/test.
+
+Every row that does not reach a split is counted by reason in
+metrics/format.json; nothing disappears without a number.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import unicodedata
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from .config import FormatConfig
+from .errors import ConfigError, DataError
+from .io import atomic_path, read_jsonl, write_json, write_jsonl
+from .template import build_prompt
+
+SPLITS = ("train", "val", "test")
+_SPACES = re.compile(r"[^\S\n]")  # any whitespace except newline
+_BLANK_RUNS = re.compile(r"\n{3,}")
+
+
+def normalize_text(text: str) -> str:
+    """NFC, Unix newlines, one kind of space, no trailing spaces, at most one blank line.
+
+    Runs of spaces inside a line are kept: responses with code need their indentation.
+    """
+    text = unicodedata.normalize("NFC", text)
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    text = _SPACES.sub(" ", text)
+    text = "\n".join(line.rstrip() for line in text.split("\n"))
+    text = _BLANK_RUNS.sub("\n\n", text)
+    return text.strip()
+
+
+def split_sizes(n: int, val_size: int | float, test_size: int | float) -> tuple[int, int]:
+    def count(size: int | float) -> int:
+        return int(size) if isinstance(size, int) else round(size * n)
+
+    val, test = count(val_size), count(test_size)
+    if val + test >= n:
+        raise ConfigError(
+            f"format.val_size ({val}) + format.test_size ({test}) leave no training rows: "
+            f"only {n} rows remain after cleaning"
+        )
+    return val, test
+
+
+def clean_rows(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Rows kept (with their prompt) and rows dropped (with the reason)."""
+    seen: dict[tuple[str, str, str], int] = {}
+    kept, dropped = [], []
+    for row in rows:
+        instruction = normalize_text(row["instruction"])
+        input_ = normalize_text(row["input"])
+        output = normalize_text(row["output"])
+        key = (instruction, input_, output)
+        reason = None
+        if not instruction:
+            reason = "empty_instruction"
+        elif not output:
+            reason = "empty_output"
+        elif key in seen:
+            reason = "duplicate"
+        if reason:
+            entry = {"source_row": row["source_row"], "reason": reason}
+            if reason == "duplicate":
+                entry["duplicate_of"] = seen[key]
+            dropped.append(entry)
+            continue
+        seen[key] = row["source_row"]
+        kept.append({
+            "prompt": build_prompt(instruction, input_),
+            "response": output,
+            "instruction": instruction,
+            "input": input_,
+            "source_row": row["source_row"],
+        })
+    return kept, dropped
+
+
+def format_rows(cfg: FormatConfig, raw_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
+    """Run the format stage; returns the counts written to metrics/format.json."""
+    rows = read_jsonl(Path(raw_dir) / "rows.jsonl")
+    kept, dropped = clean_rows(rows)
+    counts = Counter(f"dropped_{d['reason']}" for d in dropped)
+    if not kept:
+        reasons = ", ".join(f"{n} {k.removeprefix('dropped_')}" for k, n in sorted(counts.items()))
+        raise DataError(f"{raw_dir}/rows.jsonl: no usable rows left after cleaning ({reasons})")
+    val_n, test_n = split_sizes(len(kept), cfg.val_size, cfg.test_size)
+    order = list(range(len(kept)))
+    random.Random(cfg.seed).shuffle(order)
+    # Each split keeps source order so the files read naturally.
+    picks = {
+        "test": sorted(order[:test_n]),
+        "val": sorted(order[test_n:test_n + val_n]),
+        "train": sorted(order[test_n + val_n:]),
+    }
+    with atomic_path(out_dir, is_dir=True) as tmp:
+        for split in SPLITS:
+            write_jsonl(tmp / f"{split}.jsonl", (kept[i] for i in picks[split]))
+        write_jsonl(tmp / "dropped.jsonl", dropped)
+    with_input = sum(1 for row in kept if row["input"])
+    return {
+        "rows_in": len(rows),
+        "dropped_empty_instruction": counts["dropped_empty_instruction"],
+        "dropped_empty_output": counts["dropped_empty_output"],
+        "dropped_duplicate": counts["dropped_duplicate"],
+        "rows_out": len(kept),
+        "with_input_share": round(with_input / len(kept), 4) if kept else 0.0,
+        **{f"{split}_rows": len(picks[split]) for split in SPLITS},
+    }

@@ -1,0 +1,261 @@
+"""Base model and tokenizer: prepare the base (tiny or pinned pretrained), load it the same way everywhere.
+
+Every later stage reads the base through `models/base/base.json`, written by
+the base stage, so tokenize, train and evaluate all load the same weights the
+same way: from a local folder, or from a Hub id at a pinned commit (the HF
+cache first, so an offline machine with a warm cache works).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import BaseConfig, TinyModelConfig, is_commit_sha
+from .errors import ConfigError, ModelError
+from .io import atomic_path, write_json
+from .tiny_model import BASE_FILE, build_tiny_model
+
+# Weights are loaded from safetensors only: pickle-based .bin files can run code.
+HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.txt"]
+
+
+@dataclass(frozen=True)
+class BaseRef:
+    """Where the base model lives: a local folder, or a Hub id at a commit."""
+
+    name_or_path: str
+    revision: str | None
+    source: str
+
+    @property
+    def is_hub(self) -> bool:
+        return self.source == "hub"
+
+
+def _hub_error(repo_id: str, revision: str | None, exc: Exception) -> ModelError:
+    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+    return ModelError(
+        f"base model {repo_id} at revision {revision or 'main'} could not be loaded: "
+        f"{type(exc).__name__}: {exc}. "
+        + ("HF_HUB_OFFLINE is set and the HF cache does not hold it. " if offline else "")
+        + "Check the network and that the id and revision exist; for a gated model, accept its "
+        "license and export HF_TOKEN; or set base.name_or_path to a local folder."
+    )
+
+
+def snapshot(repo_id: str, revision: str | None, *, local_only: bool) -> Path:
+    """The cached folder of a Hub model at a revision, downloading it unless `local_only`."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        # The token, if any, comes from HF_TOKEN in the environment; it is never passed or logged here.
+        path = snapshot_download(
+            repo_id, revision=revision, allow_patterns=HUB_PATTERNS, local_files_only=local_only
+        )
+    except Exception as exc:
+        raise _hub_error(repo_id, revision, exc) from None
+    return Path(path)
+
+
+def _check_folder(folder: Path, label: str) -> None:
+    if not (folder / "config.json").is_file():
+        raise ModelError(f"{label}: no config.json in {folder}; not a transformers model folder")
+    if not any(folder.glob("*.safetensors")):
+        found = sorted(p.name for p in folder.iterdir())
+        raise ModelError(
+            f"{label}: no *.safetensors weights in {folder} (found: {', '.join(found) or 'nothing'}). "
+            "Only safetensors are loaded; convert .bin weights with save_pretrained(safe_serialization=True)."
+        )
+
+
+def prepare_base(cfg: BaseConfig, out_dir: str | Path) -> dict[str, Any]:
+    """Run the base stage: build the tiny model or pin and check a pretrained one."""
+    out_dir = Path(out_dir)
+    if cfg.source == "tiny":
+        return build_tiny_model(cfg.tiny, out_dir)
+
+    local = Path(cfg.name_or_path).expanduser()
+    if local.is_dir():
+        _check_folder(local, f"base.name_or_path {cfg.name_or_path}")
+        info = {"source": "local", "name_or_path": str(local.resolve()), "revision": None}
+        folder = local
+    elif local.is_absolute() or cfg.name_or_path.startswith((".", "~")) or cfg.name_or_path.count("/") != 1:
+        raise ConfigError(
+            f"base.name_or_path: {cfg.name_or_path!r} is neither an existing folder nor a Hub id (org/name)"
+        )
+    else:
+        if not is_commit_sha(cfg.revision):
+            raise ConfigError(
+                f"base.revision: {cfg.revision!r} is not a 40-character commit sha; pin the exact "
+                f"commit of {cfg.name_or_path} so every run loads the same weights"
+            )
+        folder = snapshot(cfg.name_or_path, cfg.revision, local_only=False)
+        _check_folder(folder, f"base model {cfg.name_or_path}@{cfg.revision}")
+        info = {"source": "hub", "name_or_path": cfg.name_or_path, "revision": cfg.revision}
+
+    with atomic_path(out_dir, is_dir=True) as tmp:
+        if cfg.copy_weights:
+            # DVC then tracks the weights; pick a cache link type that avoids copies (README).
+            for item in folder.iterdir():
+                if item.is_file():
+                    shutil.copyfile(item.resolve(), tmp / item.name)
+            info = {"source": "local_copy", "origin": info}
+        write_json(tmp / BASE_FILE, info)
+    return info
+
+
+def resolve_base(base_dir: str | Path) -> BaseRef:
+    """Read what the base stage wrote and say where to load the model from."""
+    base_dir = Path(base_dir)
+    meta_path = base_dir / BASE_FILE
+    if not meta_path.is_file():
+        raise ModelError(f"{meta_path}: missing; run the base stage first (dvc repro base)")
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    if meta["source"] in ("tiny", "local_copy"):
+        return BaseRef(str(base_dir), None, "local")
+    if meta["source"] == "local":
+        return BaseRef(meta["name_or_path"], None, "local")
+    return BaseRef(meta["name_or_path"], meta["revision"], "hub")
+
+
+def model_folder(ref: BaseRef) -> Path:
+    """A local folder holding the model: the HF cache first, then a download."""
+    if not ref.is_hub:
+        folder = Path(ref.name_or_path)
+        if not folder.is_dir():
+            raise ModelError(f"base model folder {folder} does not exist")
+        return folder
+    try:
+        return snapshot(ref.name_or_path, ref.revision, local_only=True)
+    except ModelError:
+        if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
+            raise
+        return snapshot(ref.name_or_path, ref.revision, local_only=False)
+
+
+def load_tokenizer(folder: str | Path):
+    """The base model's tokenizer, with a pad token that is never EOS.
+
+    The earlier attempt padded with EOS and masked pad ids out of the loss,
+    which masked every real EOS too. Labels here never come from pad ids, but
+    a pad distinct from EOS (LLaMA's <unk>) keeps that trap closed for anyone
+    who reuses the tokenizer.
+    """
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+    except Exception as exc:
+        raise ModelError(f"{folder}: tokenizer could not be loaded: {type(exc).__name__}: {exc}") from None
+    if tokenizer.bos_token_id is None or tokenizer.eos_token_id is None:
+        raise ModelError(f"{folder}: tokenizer has no BOS or EOS token; a LLaMA-family tokenizer is expected")
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        if tokenizer.unk_token_id is None or tokenizer.unk_token_id == tokenizer.eos_token_id:
+            raise ModelError(f"{folder}: tokenizer has no pad or unk token distinct from EOS to pad with")
+        tokenizer.pad_token = tokenizer.unk_token
+    return tokenizer
+
+
+def pick_device(requested: str) -> str:
+    import torch
+
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device: cuda was asked for but no CUDA GPU is visible; set it to auto or cpu")
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return requested
+
+
+def pick_dtype(precision: str, device: str):
+    """bf16 where the GPU has it, fp16 (with loss scaling in training) where not, fp32 on CPU."""
+    import torch
+
+    if precision == "auto":
+        if device == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if precision == "fp16" and device == "cpu":
+        raise ConfigError("train.precision: fp16 needs a CUDA GPU; use fp32 or bf16 on CPU")
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+
+
+def disable_cpu_repack(model) -> int:
+    """Keep bitsandbytes' 4-bit layers trainable on CPU after an eval pass.
+
+    On CPU, the first eval-mode no-grad forward repacks 4-bit weights for an
+    inference kernel that has no autograd; every later backward gives zero
+    LoRA gradients, silently. Turning the repack off on each layer avoids it.
+    """
+    import bitsandbytes as bnb
+
+    count = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+            count += 1
+    return count
+
+
+def load_model(folder: str | Path, *, quantization: str, double_quant: bool, dtype, device: str):
+    """The base model for training or evaluation, 4-bit NF4 when asked."""
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": False, "use_safetensors": True}
+    if quantization == "nf4":
+        compute = dtype if dtype != torch.float32 else torch.bfloat16
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=double_quant,
+            bnb_4bit_compute_dtype=compute,
+            bnb_4bit_quant_storage=torch.uint8,
+        )
+        kwargs["dtype"] = compute
+    if device == "cuda":
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
+    except Exception as exc:
+        raise ModelError(f"{folder}: base model could not be loaded: {type(exc).__name__}: {exc}") from None
+    if quantization == "nf4" and device == "cpu":
+        disable_cpu_repack(model)
+    return model
+
+
+def linear_layer_names(model) -> set[str]:
+    """Short names (q_proj, ...) of the linear layers LoRA can target."""
+    import torch
+
+    names = set()
+    linear_types: tuple[type, ...] = (torch.nn.Linear,)
+    try:
+        import bitsandbytes as bnb
+
+        linear_types += (bnb.nn.Linear4bit,)
+    except ImportError:  # pragma: no cover - bitsandbytes is a hard dependency
+        pass
+    for name, module in model.named_modules():
+        if isinstance(module, linear_types) and not name.endswith("lm_head"):
+            names.add(name.rsplit(".", 1)[-1])
+    return names
+
+
+def check_target_modules(model, targets: list[str]) -> None:
+    available = linear_layer_names(model)
+    missing = [t for t in targets if t not in available]
+    if missing:
+        raise ConfigError(
+            f"train.lora.target_modules: {', '.join(missing)} not in the model; "
+            f"its linear layers are {', '.join(sorted(available))}"
+        )
+
+
+def model_context_length(folder: str | Path) -> int | None:
+    config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+    return config.get("max_position_embeddings")

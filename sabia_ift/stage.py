@@ -1,0 +1,41 @@
+"""What every stage script shares: logging, params loading and clean failure."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable
+
+from .errors import SabiaError
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # The pipeline runs offline by default; a telemetry ping or Hub check would only time out.
+    os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+
+def run(main: Callable[[argparse.Namespace], None], doc: str | None, *paths: str,
+        optional: tuple[str, ...] = (), argv: list[str] | None = None) -> int:
+    """Parse `--params` and the stage's path arguments, run it, and turn a SabiaError
+    into one line on stderr and exit code 2.
+
+    Paths come from dvc.yaml's `cmd`, so dvc.yaml is the one place that names them.
+    """
+    parser = argparse.ArgumentParser(description=doc)
+    parser.add_argument("--params", default="params.yaml")
+    for name in paths:
+        parser.add_argument(f"--{name}", required=True)
+    for name in optional:
+        parser.add_argument(f"--{name}", default=None)
+    setup_logging()
+    args = parser.parse_args(argv)
+    try:
+        main(args)
+    except SabiaError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0

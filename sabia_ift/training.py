@@ -1,0 +1,305 @@
+"""Train stage: LoRA or QLoRA with the Hugging Face Trainer, resumable, with DVCLive curves."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import resource
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from .config import TrainConfig
+from .errors import ModelError
+from .io import atomic_path, write_json
+from .modeling import (
+    check_target_modules,
+    load_model,
+    load_tokenizer,
+    model_folder,
+    pick_device,
+    pick_dtype,
+    resolve_base,
+)
+from .tokenization import IGNORE_INDEX
+
+log = logging.getLogger(__name__)
+
+TRAIN_META = "sabia_ift_train.json"
+RUN_FILE = "run.json"
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+def run_fingerprint(cfg: TrainConfig, base_dir: Path, tokenized_dir: Path) -> str:
+    """Identifies what a checkpoint was trained on, so a resume never mixes two runs."""
+    digest = hashlib.sha256(json.dumps(cfg.model_dump(), sort_keys=True).encode())
+    inputs = [(base_dir, "*.json"), (tokenized_dir, "*")]
+    for root, pattern in inputs:
+        for path in sorted(root.rglob(pattern)):
+            if path.is_file():
+                digest.update(str(path.relative_to(root)).encode())
+                digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def complete_checkpoints(checkpoint_dir: Path) -> list[Path]:
+    """Checkpoints in step order whose trainer state was written (the Trainer writes it last)."""
+    found = []
+    for path in checkpoint_dir.glob(f"{CHECKPOINT_PREFIX}*"):
+        step = path.name.removeprefix(CHECKPOINT_PREFIX)
+        if step.isdigit() and (path / "trainer_state.json").is_file():
+            found.append((int(step), path))
+    return [path for _, path in sorted(found)]
+
+
+def prepare_checkpoints(checkpoint_dir: Path, fingerprint: str) -> Path | None:
+    """The checkpoint to resume from, after clearing anything that belongs to another run."""
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    run_file = checkpoint_dir / RUN_FILE
+    same_run = run_file.is_file() and json.loads(run_file.read_text())["fingerprint"] == fingerprint
+    keep = complete_checkpoints(checkpoint_dir) if same_run else []
+    resume = keep[-1] if keep else None
+    for path in checkpoint_dir.iterdir():
+        if path != resume and path != run_file:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    if not same_run:
+        write_json(run_file, {"fingerprint": fingerprint})
+    return resume
+
+
+def clear_checkpoints(checkpoint_dir: Path) -> None:
+    """A finished run leaves nothing that could change the next one."""
+    for path in checkpoint_dir.iterdir():
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def _make_trainer_class():
+    from transformers import Trainer
+
+    class CountingTrainer(Trainer):
+        """Counts the tokens that training really used: non-pad inputs and trained labels."""
+
+        input_tokens = 0
+        trained_tokens = 0
+
+        def compute_loss(self, model, inputs, *args, **kwargs):
+            if model.training:
+                self.input_tokens += int(inputs["attention_mask"].sum())
+                self.trained_tokens += int((inputs["labels"] != IGNORE_INDEX).sum())
+            return super().compute_loss(model, inputs, *args, **kwargs)
+
+    return CountingTrainer
+
+
+def _make_live_callback(live_dir: Path):
+    from dvclive import Live
+    from transformers import TrainerCallback
+
+    names = {"loss": "train/loss", "learning_rate": "train/lr", "grad_norm": "train/grad_norm",
+             "eval_loss": "eval/loss"}
+
+    class LiveCurves(TrainerCallback):
+        """Training curves for `dvc plots`, rebuilt from the Trainer's log history.
+
+        On a resumed run the history comes back from the checkpoint, so the
+        curves cover the whole run, not just the part after the interruption.
+        No timestamps: the files are identical on every rerun.
+        """
+
+        def __init__(self) -> None:
+            self.live = None
+
+        def _log(self, step: int, logs: dict[str, Any]) -> None:
+            wrote = False
+            for key, name in names.items():
+                if key in logs and isinstance(logs[key], (int, float)):
+                    self.live.step = step
+                    self.live.log_metric(name, float(logs[key]))
+                    wrote = True
+            if wrote:
+                self.live.make_summary()
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            if live_dir.exists():
+                shutil.rmtree(live_dir)
+            self.live = Live(str(live_dir), dvcyaml=False, save_dvc_exp=False, report=None)
+            for entry in state.log_history:
+                self._log(entry.get("step", 0), entry)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if self.live is not None and logs:
+                self._log(state.global_step, logs)
+
+    return LiveCurves()
+
+
+def _peak_memory_gib(device: str) -> float:
+    import torch
+
+    if device == "cuda":
+        return round(torch.cuda.max_memory_allocated() / 2**30, 3)
+    # ru_maxrss is KiB on Linux: the process's peak resident memory.
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)
+
+
+def build_model(cfg: TrainConfig, folder: Path, device: str, dtype):
+    """Base model (4-bit when asked) with LoRA adapters attached."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    model = load_model(folder, quantization=cfg.quantization, double_quant=cfg.double_quant,
+                       dtype=dtype, device=device)
+    check_target_modules(model, cfg.lora.target_modules)
+    # Non-reentrant checkpointing: the reentrant variant needs inputs that require
+    # grad and breaks with frozen embeddings.
+    ckpt_kwargs = {"use_reentrant": False}
+    if cfg.quantization == "nf4":
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=cfg.activation_checkpointing,
+            gradient_checkpointing_kwargs=ckpt_kwargs,
+        )
+    elif cfg.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
+        model.enable_input_require_grads()
+    model.config.use_cache = False
+    lora = LoraConfig(
+        r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+        target_modules=list(cfg.lora.target_modules), bias="none", task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora)
+
+
+def training_arguments(cfg: TrainConfig, checkpoint_dir: Path, device: str, dtype):
+    import torch
+    from transformers import TrainingArguments
+
+    warmup: int | float = int(cfg.warmup) if cfg.warmup >= 1 else cfg.warmup
+    return TrainingArguments(
+        output_dir=str(checkpoint_dir),
+        per_device_train_batch_size=cfg.micro_batch_size,
+        per_device_eval_batch_size=cfg.micro_batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        learning_rate=cfg.lr,
+        lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=warmup,
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        optim=cfg.optim,
+        bf16=device == "cuda" and dtype == torch.bfloat16,
+        fp16=device == "cuda" and dtype == torch.float16,
+        logging_steps=cfg.logging_steps,
+        logging_first_step=True,
+        eval_strategy="steps",
+        eval_steps=cfg.eval_steps,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        use_cpu=device == "cpu",
+        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
+        dataloader_num_workers=0,
+        report_to="none",
+        disable_tqdm=True,
+        # Checkpointing is set up on the model in build_model; the Trainer must not redo it.
+        activation_checkpointing=False,
+    )
+
+
+def train(cfg: TrainConfig, base_dir: str | Path, tokenized_dir: str | Path, adapter_dir: str | Path,
+          checkpoint_dir: str | Path, live_dir: str | Path | None) -> dict[str, Any]:
+    """Run the train stage; returns the metrics written to metrics/train.json."""
+    import datasets
+    import torch
+    from transformers import DataCollatorForSeq2Seq, set_seed
+
+    base_dir, tokenized_dir = Path(base_dir), Path(tokenized_dir)
+    checkpoint_dir = Path(checkpoint_dir)
+    device = pick_device(cfg.device)
+    dtype = pick_dtype(cfg.precision, device)
+    if device == "cuda" and dtype == torch.float16:
+        log.warning("this GPU has no bf16: training in fp16 with loss scaling")
+    if cfg.quantization == "nf4" and device == "cpu":
+        log.warning("4-bit on CPU: bitsandbytes' CPU kernels, with the inference repack turned off "
+                    "so LoRA keeps its gradients after evaluations (slow; meant for tests)")
+    set_seed(cfg.seed)
+
+    ref = resolve_base(base_dir)
+    folder = model_folder(ref)
+    tokenizer = load_tokenizer(folder)
+    model = build_model(cfg, folder, device, dtype)
+    # Name the base as users know it (Hub id or folder), not this machine's cache path.
+    model.peft_config["default"].base_model_name_or_path = ref.name_or_path
+    model.peft_config["default"].revision = ref.revision
+    model.print_trainable_parameters()
+    trainable, total = model.get_nb_trainable_parameters()
+
+    try:
+        data = datasets.load_from_disk(str(tokenized_dir))
+    except FileNotFoundError:
+        raise ModelError(f"{tokenized_dir}: no tokenized data; run the tokenize stage first") from None
+    if len(data["train"]) == 0:
+        raise ModelError(f"{tokenized_dir}: the train split is empty; see metrics/tokenize.json")
+    collator = DataCollatorForSeq2Seq(
+        tokenizer, padding="longest", label_pad_token_id=IGNORE_INDEX,
+        pad_to_multiple_of=8 if device == "cuda" else None, return_tensors="pt",
+    )
+
+    resume = prepare_checkpoints(checkpoint_dir, run_fingerprint(cfg, base_dir, tokenized_dir))
+    if resume is not None:
+        log.warning("resuming from %s", resume)
+    callbacks = [_make_live_callback(Path(live_dir))] if cfg.live and live_dir is not None else []
+    trainer = _make_trainer_class()(
+        model=model,
+        args=training_arguments(cfg, checkpoint_dir, device, dtype),
+        train_dataset=data["train"],
+        eval_dataset=data["validation"],
+        data_collator=collator,
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    runtime = time.perf_counter() - start
+    final_eval = trainer.evaluate()
+
+    with atomic_path(adapter_dir, is_dir=True) as tmp:
+        model.save_pretrained(str(tmp))
+        write_json(tmp / TRAIN_META, {
+            "quantization": cfg.quantization,
+            "double_quant": cfg.double_quant,
+            "precision": cfg.precision,
+            "base": {"name_or_path": ref.name_or_path, "revision": ref.revision},
+        })
+    clear_checkpoints(checkpoint_dir)
+
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    eval_loss = float(final_eval["eval_loss"])
+    return {
+        "train_loss": round(float(result.training_loss), 6),
+        "final_train_loss": round(float(losses[-1]), 6) if losses else None,
+        "first_train_loss": round(float(losses[0]), 6) if losses else None,
+        "eval_loss": round(eval_loss, 6),
+        "eval_perplexity": round(math.exp(eval_loss), 4),
+        "trainable_params": int(trainable),
+        "total_params": int(total),
+        "trainable_percent": round(100 * trainable / total, 4),
+        "steps": int(trainer.state.global_step),
+        "epochs": round(float(trainer.state.epoch or 0), 4),
+        "train_rows": len(data["train"]),
+        "resumed_from_step": int(resume.name.removeprefix(CHECKPOINT_PREFIX)) if resume else 0,
+        "device": device,
+        "dtype": str(dtype).removeprefix("torch."),
+        "quantization": cfg.quantization,
+        # Timings and memory vary run to run; everything above is deterministic on CPU.
+        "runtime_s": round(runtime, 2),
+        "input_tokens_per_s": round(trainer.input_tokens / runtime, 1),
+        "trained_tokens_per_s": round(trainer.trained_tokens / runtime, 1),
+        "peak_memory_gib": _peak_memory_gib(device),
+    }

@@ -1,0 +1,20 @@
+"""Stage evaluate: base vs tuned generations and losses on held-out data (section `evaluate`)."""
+
+import argparse
+import sys
+
+from sabia_ift import stage
+from sabia_ift.config import load_section
+from sabia_ift.evaluation import evaluate
+from sabia_ift.io import write_json
+
+
+def main(args: argparse.Namespace) -> None:
+    metrics = evaluate(load_section("evaluate", args.params), args.base, args.adapter, args.formatted,
+                       args.tokenized, args.samples)
+    write_json(args.metrics, metrics)
+    print(f"evaluated: base {metrics['base']}\n           tuned {metrics['tuned']}")
+
+
+if __name__ == "__main__":
+    sys.exit(stage.run(main, __doc__, "base", "adapter", "formatted", "tokenized", "samples", "metrics"))
