@@ -67,8 +67,9 @@ class BaseConfig(_Section):
     source: Literal["tiny", "pretrained"] = "tiny"
     # A Hub id (org/name) or a local folder; used when source is `pretrained`.
     name_or_path: str = "maritaca-ai/sabia-7b"
-    # A commit sha for Hub ids; ignored for local folders.
-    revision: str | None = None
+    # For Hub ids: a commit sha, or a branch that is resolved to one and recorded
+    # in models/base/base.json. Ignored for local folders.
+    revision: str = "main"
     # Copy the weights into models/base so DVC tracks them (see README).
     copy_weights: bool = False
     tiny: TinyModelConfig = TinyModelConfig()
@@ -90,9 +91,10 @@ class FetchConfig(_Section):
     path: str = "data/sample/instructions.jsonl"
     file_format: Literal["auto", "json", "jsonl", "csv", "parquet"] = "auto"
     columns: ColumnMap = ColumnMap()
-    # For source `hub`: a Hugging Face dataset id at a pinned revision.
+    # For source `hub`: a Hugging Face dataset id at a commit sha, or a branch that
+    # is resolved to one and recorded in data/raw/manifest.json.
     dataset: str = "dominguesm/Canarim-Instruct-PTBR-Dataset"
-    revision: str | None = None
+    revision: str = "main"
     split: str = "train"
     # Keep a random subset of this many rows (null: all), drawn with `seed`.
     max_rows: PositiveInt | None = None

@@ -9,6 +9,7 @@ cache first, so an offline machine with a warm cache works).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ from .config import BaseConfig, TinyModelConfig, is_commit_sha
 from .errors import ConfigError, ModelError
 from .io import atomic_path, write_json
 from .tiny_model import BASE_FILE, build_tiny_model
+
+log = logging.getLogger(__name__)
 
 # Weights are loaded from safetensors only: pickle-based .bin files can run code.
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.txt"]
@@ -48,7 +51,7 @@ def _hub_error(repo_id: str, revision: str | None, exc: Exception) -> ModelError
     )
 
 
-def snapshot(repo_id: str, revision: str | None, *, local_only: bool) -> Path:
+def snapshot(repo_id: str, revision: str, *, local_only: bool) -> Path:
     """The cached folder of a Hub model at a revision, downloading it unless `local_only`."""
     from huggingface_hub import snapshot_download
 
@@ -82,21 +85,22 @@ def prepare_base(cfg: BaseConfig, out_dir: str | Path) -> dict[str, Any]:
     local = Path(cfg.name_or_path).expanduser()
     if local.is_dir():
         _check_folder(local, f"base.name_or_path {cfg.name_or_path}")
-        info = {"source": "local", "name_or_path": str(local.resolve()), "revision": None}
+        info = {"source": "local", "name_or_path": cfg.name_or_path, "revision": None}
         folder = local
     elif local.is_absolute() or cfg.name_or_path.startswith((".", "~")) or cfg.name_or_path.count("/") != 1:
         raise ConfigError(
             f"base.name_or_path: {cfg.name_or_path!r} is neither an existing folder nor a Hub id (org/name)"
         )
     else:
-        if not is_commit_sha(cfg.revision):
-            raise ConfigError(
-                f"base.revision: {cfg.revision!r} is not a 40-character commit sha; pin the exact "
-                f"commit of {cfg.name_or_path} so every run loads the same weights"
-            )
         folder = snapshot(cfg.name_or_path, cfg.revision, local_only=False)
         _check_folder(folder, f"base model {cfg.name_or_path}@{cfg.revision}")
-        info = {"source": "hub", "name_or_path": cfg.name_or_path, "revision": cfg.revision}
+        # The snapshot folder is named by the commit it holds: that is what is pinned.
+        commit = folder.name
+        if not is_commit_sha(cfg.revision):
+            log.warning("base.revision %r is a branch; it resolved to commit %s. Pin that sha in "
+                        "params.yaml so later runs load the same weights.", cfg.revision, commit)
+        info = {"source": "hub", "name_or_path": cfg.name_or_path, "revision": commit,
+                "requested_revision": cfg.revision}
 
     with atomic_path(out_dir, is_dir=True) as tmp:
         if cfg.copy_weights:
@@ -158,6 +162,10 @@ def load_tokenizer(folder: str | Path):
         if tokenizer.unk_token_id is None or tokenizer.unk_token_id == tokenizer.eos_token_id:
             raise ModelError(f"{folder}: tokenizer has no pad or unk token distinct from EOS to pad with")
         tokenizer.pad_token = tokenizer.unk_token
+    # Right padding for training and loss: with left padding and no explicit
+    # position ids, every real token would sit at a shifted position. Generation
+    # builds its own left-padded batches (generation.py).
+    tokenizer.padding_side = "right"
     return tokenizer
 
 

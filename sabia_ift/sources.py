@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import random
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -22,6 +23,7 @@ from .errors import ConfigError, DataError
 from .io import atomic_path, sha256_file, write_json
 
 FIELDS = ("instruction", "input", "output")
+log = logging.getLogger(__name__)
 
 
 def detect_format(path: Path, declared: str) -> str:
@@ -175,17 +177,13 @@ def read_hub(cfg: FetchConfig) -> tuple[list[dict[str, Any]], int, dict[str, Any
     """Rows of a Hub dataset at a pinned revision; the token, if any, comes from HF_TOKEN."""
     import datasets
 
-    if not is_commit_sha(cfg.revision):
-        raise ConfigError(
-            f"fetch.revision: {cfg.revision!r} is not a 40-character commit sha; pin the commit of "
-            f"{cfg.dataset} (its History tab on the Hub lists them) so reruns read the same rows"
-        )
-    where = f"{cfg.dataset}@{cfg.revision[:12]}:{cfg.split}"
+    commit = resolve_dataset_revision(cfg.dataset, cfg.revision)
+    where = f"{cfg.dataset}@{commit[:12]}:{cfg.split}"
     try:
-        ds = datasets.load_dataset(cfg.dataset, revision=cfg.revision, split=cfg.split)
+        ds = datasets.load_dataset(cfg.dataset, revision=commit, split=cfg.split)
     except Exception as exc:
         raise DataError(
-            f"dataset {cfg.dataset} at revision {cfg.revision}, split {cfg.split}, could not be loaded: "
+            f"dataset {cfg.dataset} at revision {commit}, split {cfg.split}, could not be loaded: "
             f"{type(exc).__name__}: {exc}. Check the network or the HF cache (HF_HUB_OFFLINE), "
             "and export HF_TOKEN for a gated dataset."
         ) from None
@@ -193,7 +191,26 @@ def read_hub(cfg: FetchConfig) -> tuple[list[dict[str, Any]], int, dict[str, Any
     keep = subsample(len(ds), cfg.max_rows, cfg.seed)
     picked = ds.select(keep)
     rows = [normalize_record(rec, i + 1, cfg.columns, where) for i, rec in zip(keep, picked)]
-    return rows, len(ds), {"dataset": cfg.dataset, "revision": cfg.revision, "split": cfg.split}
+    return rows, len(ds), {"dataset": cfg.dataset, "revision": commit, "requested_revision": cfg.revision,
+                           "split": cfg.split}
+
+
+def resolve_dataset_revision(dataset: str, revision: str) -> str:
+    """The commit sha to read: the pinned one, or the one a branch points at now (with a warning)."""
+    if is_commit_sha(revision):
+        return revision
+    from huggingface_hub import HfApi
+
+    try:
+        commit = HfApi().dataset_info(dataset, revision=revision).sha
+    except Exception as exc:
+        raise DataError(
+            f"fetch.revision: {revision!r} of dataset {dataset} could not be resolved to a commit "
+            f"({type(exc).__name__}: {exc}). Offline, pin the 40-character commit sha of a cached copy."
+        ) from None
+    log.warning("fetch.revision %r is a branch; it resolved to commit %s. Pin that sha in params.yaml "
+                "so later runs read the same rows.", revision, commit)
+    return commit
 
 
 def fetch(cfg: FetchConfig, out_dir: str | Path) -> dict[str, Any]:

@@ -1,0 +1,122 @@
+"""Shared fixtures: a tiny base model, small params, and throwaway copies of the project."""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+# Sizes that keep a whole `dvc repro` near a minute on a 2-core CPU.
+FAST_PARAMS = {
+    "base": {"tiny": {"pretrain_documents": 400, "pretrain_epochs": 1}},
+    "fetch": {"max_rows": 320},
+    "format": {"val_size": 24, "test_size": 16},
+    "train": {"epochs": 1, "logging_steps": 5, "eval_steps": 10, "save_steps": 10},
+    "evaluate": {"max_samples": 16, "max_new_tokens": 16, "samples_to_write": 8},
+}
+
+
+def deep_merge(base: dict, overrides: dict) -> dict:
+    merged = copy.deepcopy(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def default_params() -> dict:
+    return yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
+
+
+def write_params(project: Path, overrides: dict) -> None:
+    params = deep_merge(yaml.safe_load((project / "params.yaml").read_text(encoding="utf-8")), overrides)
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False, allow_unicode=True))
+
+
+def project_env(home: Path) -> dict[str, str]:
+    """Offline, with its own HF cache, and this interpreter's tools first on PATH."""
+    env = dict(os.environ)
+    env.update({
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+        "HF_HOME": str(home / "hf"),
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_EVALUATE_OFFLINE": "1",
+        "DVC_NO_ANALYTICS": "1",
+        "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com",
+        "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.com",
+    })
+    env.pop("PYTHONPATH", None)
+    return env
+
+
+def tracked_files() -> list[str]:
+    """What a clone would hold, plus uncommitted work: tracked and untracked-not-ignored files."""
+    out = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO, check=True, capture_output=True, text=True,
+    ).stdout.split("\n")
+    skip = ("tests/", "metrics/", "dvc.lock", "BENCHMARKS", "README", "bench/", ".github/")
+    return [f for f in out if f and not f.startswith(skip) and (REPO / f).is_file()]
+
+
+def make_project(dest: Path, overrides: dict | None = None, *, git: bool = True) -> Path:
+    """A fresh copy of the project (no outputs, no lock), as a committed git repo."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for rel in tracked_files():
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / rel, target)
+    if overrides:
+        write_params(dest, overrides)
+    if git:
+        env = project_env(dest)
+        for cmd in (["git", "init", "-q", "-b", "main"], ["git", "add", "-A"],
+                    ["git", "commit", "-qm", "project copy"]):
+            subprocess.run(cmd, cwd=dest, env=env, check=True)
+    return dest
+
+
+def run(cmd: list[str], cwd: Path, check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, cwd=cwd, env=project_env(cwd), capture_output=True, text=True,
+                            timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> Path:
+    """A tiny base model folder (as the base stage writes it), lightly pretrained."""
+    from sabia_ift.config import TinyModelConfig
+    from sabia_ift.tiny_model import build_tiny_model
+
+    out = tmp_path_factory.mktemp("base") / "base"
+    build_tiny_model(TinyModelConfig(pretrain_documents=200, pretrain_epochs=1), out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_base):
+    from sabia_ift.modeling import load_tokenizer
+
+    return load_tokenizer(tiny_base)
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch, tmp_path_factory):
+    """No test may reach the Hub; metric modules load from a private cache."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_EVALUATE_OFFLINE", "1")

@@ -1,0 +1,89 @@
+"""Params are validated per stage; bad keys and values are refused with their dotted name."""
+
+import pytest
+import yaml
+
+from conftest import REPO, deep_merge, default_params
+from sabia_ift.config import SECTIONS, load_section, parse_section, read_params
+from sabia_ift.errors import ConfigError
+
+
+def write(tmp_path, params) -> str:
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return str(path)
+
+
+@pytest.mark.parametrize("section", list(SECTIONS))
+def test_default_params_validate(section):
+    load_section(section, REPO / "params.yaml")
+
+
+@pytest.mark.parametrize("preset", sorted((REPO / "presets").glob("*.yaml")), ids=lambda p: p.name)
+def test_presets_validate(preset):
+    for section in SECTIONS:
+        load_section(section, preset)
+
+
+def test_params_file_lists_every_key():
+    """Values read outside params.yaml would be invisible to DVC: every field is spelled out."""
+    params = default_params()
+
+    def keys(model_cls, prefix=""):
+        for name, field in model_cls.model_fields.items():
+            annotation = field.annotation
+            if isinstance(annotation, type) and hasattr(annotation, "model_fields"):
+                yield from keys(annotation, f"{prefix}{name}.")
+            else:
+                yield f"{prefix}{name}"
+
+    for section, cls in SECTIONS.items():
+        for dotted in keys(cls):
+            node = params[section]
+            for part in dotted.split("."):
+                assert part in node, f"params.yaml lacks {section}.{dotted}"
+                node = node[part]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"train": {"lr": -1}}, "train.lr: Input should be greater than 0"),
+        ({"train": {"lr": 0}}, "train.lr"),
+        ({"train": {"micro_batch_size": 0}}, "train.micro_batch_size"),
+        ({"train": {"epochs": 0}}, "train.epochs"),
+        ({"train": {"lora": {"r": 0}}}, "train.lora.r"),
+        ({"train": {"lora": {"rank": 8}}}, "train.lora.rank: unknown key"),
+        ({"train": {"learning_rate": 1e-4}}, "train.learning_rate: unknown key"),
+        ({"train": {"quantization": "int4"}}, "train.quantization"),
+        ({"train": {"warmup": 2.5}}, "warmup"),
+        ({"base": {"tiny": {"hidden_size": 100}}}, "multiple of 64"),
+        ({"format": {"test_size": 1.5}}, "format.test_size"),
+        ({"tokenize": {"max_length": 4}}, "tokenize.max_length"),
+    ],
+)
+def test_bad_values_are_named(tmp_path, overrides, message):
+    path = write(tmp_path, deep_merge(default_params(), overrides))
+    section = next(iter(overrides))
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(")):
+        load_section(section, path)
+
+
+def test_unknown_section_is_refused(tmp_path):
+    path = write(tmp_path, {**default_params(), "trian": {"lr": 1}})
+    with pytest.raises(ConfigError, match="unknown section.*trian"):
+        read_params(path)
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="no such params file"):
+        read_params(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        read_params(bad)
+
+
+def test_section_must_be_a_mapping():
+    with pytest.raises(ConfigError, match="section train must be a mapping"):
+        parse_section("train", [1, 2])

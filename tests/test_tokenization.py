@@ -1,0 +1,133 @@
+"""Loss labels: prompt masked, response and the real EOS trained, lengths within max."""
+
+import json
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sabia_ift.config import TokenizeConfig
+from sabia_ift.errors import ConfigError
+from sabia_ift.template import build_prompt
+from sabia_ift.tokenization import IGNORE_INDEX, build_example, encode_prompt, tokenize, tokenize_split
+
+
+def row(instruction, output, input_=""):
+    return {"prompt": build_prompt(instruction, input_), "response": output}
+
+
+def check_invariants(tokenizer, example, prompt_ids, max_length, truncated=False):
+    ids, labels = example["input_ids"], example["labels"]
+    assert len(ids) == len(labels) <= max_length
+    assert ids[0] == tokenizer.bos_token_id
+    n_prompt = len(prompt_ids)
+    assert ids[:n_prompt] == prompt_ids
+    # BOS and every prompt token carry no loss.
+    assert all(label == IGNORE_INDEX for label in labels[:n_prompt])
+    # Every response token is trained on its own id.
+    assert labels[n_prompt:] == ids[n_prompt:]
+    if not truncated:
+        assert ids[-1] == tokenizer.eos_token_id and labels[-1] == tokenizer.eos_token_id
+        assert ids.count(tokenizer.eos_token_id) == 1
+
+
+def test_example_layout(tokenizer):
+    examples, counts = tokenize_split(tokenizer, [row("Qual é a capital do Ceará?", "A capital é Fortaleza.")],
+                                      TokenizeConfig(max_length=256))
+    ex = {"input_ids": examples["input_ids"][0], "labels": examples["labels"][0]}
+    prompt_ids = encode_prompt(tokenizer, build_prompt("Qual é a capital do Ceará?"))
+    check_invariants(tokenizer, ex, prompt_ids, 256)
+    response = tokenizer.decode(ex["input_ids"][len(prompt_ids):-1])
+    assert response == "A capital é Fortaleza."
+    assert counts["trained_tokens"] == len(ex["input_ids"]) - len(prompt_ids)
+    assert counts["boundary_fallback"] == 0
+
+
+def test_eos_label_survives_dynamic_padding(tokenizer):
+    """The earlier attempt's bug: pad == eos and pads masked to -100 also masked the real EOS."""
+    from transformers import DataCollatorForSeq2Seq
+
+    rows = [row("Diga sim.", "Sim."), row("Conte até cinco.", "Um, dois, três, quatro, cinco.")]
+    examples, _ = tokenize_split(tokenizer, rows, TokenizeConfig())
+    features = [{"input_ids": i, "labels": l} for i, l in zip(examples["input_ids"], examples["labels"])]
+    batch = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=IGNORE_INDEX)(features)
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id
+    for ids, labels, mask in zip(batch["input_ids"], batch["labels"], batch["attention_mask"]):
+        real = int(mask.sum())
+        assert labels[real - 1] == tokenizer.eos_token_id  # the last real token is a trained EOS
+        assert (labels[real:] == IGNORE_INDEX).all()
+        assert (ids[real:] == tokenizer.pad_token_id).all()
+    # What the buggy recipe does, for contrast: with pad == eos, masking pads kills every EOS label.
+    buggy = batch["input_ids"].clone()
+    buggy[batch["attention_mask"] == 0] = tokenizer.eos_token_id
+    buggy_labels = buggy.masked_fill(buggy == tokenizer.eos_token_id, IGNORE_INDEX)
+    assert not (buggy_labels == tokenizer.eos_token_id).any()
+
+
+@pytest.mark.parametrize("overlength", ["drop", "truncate"])
+def test_overlength_policy_is_counted(tokenizer, overlength):
+    long_output = "palavra " * 200
+    rows = [row("Curta.", "Sim."), row("Longa.", long_output)]
+    cfg = TokenizeConfig(max_length=96, overlength=overlength)
+    examples, counts = tokenize_split(tokenizer, rows, cfg)
+    assert counts["rows_in"] == 2
+    if overlength == "drop":
+        assert counts["rows"] == 1 and counts["dropped_too_long"] == 1 and counts["truncated"] == 0
+    else:
+        assert counts["rows"] == 2 and counts["truncated"] == 1
+        ids, labels = examples["input_ids"][1], examples["labels"][1]
+        assert len(ids) == 96
+        assert tokenizer.eos_token_id not in ids  # no stop is taught mid-sentence
+        assert labels[-1] == ids[-1] != IGNORE_INDEX
+
+
+def test_prompt_longer_than_max_is_always_dropped(tokenizer):
+    _, counts = tokenize_split(tokenizer, [row("muito " * 100, "ok")], TokenizeConfig(max_length=32, overlength="truncate"))
+    assert counts["rows"] == 0 and counts["dropped_prompt_too_long"] == 1
+
+
+def test_max_length_above_context_is_refused(tokenizer, tmp_path):
+    with pytest.raises(ConfigError, match="tokenize.max_length: 4096 is above the base model's context of 2048"):
+        tokenize(TokenizeConfig(max_length=4096), tokenizer, 2048, tmp_path, tmp_path / "out")
+
+
+def test_build_example_exact_arithmetic():
+    example, status = build_example([10, 11], [20, 21, 22], bos=1, eos=2, max_length=8, overlength="drop")
+    assert status == "ok"
+    assert example == {"input_ids": [1, 10, 11, 20, 21, 22, 2], "labels": [-100, -100, -100, 20, 21, 22, 2]}
+    example, status = build_example([10, 11], [20, 21, 22], bos=1, eos=2, max_length=5, overlength="truncate")
+    assert status == "truncated" and example["input_ids"] == [1, 10, 11, 20, 21]
+
+
+def test_tokenize_stage_writes_arrow_and_counts(tokenizer, tmp_path):
+    import datasets
+
+    formatted = tmp_path / "formatted"
+    formatted.mkdir()
+    for split, n in (("train", 5), ("val", 2), ("test", 2)):
+        with (formatted / f"{split}.jsonl").open("w") as fh:
+            for i in range(n):
+                fh.write(json.dumps(row(f"Pergunta {i}?", f"Resposta número {i}.")) + "\n")
+    metrics = tokenize(TokenizeConfig(max_length=128), tokenizer, 2048, formatted, tmp_path / "tok")
+    data = datasets.load_from_disk(str(tmp_path / "tok"))
+    assert {k: len(v) for k, v in data.items()} == {"train": 5, "validation": 2, "test": 2}
+    assert metrics["train"]["rows"] == 5 and metrics["train"]["length"]["max"] <= 128
+    assert not list(tmp_path.glob(".tok.tmp-*"))
+
+
+text = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=0, max_size=120)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(instruction=text.filter(str.strip), input_=text, output=text.filter(str.strip),
+       max_length=st.integers(min_value=16, max_value=160), overlength=st.sampled_from(["drop", "truncate"]))
+def test_label_invariants_hold_for_any_row(tokenizer, instruction, input_, output, max_length, overlength):
+    r = row(instruction, output, input_)
+    examples, counts = tokenize_split(tokenizer, [r], TokenizeConfig(max_length=max_length, overlength=overlength))
+    assert counts["rows"] + counts["dropped_too_long"] + counts["dropped_prompt_too_long"] == 1
+    if counts["rows"]:
+        ex = {"input_ids": examples["input_ids"][0], "labels": examples["labels"][0]}
+        prompt_ids = encode_prompt(tokenizer, r["prompt"])
+        if counts["boundary_fallback"] == 0:
+            check_invariants(tokenizer, ex, prompt_ids, max_length, truncated=bool(counts["truncated"]))
+        assert any(label != IGNORE_INDEX for label in ex["labels"])
