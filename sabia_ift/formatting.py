@@ -42,9 +42,11 @@ def split_sizes(n: int, val_size: int | float, test_size: int | float) -> tuple[
 
     val, test = count(val_size), count(test_size)
     if val + test >= n:
+        alone = [f"format.{key} alone asks for {size}" for key, size in (("test_size", test), ("val_size", val))
+                 if size >= n]
         raise ConfigError(
             f"format.val_size ({val}) + format.test_size ({test}) leave no training rows: "
-            f"only {n} rows remain after cleaning"
+            f"only {n} rows remain after cleaning" + (f" ({'; '.join(alone)})" if alone else "")
         )
     return val, test
 

@@ -78,8 +78,22 @@ def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> int:
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    with Path(path).open(encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+    """Rows of a file an earlier stage wrote; a missing or damaged one is a DataError naming it."""
+    from .errors import DataError
+
+    path = Path(path)
+    rows = []
+    try:
+        with path.open(encoding="utf-8") as fh:
+            for line in fh:
+                if line.strip():
+                    rows.append(json.loads(line))
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file; run the stage that writes it first (dvc repro)") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path}: row {len(rows) + 1}: not valid JSON Lines ({exc}); "
+                        "rerun the stage that writes it") from None
+    return rows
 
 
 def sha256_file(path: str | Path) -> str:

@@ -14,6 +14,7 @@ import io
 import json
 import logging
 import random
+import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,11 @@ def detect_format(path: Path, declared: str) -> str:
     return formats[suffix]
 
 
+_BOM = b"\xef\xbb\xbf"
+# Lone surrogates: what surrogateescape makes of invalid UTF-8 bytes, or a bad \\udXXX JSON escape.
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
 def _decode(raw: bytes, path: Path, row: int) -> str:
     try:
         return raw.decode("utf-8")
@@ -46,10 +52,24 @@ def _decode(raw: bytes, path: Path, row: int) -> str:
         raise DataError(f"{path}: row {row}: invalid UTF-8 at byte {exc.start} of the line") from None
 
 
+def _read_text(path: Path) -> str:
+    """A whole file as text, without a leading BOM (Excel writes one).
+
+    Invalid UTF-8 bytes survive as lone surrogates (surrogateescape), so the
+    row that holds them is named by normalize_record rather than the file as a whole.
+    """
+    raw = path.read_bytes()
+    if raw.startswith(_BOM):
+        raw = raw[len(_BOM):]
+    return raw.decode("utf-8", errors="surrogateescape")
+
+
 def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
     with path.open("rb") as fh:
         row = 0
         for raw in fh:
+            if row == 0 and raw.startswith(_BOM):
+                raw = raw[len(_BOM):]
             if not raw.strip():
                 continue
             row += 1
@@ -62,7 +82,7 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
 
 
 def _iter_json(path: Path) -> Iterator[tuple[int, Any]]:
-    text = _decode(path.read_bytes(), path, 1) if path.stat().st_size else ""
+    text = _read_text(path)
     if not text.strip():
         return
     try:
@@ -75,18 +95,29 @@ def _iter_json(path: Path) -> Iterator[tuple[int, Any]]:
 
 
 def _iter_csv(path: Path, columns: ColumnMap) -> Iterator[tuple[int, Any]]:
-    text = _decode(path.read_bytes(), path, 1) if path.stat().st_size else ""
+    text = _read_text(path)
+    reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
+    row = 0  # data rows after the header, 1-based like every source_row
+    header = None
     try:
-        reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
         header = reader.fieldnames or []
         if header:
             _check_columns(path, header, columns)
-        for row, record in enumerate(reader, start=1):
+            repeated = sorted({name for name in header if header.count(name) > 1
+                               and name in columns.model_dump().values()})
+            if repeated:
+                raise DataError(f"{path}: the header repeats column {repeated[0]!r}; "
+                                "a mapped column must appear once")
+        for record in reader:
+            row += 1
             if None in record:
                 raise DataError(f"{path}: row {row}: more fields than the header has columns")
+            if any(value is None for value in record.values()):
+                raise DataError(f"{path}: row {row}: fewer fields than the header has columns")
             yield row, record
     except csv.Error as exc:
-        raise DataError(f"{path}: row {reader.line_num}: CSV error: {exc}") from None
+        where = "header" if header is None else f"row {row + 1}"
+        raise DataError(f"{path}: {where}: CSV error: {exc}") from None
 
 
 def _iter_parquet(path: Path, columns: ColumnMap) -> Iterator[tuple[int, Any]]:
@@ -111,6 +142,16 @@ def _check_columns(path: Path | str, available: Iterable[str], columns: ColumnMa
             )
 
 
+def _kind(value: Any) -> str:
+    """A value's type as the data file spells it (JSON null, number, ...), with the value if short."""
+    if value is None:
+        return "null"
+    kind = {bool: "a boolean", int: "a number", float: "a number", list: "a list", dict: "an object"}.get(
+        type(value), type(value).__name__)
+    shown = repr(value)
+    return f"{kind} ({shown})" if len(shown) <= 40 else kind
+
+
 def normalize_record(record: Any, row: int, columns: ColumnMap, where: str) -> dict[str, Any]:
     """Map one source record to {instruction, input, output}; strict on types, lenient on a missing input."""
     if not isinstance(record, dict):
@@ -131,8 +172,12 @@ def normalize_record(record: Any, row: int, columns: ColumnMap, where: str) -> d
         if value is None and field == "input":
             value = ""
         if not isinstance(value, str):
+            raise DataError(f"{where}: row {row}: field {name!r} must be a string, got {_kind(value)}")
+        bad = _SURROGATE.search(value)
+        if bad:
             raise DataError(
-                f"{where}: row {row}: field {name!r} must be a string, got {type(value).__name__}"
+                f"{where}: row {row}: field {name!r} is not valid UTF-8 text "
+                f"(an invalid byte or a lone surrogate at character {bad.start() + 1})"
             )
         out[field] = value
     out["source_row"] = row

@@ -36,6 +36,8 @@ def run(main: Callable[[argparse.Namespace], None], doc: str | None, *paths: str
     try:
         main(args)
     except SabiaError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        # One line, whatever a wrapped library put in the message.
+        message = " ".join(part.strip() for part in str(exc).splitlines() if part.strip())
+        print(f"error: {message}", file=sys.stderr)
         return 2
     return 0

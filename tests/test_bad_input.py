@@ -1,0 +1,420 @@
+"""Bad input fails cleanly: one `error:` line naming the file, row and key, exit code 2, no output.
+
+Each case runs a real stage script (`python -m stages.<name>`) in a fresh copy of
+the project. The fetch, format and base stages import no ML library before they
+fail, so a subprocess per case is cheap. The tokenize, train and evaluate cases
+that need the tiny base model run the same scripts in this process (runpy, as
+`__main__`), so torch and transformers load once.
+"""
+
+from __future__ import annotations
+
+import json
+import runpy
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from conftest import make_project, project_env, write_params
+
+SHA = "0123456789abcdef0123456789abcdef01234567"
+
+COMMANDS = {
+    "fetch": ["-m", "stages.fetch", "--out", "data/raw"],
+    "format": ["-m", "stages.format", "--raw", "data/raw", "--out", "data/formatted",
+               "--metrics", "metrics/format.json"],
+    "base": ["-m", "stages.base", "--out", "models/base"],
+    "train": ["-m", "stages.train", "--base", "models/base", "--data", "data/tokenized",
+              "--out", "models/adapter", "--checkpoints", "models/checkpoints",
+              "--live", "metrics/curves", "--metrics", "metrics/train.json"],
+}
+# What each stage writes (dvc.yaml outs and metrics): none of it may exist after a failure.
+OUTPUTS = {
+    "fetch": ["data/raw"],
+    "format": ["data/formatted", "metrics/format.json"],
+    "base": ["models/base"],
+    "tokenize": ["data/tokenized", "metrics/tokenize.json"],
+    "train": ["models/adapter", "models/checkpoints", "metrics/curves", "metrics/train.json"],
+    "evaluate": ["data/eval/samples.jsonl", "metrics/eval.json"],
+}
+
+
+def jsonl(*rows) -> bytes:
+    """JSON Lines; a bytes item is written as the raw line."""
+    return b"".join(r if isinstance(r, bytes) else json.dumps(r, ensure_ascii=False).encode() + b"\n"
+                    for r in rows)
+
+
+def ok(i: int) -> dict:
+    return {"instruction": f"Pergunta número {i}?", "input": "", "output": f"Resposta {i}."}
+
+
+def parquet(columns: dict[str, list]) -> Callable[[Path], None]:
+    def write(path: Path) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table(columns), path)
+
+    return write
+
+
+@dataclass
+class Case:
+    id: str
+    stage: str
+    expect: list[str]                      # words the one error line must hold
+    files: dict[str, bytes | Callable[[Path], None]] = field(default_factory=dict)
+    params: dict = field(default_factory=dict)
+    before: list[str] = field(default_factory=list)  # stages that must succeed first
+    args: list[str] = field(default_factory=list)    # extra stage arguments
+
+
+def data(name: str, content, **fetch) -> dict:
+    """files= and params= for a fetch case reading data/<name>."""
+    return {"files": {f"data/{name}": content}, "params": {"fetch": {"path": f"data/{name}", **fetch}}}
+
+
+FIVE_ROWS = data("in.jsonl", jsonl(*(ok(i) for i in range(1, 6))))
+
+CASES = [
+    # --- fetch: JSON Lines ---------------------------------------------------
+    Case("jsonl-missing-output", "fetch", ["data/in.jsonl", "row 2", "'output'", "fetch.columns.output"],
+         **data("in.jsonl", jsonl(ok(1), {"instruction": "Sem resposta", "input": ""}))),
+    Case("jsonl-instruction-number", "fetch", ["data/in.jsonl", "row 3", "'instruction'", "string", "a number (42)"],
+         **data("in.jsonl", jsonl(ok(1), ok(2), {"instruction": 42, "input": "", "output": "x"}))),
+    Case("jsonl-instruction-list", "fetch", ["data/in.jsonl", "row 1", "'instruction'", "a list"],
+         **data("in.jsonl", jsonl({"instruction": ["a", "b"], "input": "", "output": "x"}))),
+    Case("jsonl-instruction-null", "fetch", ["data/in.jsonl", "row 2", "'instruction'", "got null"],
+         **data("in.jsonl", jsonl(ok(1), {"instruction": None, "input": "", "output": "x"}))),
+    Case("jsonl-input-number", "fetch", ["data/in.jsonl", "row 1", "'input'", "a number (7)"],
+         **data("in.jsonl", jsonl({"instruction": "a", "input": 7, "output": "x"}))),
+    Case("jsonl-output-object", "fetch", ["data/in.jsonl", "row 2", "'output'", "an object"],
+         **data("in.jsonl", jsonl(ok(1), {"instruction": "a", "input": "", "output": {"text": "x"}}))),
+    Case("jsonl-invalid-utf8", "fetch", ["data/in.jsonl", "row 2", "invalid UTF-8"],
+         **data("in.jsonl", jsonl(ok(1), b'{"instruction": "a\xe7\xff", "input": "", "output": "x"}\n', ok(3)))),
+    Case("jsonl-lone-surrogate-escape", "fetch", ["data/in.jsonl", "row 1", "'output'", "not valid UTF-8"],
+         **data("in.jsonl", b'{"instruction": "a", "input": "", "output": "x\\ud800y"}\n')),
+    Case("jsonl-truncated-last-line", "fetch", ["data/in.jsonl", "row 3", "not valid JSON", "truncated"],
+         **data("in.jsonl", jsonl(ok(1), ok(2), b'{"instruction": "Qual'))),
+    Case("jsonl-bad-json-line", "fetch", ["data/in.jsonl", "row 2", "not valid JSON"],
+         **data("in.jsonl", jsonl(ok(1), b"{instruction: sem aspas}\n", ok(3)))),
+    Case("jsonl-row-not-an-object", "fetch", ["data/in.jsonl", "row 2", "expected an object", "list"],
+         **data("in.jsonl", jsonl(ok(1), ["a", "", "b"]))),
+    Case("jsonl-empty-file", "fetch", ["data/in.jsonl", "no rows"], **data("in.jsonl", b"")),
+    Case("jsonl-blank-lines-only", "fetch", ["data/in.jsonl", "no rows"], **data("in.jsonl", b"\n  \n\n")),
+    Case("jsonl-input-column-typo", "fetch", ["data/in.jsonl", "fetch.columns.input", "'entrada'", "no row has"],
+         **data("in.jsonl", jsonl(ok(1), ok(2)), columns={"input": "entrada"})),
+    # --- fetch: JSON -----------------------------------------------------------
+    Case("json-not-a-list", "fetch", ["data/in.json", "expected a JSON list", "dict"],
+         **data("in.json", json.dumps({"rows": [ok(1)]}).encode())),
+    Case("json-empty-file", "fetch", ["data/in.json", "no rows"], **data("in.json", b"")),
+    Case("json-empty-list", "fetch", ["data/in.json", "no rows"], **data("in.json", b"[]\n")),
+    Case("json-syntax-error", "fetch", ["data/in.json", "not valid JSON", "line 2"],
+         **data("in.json", b'[{"instruction": "a", "input": "", "output": "b"},\n {"instruction": }]\n')),
+    Case("json-instruction-column-typo", "fetch",
+         ["data/in.json", "row 1", "'instrucao'", "fetch.columns.instruction"],
+         **data("in.json", json.dumps([ok(1), ok(2)]).encode(), columns={"instruction": "instrucao"})),
+    Case("json-input-column-typo", "fetch", ["data/in.json", "fetch.columns.input", "'contexto'"],
+         **data("in.json", json.dumps([ok(1), ok(2)]).encode(), columns={"input": "contexto"})),
+    Case("json-invalid-utf8", "fetch", ["data/in.json", "row 2", "'output'", "not valid UTF-8"],
+         **data("in.json", b'[{"instruction": "a", "input": "", "output": "b"},\n'
+                           b' {"instruction": "c", "input": "", "output": "d\xff"}]\n')),
+    # --- fetch: CSV --------------------------------------------------------------
+    Case("csv-without-mapped-column", "fetch", ["data/in.csv", "fetch.columns.output", "'output'", "'resposta'"],
+         **data("in.csv", "instruction,input,resposta\na,,b\n".encode())),
+    Case("csv-mapping-names-absent-column", "fetch", ["data/in.csv", "fetch.columns.output", "'resposta'"],
+         **data("in.csv", "instruction,input,output\na,,b\n".encode(), columns={"output": "resposta"})),
+    Case("csv-too-many-fields", "fetch", ["data/in.csv", "row 2", "more fields"],
+         **data("in.csv", "instruction,input,output\na,,b\nc,d,e,f\n".encode())),
+    Case("csv-too-few-fields", "fetch", ["data/in.csv", "row 3", "fewer fields"],
+         **data("in.csv", "instruction,input,output\na,,b\nc,,d\ne,f\n".encode())),
+    Case("csv-unclosed-quote", "fetch", ["data/in.csv", "row 2", "CSV error"],
+         **data("in.csv", 'instruction,input,output\na,,b\n"c,,d\n'.encode())),
+    Case("csv-invalid-utf8", "fetch", ["data/in.csv", "row 3", "'input'", "not valid UTF-8"],
+         **data("in.csv", b"instruction,input,output\na,,b\nc,,d\ne,f\xe3o,g\n")),
+    Case("csv-empty-file", "fetch", ["data/in.csv", "no rows"], **data("in.csv", b"")),
+    Case("csv-header-only", "fetch", ["data/in.csv", "no rows"], **data("in.csv", b"instruction,input,output\n")),
+    Case("csv-repeated-mapped-column", "fetch", ["data/in.csv", "repeats column 'output'"],
+         **data("in.csv", b"instruction,input,output,output\na,,b,c\n")),
+    # --- fetch: parquet -----------------------------------------------------------
+    Case("parquet-missing-column", "fetch", ["data/in.parquet", "fetch.columns.output", "'output'"],
+         **data("in.parquet", parquet({"instruction": ["a", "b"], "input": ["", ""]}))),
+    Case("parquet-output-not-string", "fetch", ["data/in.parquet", "row 1", "'output'", "a number (1)"],
+         **data("in.parquet", parquet({"instruction": ["a", "b"], "input": ["", ""], "output": [1, 2]}))),
+    Case("parquet-garbage", "fetch", ["data/in.parquet", "not a readable parquet file"],
+         **data("in.parquet", b"PAR1 this is not parquet")),
+    # --- fetch: paths and format ------------------------------------------------------
+    Case("data-path-missing", "fetch", ["data/nope.jsonl", "no such data file", "fetch.path"],
+         params={"fetch": {"path": "data/nope.jsonl"}}),
+    Case("unknown-suffix", "fetch", ["fetch.file_format", "data/in.txt"], **data("in.txt", jsonl(ok(1)))),
+    # --- params.yaml -------------------------------------------------------------------
+    Case("params-unknown-nested-key", "fetch", ["params.yaml", "fetch.columns.resposta: unknown key"],
+         params={"fetch": {"columns": {"resposta": "output"}}}),
+    Case("params-unknown-key", "fetch", ["params.yaml", "fetch.colunas: unknown key"],
+         params={"fetch": {"colunas": {}}}),
+    Case("params-unknown-section", "fetch", ["params.yaml", "unknown section", "fetchh"],
+         params={"fetchh": {"path": "x"}}),
+    Case("params-bad-enum", "fetch", ["params.yaml", "fetch.file_format", "xlsx"],
+         params={"fetch": {"file_format": "xlsx"}}),
+    Case("params-zero-max-rows", "fetch", ["params.yaml", "fetch.max_rows"], params={"fetch": {"max_rows": 0}}),
+    Case("params-file-missing", "fetch", ["nope.yaml", "no such params file"], args=["--params", "nope.yaml"]),
+    Case("params-not-yaml", "fetch", ["params.yaml", "not valid YAML", "line 2, column 9"],
+         files={"params.yaml": b"fetch:\n  path: [unclosed\n"}),
+    Case("params-not-a-mapping", "fetch", ["params.yaml", "mapping"], files={"params.yaml": b"- fetch\n- format\n"}),
+    Case("params-lr-negative", "train", ["params.yaml", "train.lr", "greater than 0", "-0.001"],
+         params={"train": {"lr": -1e-3}}),
+    Case("params-lr-zero", "train", ["params.yaml", "train.lr"], params={"train": {"lr": 0}}),
+    Case("params-batch-size-zero", "train", ["params.yaml", "train.micro_batch_size"],
+         params={"train": {"micro_batch_size": 0}}),
+    Case("params-epochs-negative", "train", ["params.yaml", "train.epochs"], params={"train": {"epochs": -1}}),
+    Case("params-lora-r-zero", "train", ["params.yaml", "train.lora.r"], params={"train": {"lora": {"r": 0}}}),
+    Case("params-lora-targets-empty", "train", ["params.yaml", "train.lora.target_modules"],
+         params={"train": {"lora": {"target_modules": []}}}),
+    # --- format ------------------------------------------------------------------------
+    Case("test-split-larger-than-data", "format", ["format.test_size alone asks for 10", "only 5 rows"],
+         before=["fetch"], params={**FIVE_ROWS["params"], "format": {"test_size": 10, "val_size": 0}},
+         files=FIVE_ROWS["files"]),
+    Case("val-plus-test-leave-no-train", "format",
+         ["format.val_size (2)", "format.test_size (3)", "no training rows", "5 rows"],
+         before=["fetch"], params={**FIVE_ROWS["params"], "format": {"test_size": 3, "val_size": 2}},
+         files=FIVE_ROWS["files"]),
+    Case("split-shares-leave-no-train", "format", ["format.val_size", "format.test_size", "no training rows"],
+         before=["fetch"], params={**FIVE_ROWS["params"], "format": {"test_size": 0.6, "val_size": 0.4}},
+         files=FIVE_ROWS["files"]),
+    Case("every-row-empty", "format", ["data/raw/rows.jsonl", "no usable rows", "empty_instruction",
+                                       "empty_output"],
+         before=["fetch"], **data("in.jsonl", jsonl({"instruction": " ", "input": "", "output": "x"},
+                                                   {"instruction": "a", "input": "b", "output": "\n\t"},
+                                                   {"instruction": "", "input": "", "output": ""}))),
+    Case("format-before-fetch", "format", ["data/raw/rows.jsonl", "no such file"]),
+    Case("format-raw-damaged", "format", ["data/raw/rows.jsonl", "row 2", "not valid JSON"],
+         files={"data/raw/rows.jsonl": jsonl({**ok(1), "source_row": 1}, b'{"instruction": "a", "inp\n')}),
+    Case("format-unknown-key", "format", ["params.yaml", "format.seeds: unknown key"],
+         before=["fetch"], params={"format": {"seeds": 1}}),
+    # --- base ----------------------------------------------------------------------------
+    Case("model-folder-missing", "base", ["base.name_or_path", "/nonexistent/sabia", "neither an existing folder"],
+         params={"base": {"source": "pretrained", "name_or_path": "/nonexistent/sabia"}}),
+    Case("hub-unreachable-empty-cache", "base", ["org/absent", SHA, "HF_HUB_OFFLINE"],
+         params={"base": {"source": "pretrained", "name_or_path": "org/absent", "revision": SHA}}),
+    Case("model-folder-without-weights", "base", ["base.name_or_path", "no *.safetensors weights", "model.bin"],
+         params={"base": {"source": "pretrained", "name_or_path": "weights"}},
+         files={"weights/config.json": b"{}", "weights/model.bin": b"pickle"}),
+]
+
+
+def leftovers(project: Path) -> list[str]:
+    """Temporaries that atomic writes leave only when something went wrong."""
+    return [str(p.relative_to(project)) for pattern in (".*.tmp-*", ".*.old-*") for p in project.rglob(pattern)]
+
+
+def setup(case: Case, tmp_path: Path) -> Path:
+    project = make_project(tmp_path / "project", git=False)
+    if case.params:
+        write_params(project, case.params)
+    for rel, content in case.files.items():
+        path = project / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        content(path) if callable(content) else path.write_bytes(content)
+    return project
+
+
+def stage(project: Path, name: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *COMMANDS[name], *args], cwd=project, env=project_env(project),
+                          capture_output=True, text=True, timeout=120)
+
+
+def error_line(stderr: str) -> str:
+    """The one `error:` line; anything else (a traceback, a second error) fails the test."""
+    assert "Traceback" not in stderr, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, stderr
+    assert stderr.rstrip("\n").endswith(errors[0]), stderr  # the last thing said
+    return errors[0]
+
+
+def test_enough_cases():
+    assert len(CASES) >= 25
+    assert len({c.id for c in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_bad_input_fails_cleanly(case: Case, tmp_path):
+    project = setup(case, tmp_path)
+    for name in case.before:
+        done = stage(project, name)
+        assert done.returncode == 0, done.stderr
+    result = stage(project, case.stage, *case.args)
+    assert result.returncode == 2, result.stderr
+    line = error_line(result.stderr)
+    for word in case.expect:
+        assert word in line, f"{word!r} not in {line!r}"
+    for out in OUTPUTS[case.stage]:
+        assert not (project / out).exists(), f"{out} exists after a failed {case.stage}"
+    assert leftovers(project) == []
+
+
+# --- Stages that need the tiny base, run in this process ---------------------------------
+
+
+def run_script(module: str, argv: list[str], project: Path, monkeypatch, capsys) -> str:
+    """Run `python -m <module> <argv>` here, in `project`; return its one error line (exit must be 2)."""
+    monkeypatch.chdir(project)
+    monkeypatch.setattr(sys, "argv", [module, *argv])
+    for var in ("DVC_NO_ANALYTICS", "HF_HUB_DISABLE_TELEMETRY"):  # set by the stage; restored after
+        monkeypatch.setenv(var, "1")
+    sys.modules.pop(module, None)
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_module(module, run_name="__main__")
+    stderr = capsys.readouterr().err
+    assert exit_.value.code == 2, stderr
+    return error_line(stderr)
+
+
+@pytest.fixture
+def project_with_base(tmp_path, tiny_base):
+    """A project copy whose models/base is the tiny base (as the base stage writes it)."""
+    project = make_project(tmp_path / "project", git=False)
+    shutil.copytree(tiny_base, project / "models" / "base")
+    return project
+
+
+def check_clean(project: Path, stage_name: str) -> None:
+    for out in OUTPUTS[stage_name]:
+        assert not (project / out).exists(), f"{out} exists after a failed {stage_name}"
+    assert leftovers(project) == []
+
+
+TOKENIZE_ARGS = ["--base", "models/base", "--formatted", "data/formatted", "--out", "data/tokenized",
+                 "--metrics", "metrics/tokenize.json"]
+EVALUATE_ARGS = ["--base", "models/base", "--adapter", "models/adapter", "--formatted", "data/formatted",
+                 "--tokenized", "data/tokenized", "--samples", "data/eval/samples.jsonl",
+                 "--metrics", "metrics/eval.json"]
+
+
+def test_max_length_above_model_context(project_with_base, monkeypatch, capsys):
+    context = json.loads((project_with_base / "models/base/config.json").read_text())["max_position_embeddings"]
+    write_params(project_with_base, {"tokenize": {"max_length": context * 2}})
+    line = run_script("stages.tokenize", TOKENIZE_ARGS, project_with_base, monkeypatch, capsys)
+    assert "tokenize.max_length" in line and str(context * 2) in line and str(context) in line
+    check_clean(project_with_base, "tokenize")
+
+
+def test_tokenize_before_format(project_with_base, monkeypatch, capsys):
+    line = run_script("stages.tokenize", TOKENIZE_ARGS, project_with_base, monkeypatch, capsys)
+    assert "data/formatted/train.jsonl" in line and "no such file" in line
+    check_clean(project_with_base, "tokenize")
+
+
+def test_lora_target_the_model_lacks(project_with_base, monkeypatch, capsys):
+    write_params(project_with_base, {"train": {"device": "cpu",
+                                               "lora": {"target_modules": ["q_proj", "query_key_value"]}}})
+    line = run_script("stages.train", COMMANDS["train"][2:], project_with_base, monkeypatch, capsys)
+    assert "train.lora.target_modules" in line and "query_key_value" in line and "q_proj" in line
+    check_clean(project_with_base, "train")
+
+
+def test_cuda_asked_for_without_a_gpu(project_with_base, monkeypatch, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is visible here")
+    write_params(project_with_base, {"train": {"device": "cuda"}})
+    line = run_script("stages.train", COMMANDS["train"][2:], project_with_base, monkeypatch, capsys)
+    assert "device" in line and "cuda" in line and "no CUDA GPU" in line
+    check_clean(project_with_base, "train")
+
+
+def garbage_json(folder: Path) -> None:
+    (folder / "adapter_config.json").write_text("{not json")
+
+
+def adapter_without_meta(folder: Path) -> None:
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))
+
+
+def meta_but_garbage_adapter(folder: Path) -> None:
+    (folder / "sabia_ift_train.json").write_text(json.dumps(
+        {"quantization": "none", "double_quant": False, "precision": "fp32", "base": {}}))
+    (folder / "adapter_config.json").write_text("{not json")
+
+
+def corrupt_meta(folder: Path) -> None:
+    (folder / "sabia_ift_train.json").write_text('{"quantization": "no')
+
+
+@pytest.mark.parametrize(
+    ("damage", "expect"),
+    [
+        (adapter_without_meta, ["models/adapter/sabia_ift_train.json", "incomplete or corrupt"]),
+        (corrupt_meta, ["models/adapter/sabia_ift_train.json", "incomplete or corrupt"]),
+        (meta_but_garbage_adapter, ["models/adapter", "not a loadable PEFT adapter"]),
+    ],
+    ids=["no-train-meta", "corrupt-train-meta", "garbage-adapter-config"],
+)
+def test_corrupt_adapter_at_evaluate(project_with_base, monkeypatch, capsys, damage, expect):
+    from sabia_ift.training import TRAIN_META
+
+    assert TRAIN_META == "sabia_ift_train.json"
+    adapter = project_with_base / "models" / "adapter"
+    adapter.mkdir(parents=True)
+    damage(adapter)
+    write_params(project_with_base, {"evaluate": {"device": "cpu"}})
+    line = run_script("stages.evaluate", EVALUATE_ARGS, project_with_base, monkeypatch, capsys)
+    for word in expect:
+        assert word in line, f"{word!r} not in {line!r}"
+    check_clean(project_with_base, "evaluate")
+
+
+# --- Empty fields are dropped and counted, not errors ----------------------------------------
+
+
+def test_empty_fields_are_dropped_and_counted(tmp_path):
+    rows = [ok(i) for i in range(1, 13)]
+    rows[2] = {"instruction": "", "input": "x", "output": "y"}           # row 3
+    rows[4] = {"instruction": " \t\n ", "input": "", "output": "y"}      # row 5: whitespace only
+    rows[6] = {"instruction": "a", "input": "", "output": ""}            # row 7
+    rows[7] = {"instruction": "b", "input": "c", "output": "\u00a0 \n"}  # row 8: no-break space only
+    rows[9] = dict(rows[0])                                             # row 10: duplicate of row 1
+    case = Case("empty", "format", [], before=["fetch"],
+                **data("in.jsonl", jsonl(*rows)))
+    case.params["format"] = {"val_size": 2, "test_size": 2, "seed": 1}
+    project = setup(case, tmp_path)
+    for name in ("fetch", "format"):
+        done = stage(project, name)
+        assert done.returncode == 0, done.stderr
+    metrics = json.loads((project / "metrics/format.json").read_text())
+    assert metrics["rows_in"] == 12
+    assert metrics["dropped_empty_instruction"] == 2
+    assert metrics["dropped_empty_output"] == 2
+    assert metrics["dropped_duplicate"] == 1
+    assert metrics["rows_out"] == 7 == metrics["train_rows"] + metrics["val_rows"] + metrics["test_rows"]
+    dropped = [json.loads(line) for line in (project / "data/formatted/dropped.jsonl").read_text().splitlines()]
+    assert dropped == [
+        {"source_row": 3, "reason": "empty_instruction"},
+        {"source_row": 5, "reason": "empty_instruction"},
+        {"source_row": 7, "reason": "empty_output"},
+        {"source_row": 8, "reason": "empty_output"},
+        {"source_row": 10, "reason": "duplicate", "duplicate_of": 1},
+    ]
+    kept = [json.loads(line)["source_row"] for split in ("train", "val", "test")
+            for line in (project / f"data/formatted/{split}.jsonl").read_text().splitlines()]
+    assert sorted(kept) == [1, 2, 4, 6, 9, 11, 12]
+
+
+def test_excel_csv_with_bom_and_mapping_is_read(tmp_path):
+    """Not bad input: a UTF-8 BOM (Excel) must not hide the first column's name."""
+    content = "\ufeffpergunta;contexto;resposta\n".replace(";", ",") + "Qual é a cor do céu?,,Azul.\n"
+    case = Case("bom", "fetch", [], **data("in.csv", content.encode("utf-8"),
+                                           columns={"instruction": "pergunta", "input": "contexto",
+                                                    "output": "resposta"}))
+    project = setup(case, tmp_path)
+    done = stage(project, "fetch")
+    assert done.returncode == 0, done.stderr
+    row = json.loads((project / "data/raw/rows.jsonl").read_text())
+    assert row == {"instruction": "Qual é a cor do céu?", "input": "", "output": "Azul.", "source_row": 1}

@@ -1,0 +1,85 @@
+"""Training on the tiny base: loss moves, the adapter is a plain PEFT folder, checkpoints are handled."""
+
+import json
+
+import pytest
+
+from sabia_ift.config import TokenizeConfig, TrainConfig
+from sabia_ift.formatting import clean_rows
+from sabia_ift.io import write_jsonl
+from sabia_ift.sample import generate_rows
+from sabia_ift.tokenization import tokenize
+from sabia_ift.training import CHECKPOINT_PREFIX, complete_checkpoints, prepare_checkpoints, train
+
+
+@pytest.fixture(scope="module")
+def tokenized(tiny_base, tokenizer, tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    kept, _ = clean_rows([{**r, "source_row": i + 1} for i, r in enumerate(generate_rows(0)[:96])])
+    for split, rows in (("train", kept[:64]), ("val", kept[64:80]), ("test", kept[80:])):
+        write_jsonl(root / f"{split}.jsonl", rows)
+    tokenize(TokenizeConfig(max_length=256), tokenizer, 2048, root, root / "tokenized")
+    return root / "tokenized"
+
+
+def small_config(**overrides) -> TrainConfig:
+    values = dict(epochs=1, micro_batch_size=8, lr=3e-3, logging_steps=2, eval_steps=4, save_steps=4,
+                  lora={"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]})
+    return TrainConfig(**{**values, **overrides})
+
+
+@pytest.mark.parametrize("quantization", ["none", "nf4"])
+def test_train_writes_a_loadable_adapter_and_metrics(tiny_base, tokenized, tmp_path, quantization):
+    from peft import PeftConfig
+
+    metrics = train(small_config(quantization=quantization), tiny_base, tokenized, tmp_path / "adapter",
+                    tmp_path / "ckpt", tmp_path / "live")
+    assert metrics["steps"] == 8 and metrics["quantization"] == quantization
+    assert metrics["final_train_loss"] < metrics["first_train_loss"]
+    # r=4 on q/v of 2 layers of width 128: 2 * 2 * 4 * (128 + 128).
+    assert metrics["trainable_params"] == 4096
+    assert metrics["steady_input_tokens_per_s"] > 0 and metrics["step_time_s"] > 0
+    config = PeftConfig.from_pretrained(str(tmp_path / "adapter"))
+    assert config.r == 4 and sorted(config.target_modules) == ["q_proj", "v_proj"]
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    # The finished run leaves no checkpoint behind to change the next one.
+    assert list((tmp_path / "ckpt").iterdir()) == []
+    # Curves for dvc plots, steps ascending, no timestamps (identical on rerun).
+    loss = (tmp_path / "live" / "plots" / "metrics" / "train" / "loss.tsv").read_text().splitlines()
+    assert loss[0].split("\t") == ["step", "loss"] and len(loss) > 3
+    assert (tmp_path / "live" / "plots" / "metrics" / "eval" / "loss.tsv").is_file()
+
+
+def test_checkpoints_of_another_run_are_not_resumed(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    (ckpt / f"{CHECKPOINT_PREFIX}4").mkdir(parents=True)
+    (ckpt / f"{CHECKPOINT_PREFIX}4" / "trainer_state.json").write_text("{}")
+    (ckpt / "run.json").write_text(json.dumps({"fingerprint": "other-run"}))
+    assert prepare_checkpoints(ckpt, "this-run") is None
+    assert sorted(p.name for p in ckpt.iterdir()) == ["run.json"]
+    assert json.loads((ckpt / "run.json").read_text())["fingerprint"] == "this-run"
+
+
+def test_resume_picks_the_last_complete_checkpoint(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "run.json").write_text(json.dumps({"fingerprint": "run"}))
+    for step, complete in ((4, True), (8, True), (12, False)):  # 12 was cut off mid-save
+        folder = ckpt / f"{CHECKPOINT_PREFIX}{step}"
+        folder.mkdir()
+        if complete:
+            (folder / "trainer_state.json").write_text("{}")
+    assert [p.name for p in complete_checkpoints(ckpt)] == ["checkpoint-4", "checkpoint-8"]
+    assert prepare_checkpoints(ckpt, "run").name == "checkpoint-8"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["checkpoint-8", "run.json"]
+
+
+def test_cuda_on_a_cpu_machine_is_a_clear_error(tiny_base, tokenized, tmp_path):
+    import torch
+
+    from sabia_ift.errors import ConfigError
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ConfigError, match="device: cuda was asked for but no CUDA GPU is visible"):
+        train(small_config(device="cuda"), tiny_base, tokenized, tmp_path / "a", tmp_path / "c", None)
