@@ -102,7 +102,7 @@ def evaluate(cfg: EvaluateConfig, base_dir: str | Path, adapter_dir: str | Path,
     from transformers import set_seed
 
     set_seed(0)
-    device = pick_device(cfg.device)
+    device = pick_device(cfg.device, "evaluate.device")
     tokenizer, model = load_tuned(base_dir, adapter_dir, device)
     rows = read_jsonl(Path(formatted_dir) / "test.jsonl")
     if cfg.max_samples is not None:

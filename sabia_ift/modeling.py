@@ -42,9 +42,10 @@ class BaseRef:
 
 def _hub_error(repo_id: str, revision: str | None, exc: Exception) -> ModelError:
     offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+    reason = str(exc).strip().rstrip(".")
     return ModelError(
         f"base model {repo_id} at revision {revision or 'main'} could not be loaded: "
-        f"{type(exc).__name__}: {exc}. "
+        f"{type(exc).__name__}: {reason}. "
         + ("HF_HUB_OFFLINE is set and the HF cache does not hold it. " if offline else "")
         + "Check the network and that the id and revision exist; for a gated model, accept its "
         "license and export HF_TOKEN; or set base.name_or_path to a local folder."
@@ -83,11 +84,14 @@ def prepare_base(cfg: BaseConfig, out_dir: str | Path) -> dict[str, Any]:
         return build_tiny_model(cfg.tiny, out_dir)
 
     local = Path(cfg.name_or_path).expanduser()
+    # "models/mine" reads like a Hub id; if its first part is a local folder, it is a path.
+    looks_local = local.is_absolute() or cfg.name_or_path.startswith((".", "~")) \
+        or cfg.name_or_path.count("/") != 1 or Path(local.parts[0]).is_dir()
     if local.is_dir():
         _check_folder(local, f"base.name_or_path {cfg.name_or_path}")
         info = {"source": "local", "name_or_path": cfg.name_or_path, "revision": None}
         folder = local
-    elif local.is_absolute() or cfg.name_or_path.startswith((".", "~")) or cfg.name_or_path.count("/") != 1:
+    elif looks_local:
         raise ConfigError(
             f"base.name_or_path: {cfg.name_or_path!r} is neither an existing folder nor a Hub id (org/name)"
         )
@@ -169,11 +173,12 @@ def load_tokenizer(folder: str | Path):
     return tokenizer
 
 
-def pick_device(requested: str) -> str:
+def pick_device(requested: str, key: str = "device") -> str:
+    """`key` is the params key that asked, so the error names it."""
     import torch
 
     if requested == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device: cuda was asked for but no CUDA GPU is visible; set it to auto or cpu")
+        raise ConfigError(f"{key}: cuda was asked for but no CUDA GPU is visible; set it to auto or cpu")
     if requested == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return requested

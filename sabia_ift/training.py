@@ -136,33 +136,74 @@ def _make_live_callback(live_dir: Path):
     return LiveCurves()
 
 
-def _peak_memory_gib(device: str) -> float:
+def _make_step_timer(trainer_ref: list):
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        """Steady-state speed: wall time and tokens between optimizer steps.
+
+        The first step (warm-up, and the longest batch, which the length-grouped
+        sampler puts first) and evaluation pauses are left out.
+        """
+
+        def __init__(self) -> None:
+            self.last: tuple[float, int, int] | None = None
+            self.seconds, self.inputs, self.trained, self.steps = 0.0, 0, 0, 0
+            self.first_done = False
+
+        def _mark(self) -> tuple[float, int, int]:
+            trainer = trainer_ref[0]
+            return time.perf_counter(), trainer.input_tokens, trainer.trained_tokens
+
+        def on_step_end(self, args, state, control, **kwargs):
+            now = self._mark()
+            if self.last is not None and self.first_done:
+                self.seconds += now[0] - self.last[0]
+                self.inputs += now[1] - self.last[1]
+                self.trained += now[2] - self.last[2]
+                self.steps += 1
+            self.first_done = True
+            self.last = now
+
+        def on_evaluate(self, args, state, control, **kwargs):
+            self.last = None  # the next interval would include the evaluation
+
+        def summary(self) -> dict[str, float | None]:
+            if not self.steps:
+                return {"step_time_s": None, "steady_input_tokens_per_s": None, "steady_trained_tokens_per_s": None}
+            return {"step_time_s": round(self.seconds / self.steps, 4),
+                    "steady_input_tokens_per_s": round(self.inputs / self.seconds, 1),
+                    "steady_trained_tokens_per_s": round(self.trained / self.seconds, 1)}
+
+    return StepTimer()
+
+
+def _peak_memory(device: str) -> dict[str, float]:
     import torch
 
     if device == "cuda":
-        return round(torch.cuda.max_memory_allocated() / 2**30, 3)
+        return {"peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3),
+                "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 3)}
     # ru_maxrss is KiB on Linux: the process's peak resident memory.
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)
+    return {"peak_memory_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}
 
 
 def build_model(cfg: TrainConfig, folder: Path, device: str, dtype):
-    """Base model (4-bit when asked) with LoRA adapters attached."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    """Base model (4-bit when asked) with LoRA adapters attached.
+
+    peft's prepare_model_for_kbit_training is not used: it upcasts the
+    embeddings and lm_head to fp32 (about 1 GB more at 7B, for fp16 stability
+    that bf16 does not need), which would break the 6 GiB budget at micro-batch 1.
+    """
+    from peft import LoraConfig, get_peft_model
 
     model = load_model(folder, quantization=cfg.quantization, double_quant=cfg.double_quant,
                        dtype=dtype, device=device)
     check_target_modules(model, cfg.lora.target_modules)
-    # Non-reentrant checkpointing: the reentrant variant needs inputs that require
-    # grad and breaks with frozen embeddings.
-    ckpt_kwargs = {"use_reentrant": False}
-    if cfg.quantization == "nf4":
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=cfg.activation_checkpointing,
-            gradient_checkpointing_kwargs=ckpt_kwargs,
-        )
-    elif cfg.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
-        model.enable_input_require_grads()
+    if cfg.activation_checkpointing:
+        # Non-reentrant: the reentrant variant needs inputs that require grad,
+        # which frozen embeddings do not give.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     lora = LoraConfig(
         r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
@@ -206,7 +247,6 @@ def training_arguments(cfg: TrainConfig, checkpoint_dir: Path, device: str, dtyp
         report_to="none",
         disable_tqdm=True,
         # Checkpointing is set up on the model in build_model; the Trainer must not redo it.
-        activation_checkpointing=False,
     )
 
 
@@ -219,7 +259,7 @@ def train(cfg: TrainConfig, base_dir: str | Path, tokenized_dir: str | Path, ada
 
     base_dir, tokenized_dir = Path(base_dir), Path(tokenized_dir)
     checkpoint_dir = Path(checkpoint_dir)
-    device = pick_device(cfg.device)
+    device = pick_device(cfg.device, "train.device")
     dtype = pick_dtype(cfg.precision, device)
     if device == "cuda" and dtype == torch.float16:
         log.warning("this GPU has no bf16: training in fp16 with loss scaling")
@@ -252,7 +292,11 @@ def train(cfg: TrainConfig, base_dir: str | Path, tokenized_dir: str | Path, ada
     resume = prepare_checkpoints(checkpoint_dir, run_fingerprint(cfg, base_dir, tokenized_dir))
     if resume is not None:
         log.warning("resuming from %s", resume)
-    callbacks = [_make_live_callback(Path(live_dir))] if cfg.live and live_dir is not None else []
+    trainer_ref: list = []
+    timer = _make_step_timer(trainer_ref)
+    callbacks = [timer]
+    if cfg.live and live_dir is not None:
+        callbacks.append(_make_live_callback(Path(live_dir)))
     trainer = _make_trainer_class()(
         model=model,
         args=training_arguments(cfg, checkpoint_dir, device, dtype),
@@ -262,10 +306,12 @@ def train(cfg: TrainConfig, base_dir: str | Path, tokenized_dir: str | Path, ada
         processing_class=tokenizer,
         callbacks=callbacks,
     )
+    trainer_ref.append(trainer)
     if device == "cuda":
+        # The peak of training itself: weights and everything a step allocates, not loading spikes.
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     runtime = time.perf_counter() - start
     final_eval = trainer.evaluate()
 
@@ -279,10 +325,12 @@ def train(cfg: TrainConfig, base_dir: str | Path, tokenized_dir: str | Path, ada
         })
     clear_checkpoints(checkpoint_dir)
 
+    # From the log history, which a resumed run restores from its checkpoint:
+    # the Trainer's own training_loss would only average the steps since resuming.
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     eval_loss = float(final_eval["eval_loss"])
     return {
-        "train_loss": round(float(result.training_loss), 6),
+        "train_loss": round(sum(losses) / len(losses), 6) if losses else None,
         "final_train_loss": round(float(losses[-1]), 6) if losses else None,
         "first_train_loss": round(float(losses[0]), 6) if losses else None,
         "eval_loss": round(eval_loss, 6),
@@ -301,5 +349,6 @@ def train(cfg: TrainConfig, base_dir: str | Path, tokenized_dir: str | Path, ada
         "runtime_s": round(runtime, 2),
         "input_tokens_per_s": round(trainer.input_tokens / runtime, 1),
         "trained_tokens_per_s": round(trainer.trained_tokens / runtime, 1),
-        "peak_memory_gib": _peak_memory_gib(device),
+        **timer.summary(),
+        **_peak_memory(device),
     }

@@ -81,5 +81,5 @@ def test_cuda_on_a_cpu_machine_is_a_clear_error(tiny_base, tokenized, tmp_path):
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    with pytest.raises(ConfigError, match="device: cuda was asked for but no CUDA GPU is visible"):
+    with pytest.raises(ConfigError, match="train.device: cuda was asked for but no CUDA GPU is visible"):
         train(small_config(device="cuda"), tiny_base, tokenized, tmp_path / "a", tmp_path / "c", None)

@@ -1,0 +1,99 @@
+"""`sabia-ift`: the commands a user runs besides `dvc repro`.
+
+    sabia-ift check-params [params.yaml]      validate every section, as the stages will
+    sabia-ift generate "instrução" [--input]  answer with the tuned model (models/adapter)
+    sabia-ift report --base REV [--head REV]  Markdown report of metrics, params and curves
+    sabia-ift make-sample OUT                 regenerate the bundled sample
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+
+from .errors import SabiaError
+
+
+def _check_params(args: argparse.Namespace) -> None:
+    from .config import SECTIONS, load_section
+
+    for section in SECTIONS:
+        load_section(section, args.params)
+    print(f"{args.params}: all sections valid")
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from .evaluation import load_tuned
+    from .generation import generate
+    from .modeling import pick_device
+    from .template import build_prompt
+    from .tokenization import encode_prompt
+
+    device = pick_device(args.device)
+    tokenizer, model = load_tuned(args.base, args.adapter, device)
+    prompt = encode_prompt(tokenizer, build_prompt(args.instruction, args.input))
+    switch = model.disable_adapter() if args.base_model else contextlib.nullcontext()
+    with switch:
+        out = generate(model, tokenizer, [prompt], max_new_tokens=args.max_new_tokens, batch_size=1, device=device)
+    print(out[0].text)
+    if not out[0].stopped:
+        print(f"[stopped at max_new_tokens={args.max_new_tokens} without EOS]", file=sys.stderr)
+
+
+def _report(args: argparse.Namespace) -> None:
+    from .report import build_report
+
+    build_report(args)
+
+
+def _make_sample(args: argparse.Namespace) -> None:
+    from .sample import main as sample_main
+
+    sample_main([args.out, "--seed", str(args.seed)])
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sabia-ift", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    check = sub.add_parser("check-params", help="validate params.yaml")
+    check.add_argument("params", nargs="?", default="params.yaml")
+    check.set_defaults(func=_check_params)
+
+    gen = sub.add_parser("generate", help="answer one instruction with the tuned model")
+    gen.add_argument("instruction")
+    gen.add_argument("--input", default="")
+    gen.add_argument("--base", default="models/base")
+    gen.add_argument("--adapter", default="models/adapter")
+    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    gen.add_argument("--base-model", action="store_true", help="answer with the base model (adapter off)")
+    gen.set_defaults(func=_generate)
+
+    from .report import add_arguments
+
+    rep = sub.add_parser("report", help="Markdown report comparing two revisions (for pull requests)")
+    add_arguments(rep)
+    rep.set_defaults(func=_report)
+
+    sample = sub.add_parser("make-sample", help="regenerate the bundled sample data")
+    sample.add_argument("out")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.set_defaults(func=_make_sample)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        args.func(args)
+    except SabiaError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""`dvc repro` end to end in a fresh copy of the project, on the embedded default."""
+
+import json
+import re
+
+import pytest
+
+from conftest import FAST_PARAMS, deep_merge, make_project, run, write_params
+
+pytestmark = pytest.mark.slow
+
+
+def ran_stages(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '(\w+)'", output))
+
+
+@pytest.fixture(scope="module")
+def default_project(tmp_path_factory):
+    """The default params, untouched: what a new user's first `dvc repro` does."""
+    project = make_project(tmp_path_factory.mktemp("default") / "sabia-ift")
+    result = run(["dvc", "repro"], project, timeout=1200)
+    assert ran_stages(result.stdout) == {"base", "fetch", "format", "tokenize", "train", "evaluate"}
+    return project
+
+
+def test_default_run_writes_every_output(default_project):
+    p = default_project
+    for path in ("models/base/config.json", "models/base/model.safetensors", "models/base/tokenizer.json",
+                 "models/base/base.json", "data/raw/rows.jsonl", "data/raw/manifest.json",
+                 "data/formatted/train.jsonl", "data/formatted/val.jsonl", "data/formatted/test.jsonl",
+                 "data/formatted/dropped.jsonl", "data/tokenized/dataset_dict.json",
+                 "models/adapter/adapter_config.json", "models/adapter/adapter_model.safetensors",
+                 "models/adapter/sabia_ift_train.json", "metrics/curves/plots/metrics/train/loss.tsv",
+                 "metrics/curves/plots/metrics/eval/loss.tsv", "data/eval/samples.jsonl", "dvc.lock"):
+        assert (p / path).is_file(), path
+    assert not list(p.rglob("*.tmp-*")), "temporaries left behind"
+
+    manifest = json.loads((p / "data/raw/manifest.json").read_text())
+    assert manifest["rows_in_source"] == manifest["rows_written"] == 1200
+    fmt = json.loads((p / "metrics/format.json").read_text())
+    # The sample's planted defects, each counted (data/sample/README.md).
+    assert (fmt["dropped_empty_instruction"], fmt["dropped_empty_output"], fmt["dropped_duplicate"]) == (1, 2, 4)
+    assert fmt["rows_out"] == fmt["train_rows"] + fmt["val_rows"] + fmt["test_rows"] == 1193
+    tok = json.loads((p / "metrics/tokenize.json").read_text())
+    assert tok["train"]["rows"] == fmt["train_rows"] and tok["train"]["trained_tokens"] > 0
+
+    train = json.loads((p / "metrics/train.json").read_text())
+    assert train["final_train_loss"] < train["first_train_loss"]
+    ev = json.loads((p / "metrics/eval.json").read_text())
+    assert ev["samples"] == fmt["test_rows"]
+    # The claims the README makes about the default run.
+    assert ev["tuned"]["eos_stop_rate"] >= 0.9 > ev["base"]["eos_stop_rate"]
+    assert ev["tuned"]["rougeL"] > ev["base"]["rougeL"]
+    assert ev["tuned"]["val_loss"] < ev["base"]["val_loss"]
+    assert ev["delta"]["rougeL"] == pytest.approx(ev["tuned"]["rougeL"] - ev["base"]["rougeL"], abs=1e-4)
+    samples = [json.loads(line) for line in (p / "data/eval/samples.jsonl").read_text().splitlines()]
+    assert samples and set(samples[0]) >= {"prompt", "reference", "base", "tuned"}
+
+
+def test_second_repro_runs_nothing(default_project):
+    result = run(["dvc", "repro"], default_project)
+    assert ran_stages(result.stdout) == set()
+    assert "up to date" in run(["dvc", "status"], default_project).stdout
+
+
+@pytest.fixture(scope="module")
+def small_project(tmp_path_factory):
+    project = make_project(tmp_path_factory.mktemp("small") / "sabia-ift", FAST_PARAMS)
+    run(["dvc", "repro"], project)
+    return project
+
+
+def test_changing_lr_reruns_only_train_and_evaluate(small_project):
+    write_params(small_project, {"train": {"lr": 0.001}})
+    result = run(["dvc", "repro"], small_project)
+    assert ran_stages(result.stdout) == {"train", "evaluate"}
+
+
+def test_changing_the_template_code_reruns_from_format(small_project):
+    template = small_project / "sabia_ift" / "template.py"
+    template.write_text(template.read_text() + "\n# a comment is still a change to a dependency\n")
+    result = run(["dvc", "repro"], small_project)
+    assert ran_stages(result.stdout) == {"format", "tokenize", "train", "evaluate"}
+
+
+def test_a_failing_stage_leaves_no_output(small_project):
+    write_params(small_project, {"format": {"test_size": 100000}})
+    result = run(["dvc", "repro", "format"], small_project, check=False)
+    assert result.returncode != 0
+    assert "format.val_size (24) + format.test_size (100000) leave no training rows" in result.stderr + result.stdout
+    assert not (small_project / "data/formatted").exists()
+    write_params(small_project, {"format": FAST_PARAMS["format"]})

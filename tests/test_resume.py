@@ -1,0 +1,61 @@
+"""A train stage killed with SIGKILL resumes from its last checkpoint on the next `dvc repro`."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+from safetensors.torch import load_file
+
+from conftest import FAST_PARAMS, deep_merge, make_project, project_env, run
+
+pytestmark = pytest.mark.slow
+
+PARAMS = deep_merge(FAST_PARAMS, {"train": {"epochs": 2, "save_steps": 8, "eval_steps": 16, "logging_steps": 4}})
+
+
+def wait_for_checkpoint(project, proc, min_step: int, timeout: float = 600) -> int:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, "training finished before it could be interrupted"
+        steps = [int(p.name.split("-")[1]) for p in (project / "models/checkpoints").glob("checkpoint-*")
+                 if (p / "trainer_state.json").is_file()]
+        if steps and max(steps) >= min_step:
+            return max(steps)
+        time.sleep(0.2)
+    raise AssertionError("no checkpoint appeared")
+
+
+def test_sigkill_then_repro_resumes_and_matches_an_uninterrupted_run(tmp_path):
+    project = make_project(tmp_path / "sabia-ift", PARAMS)
+    run(["dvc", "repro", "tokenize"], project)
+
+    proc = subprocess.Popen(["dvc", "repro", "train"], cwd=project, env=project_env(project),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        step = wait_for_checkpoint(project, proc, min_step=16)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not (project / "models/adapter").exists()  # nothing that looks finished
+
+    resumed = run(["dvc", "repro", "train"], project)
+    assert "resuming from" in resumed.stderr + resumed.stdout
+    metrics = json.loads((project / "metrics/train.json").read_text())
+    assert metrics["resumed_from_step"] >= step
+    adapter = load_file(project / "models/adapter/adapter_model.safetensors")
+    curve = (project / "metrics/curves/plots/metrics/train/loss.tsv").read_text()
+    assert list((project / "models/checkpoints").iterdir()) == []
+
+    run(["dvc", "repro", "--force", "train"], project)  # from scratch, uninterrupted
+    fresh = json.loads((project / "metrics/train.json").read_text())
+    assert fresh["resumed_from_step"] == 0 and fresh["steps"] == metrics["steps"]
+    for key in ("train_loss", "final_train_loss", "eval_loss"):
+        assert metrics[key] == pytest.approx(fresh[key], rel=1e-4), key
+    fresh_adapter = load_file(project / "models/adapter/adapter_model.safetensors")
+    for name, tensor in fresh_adapter.items():
+        assert (tensor - adapter[name]).abs().max() < 1e-4, name
+    # The resumed run's curves cover the whole run, as the uninterrupted one's do.
+    assert curve == (project / "metrics/curves/plots/metrics/train/loss.tsv").read_text()
