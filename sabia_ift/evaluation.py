@@ -24,10 +24,6 @@ from .modeling import load_model, load_tokenizer, model_folder, pick_device, pic
 from .tokenization import IGNORE_INDEX, encode_prompt
 from .training import TRAIN_META
 
-HIGHER_IS_BETTER = {"eos_stop_rate": True, "rougeL": True, "chrf": True, "exact_match": True,
-                    "repetition": False, "val_loss": False, "val_perplexity": False}
-
-
 def load_tuned(base_dir: str | Path, adapter_dir: str | Path, device: str):
     """Tokenizer and a PeftModel on the base, loaded the way training loaded it."""
     from peft import PeftModel

@@ -29,6 +29,12 @@ from .tokenization import IGNORE_INDEX
 log = logging.getLogger(__name__)
 
 TRAIN_META = "sabia_ift_train.json"
+# Keys of metrics/train.json that measure the machine, not the run: they differ
+# between two otherwise identical runs.
+TIMING_KEYS = frozenset({
+    "runtime_s", "input_tokens_per_s", "trained_tokens_per_s", "step_time_s", "steady_input_tokens_per_s",
+    "steady_trained_tokens_per_s", "peak_memory_gib", "peak_reserved_gib", "checkpoint_save_s",
+})
 RUN_FILE = "run.json"
 CHECKPOINT_PREFIX = "checkpoint-"
 
@@ -80,7 +86,8 @@ def _make_trainer_class():
     from transformers import Trainer
 
     class CountingTrainer(Trainer):
-        """Counts the tokens that training really used: non-pad inputs and trained labels."""
+        """Counts the tokens that training really used (non-pad inputs, trained labels)
+        and what resumability costs (seconds per checkpoint save, checkpoint size)."""
 
         input_tokens = 0
         trained_tokens = 0
@@ -90,6 +97,13 @@ def _make_trainer_class():
                 self.input_tokens += int(inputs["attention_mask"].sum())
                 self.trained_tokens += int((inputs["labels"] != IGNORE_INDEX).sum())
             return super().compute_loss(model, inputs, *args, **kwargs)
+
+        def _save_checkpoint(self, model, trial):
+            start = time.perf_counter()
+            super()._save_checkpoint(model, trial)
+            self.save_seconds = [*getattr(self, "save_seconds", []), time.perf_counter() - start]
+            folder = Path(self.args.output_dir) / f"{CHECKPOINT_PREFIX}{self.state.global_step}"
+            self.checkpoint_bytes = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
     return CountingTrainer
 
@@ -350,5 +364,9 @@ def train(cfg: TrainConfig, base_dir: str | Path, tokenized_dir: str | Path, ada
         "input_tokens_per_s": round(trainer.input_tokens / runtime, 1),
         "trained_tokens_per_s": round(trainer.trained_tokens / runtime, 1),
         **timer.summary(),
+        "checkpoint_saves": len(getattr(trainer, "save_seconds", [])),
+        "checkpoint_save_s": round(sum(trainer.save_seconds) / len(trainer.save_seconds), 3)
+        if getattr(trainer, "save_seconds", None) else None,
+        "checkpoint_mb": round(trainer.checkpoint_bytes / 2**20, 3) if hasattr(trainer, "checkpoint_bytes") else None,
         **_peak_memory(device),
     }

@@ -88,9 +88,10 @@ def make_project(dest: Path, overrides: dict | None = None, *, git: bool = True)
     return dest
 
 
-def run(cmd: list[str], cwd: Path, check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
-    result = subprocess.run(cmd, cwd=cwd, env=project_env(cwd), capture_output=True, text=True,
-                            timeout=timeout)
+def run(cmd: list[str], cwd: Path, check: bool = True, timeout: int = 900,
+        env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, cwd=cwd, env={**project_env(cwd), **(env or {})}, capture_output=True,
+                            text=True, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result

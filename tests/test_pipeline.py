@@ -63,11 +63,40 @@ def test_second_repro_runs_nothing(default_project):
     assert "up to date" in run(["dvc", "status"], default_project).stdout
 
 
+SECRET = "hf_TestTokenThatMustNeverBeWritten"
+
+
 @pytest.fixture(scope="module")
 def small_project(tmp_path_factory):
     project = make_project(tmp_path_factory.mktemp("small") / "sabia-ift", FAST_PARAMS)
-    run(["dvc", "repro"], project)
+    run(["dvc", "repro"], project, env={"HF_TOKEN": SECRET})
     return project
+
+
+def metrics_without_timings(project) -> dict:
+    from sabia_ift.training import TIMING_KEYS
+
+    found = {}
+    for path in sorted((project / "metrics").rglob("*")):
+        if path.is_file():
+            text = path.read_text()
+            if path.name == "train.json":
+                text = json.dumps({k: v for k, v in json.loads(text).items() if k not in TIMING_KEYS})
+            found[str(path.relative_to(project))] = text
+    return found
+
+
+def test_token_from_the_environment_is_never_written(small_project):
+    for path in small_project.rglob("*"):
+        if path.is_file() and ".git" not in path.parts and path.stat().st_size < 50_000_000:
+            assert SECRET.encode() not in path.read_bytes(), path
+
+
+def test_whole_pipeline_twice_gives_identical_metrics(small_project):
+    first = metrics_without_timings(small_project)
+    assert {"metrics/eval.json", "metrics/train.json", "metrics/format.json", "metrics/tokenize.json"} <= set(first)
+    run(["dvc", "repro", "--force"], small_project)
+    assert metrics_without_timings(small_project) == first
 
 
 def test_changing_lr_reruns_only_train_and_evaluate(small_project):

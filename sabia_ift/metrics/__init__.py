@@ -17,14 +17,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import evaluate
-
 METRICS_DIR = Path(__file__).resolve().parent
 METRIC_NAMES: frozenset[str] = frozenset({"rouge_l", "chrf", "repetition"})
 
+# Which way is better for each per-model metric in metrics/eval.json; reports
+# and pull-request comments mark changes with it.
+HIGHER_IS_BETTER = {"eos_stop_rate": True, "rougeL": True, "chrf": True, "exact_match": True,
+                    "repetition": False, "val_loss": False, "val_perplexity": False}
 
-def load_metric(name: str, **load_kwargs: Any) -> evaluate.EvaluationModule:
-    """Load one of the project's local metrics by name.
+
+def load_metric(name: str, **load_kwargs: Any):
+    """Load one of the project's local metrics by name (an `evaluate.EvaluationModule`).
 
     `load_kwargs` go to `evaluate.load` (e.g. `experiment_id` when several
     processes compute the same metric over one shared cache directory).
@@ -33,5 +36,7 @@ def load_metric(name: str, **load_kwargs: Any) -> evaluate.EvaluationModule:
         raise ValueError(
             f"unknown metric {name!r}; valid names are: {', '.join(sorted(METRIC_NAMES))}"
         )
+    import evaluate  # heavy (pulls in datasets); only the evaluate stage needs it
+
     # An absolute folder path (not a bare name) keeps evaluate from trying the Hub.
     return evaluate.load(str(METRICS_DIR / name), **load_kwargs)
