@@ -8,7 +8,9 @@ Sabiá-7B preset's settings and a few overrides (steps, batch). Random weights
 cost the same time and memory as Sabiá's, and need no download.
 
 Timed runs:
-  realistic-mb8   rows with a real Portuguese length mix (bench/pt_eval_rows.py), micro-batch 8
+  realistic-mb8   rows with a real Portuguese length mix (bench/pt_eval_rows.py), micro-batch 8,
+                  length-grouped batches (the preset); -unsorted: random batches; -paged8bit:
+                  paged 8-bit AdamW
   fixed2048-mb1   every row exactly 2,048 tokens, micro-batch 1
   fixed2048-mb8   every row exactly 2,048 tokens, micro-batch 8 (the seed report's shape)
 then the evaluate stage on a few test prompts with the realistic run's adapter.
@@ -143,6 +145,8 @@ def main() -> None:
 
     runs = {
         "realistic-mb8": (tokenized, {"micro_batch_size": 8}),
+        "realistic-mb8-unsorted": (tokenized, {"micro_batch_size": 8, "group_by_length": False}),
+        "realistic-mb8-paged8bit": (tokenized, {"micro_batch_size": 8, "optim": "paged_adamw_8bit"}),
         "fixed2048-mb1": (fixed, {"micro_batch_size": 1, "group_by_length": False}),
         "fixed2048-mb8": (fixed, {"micro_batch_size": 8, "group_by_length": False}),
     }
