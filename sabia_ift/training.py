@@ -276,7 +276,8 @@ def train(cfg: TrainConfig, base_dir: str | Path, tokenized_dir: str | Path, ada
     device = pick_device(cfg.device, "train.device")
     dtype = pick_dtype(cfg.precision, device)
     if device == "cuda" and dtype == torch.float16:
-        log.warning("this GPU has no bf16: training in fp16 with loss scaling")
+        why = "this GPU has no bf16" if cfg.precision == "auto" else "train.precision: fp16"
+        log.warning("%s: training in fp16 with loss scaling", why)
     if cfg.quantization == "nf4" and device == "cpu":
         log.warning("4-bit on CPU: bitsandbytes' CPU kernels, with the inference repack turned off "
                     "so LoRA keeps its gradients after evaluations (slow; meant for tests)")

@@ -115,6 +115,35 @@ def tokenizer(tiny_base):
     return load_tokenizer(tiny_base)
 
 
+@pytest.fixture(scope="module")
+def offline_metric(tmp_path_factory):
+    """Loads the project's local metrics with evaluate offline and any network access refused."""
+    import socket
+
+    import evaluate
+
+    from sabia_ift.metrics import load_metric
+
+    # One modules cache per session (basetemp): evaluate imports cached modules
+    # under a fixed package name, so a second cache folder in one process would
+    # be shadowed by the first. evaluate reads its env vars at import time, so
+    # its config attributes are patched too.
+    hf_home = tmp_path_factory.getbasetemp() / "hf"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setenv("HF_EVALUATE_OFFLINE", "1")
+        mp.setenv("HF_MODULES_CACHE", str(hf_home / "modules"))
+        mp.setattr(evaluate.config, "HF_EVALUATE_OFFLINE", True)
+        mp.setattr(evaluate.config, "HF_MODULES_CACHE", hf_home / "modules")
+        mp.setattr(evaluate.config, "HF_METRICS_CACHE", hf_home / "metrics")
+
+        def refuse(*args, **kwargs):
+            raise OSError("network access attempted in an offline metric test")
+
+        mp.setattr(socket.socket, "connect", refuse)
+        yield lambda name: load_metric(name, keep_in_memory=True)
+
+
 @pytest.fixture(autouse=True)
 def _offline(monkeypatch, tmp_path_factory):
     """No test may reach the Hub; metric modules load from a private cache."""

@@ -2,38 +2,13 @@
 
 from __future__ import annotations
 
-import socket
-from collections.abc import Iterator
-from pathlib import Path
-
 import evaluate
 import pytest
 
-from sabia_ift.metrics import load_metric
-
-
-def _go_offline(mp: pytest.MonkeyPatch, hf_home: Path) -> None:
-    # evaluate reads these env vars at import time, so its config attributes are
-    # patched too; the socket guard turns any hidden Hub access into a failure.
-    mp.setenv("HF_HUB_OFFLINE", "1")
-    mp.setenv("HF_EVALUATE_OFFLINE", "1")
-    mp.setenv("HF_MODULES_CACHE", str(hf_home / "modules"))
-    mp.setattr(evaluate.config, "HF_EVALUATE_OFFLINE", True)
-    mp.setattr(evaluate.config, "HF_MODULES_CACHE", hf_home / "modules")
-    mp.setattr(evaluate.config, "HF_METRICS_CACHE", hf_home / "metrics")
-
-    def _refuse(*args: object, **kwargs: object) -> None:
-        raise OSError("network access attempted in an offline metric test")
-
-    mp.setattr(socket.socket, "connect", _refuse)
-
 
 @pytest.fixture(scope="module")
-def chrf(tmp_path_factory: pytest.TempPathFactory) -> Iterator[evaluate.EvaluationModule]:
-    # Session-wide modules cache (basetemp); see test_rouge_l.py for why.
-    with pytest.MonkeyPatch.context() as mp:
-        _go_offline(mp, tmp_path_factory.getbasetemp() / "hf")
-        yield load_metric("chrf", keep_in_memory=True)
+def chrf(offline_metric) -> evaluate.EvaluationModule:
+    return offline_metric("chrf")
 
 
 def _score(metric: evaluate.EvaluationModule, prediction: str, reference: str, **kwargs: int) -> float:

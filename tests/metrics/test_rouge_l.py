@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import socket
 import sys
 import unicodedata
-from collections.abc import Iterator
-from pathlib import Path
 
 import evaluate
 import pytest
@@ -14,30 +11,9 @@ import pytest
 from sabia_ift.metrics import load_metric
 
 
-def _go_offline(mp: pytest.MonkeyPatch, hf_home: Path) -> None:
-    # evaluate reads these env vars at import time, so its config attributes are
-    # patched too; the socket guard turns any hidden Hub access into a failure.
-    mp.setenv("HF_HUB_OFFLINE", "1")
-    mp.setenv("HF_EVALUATE_OFFLINE", "1")
-    mp.setenv("HF_MODULES_CACHE", str(hf_home / "modules"))
-    mp.setattr(evaluate.config, "HF_EVALUATE_OFFLINE", True)
-    mp.setattr(evaluate.config, "HF_MODULES_CACHE", hf_home / "modules")
-    mp.setattr(evaluate.config, "HF_METRICS_CACHE", hf_home / "metrics")
-
-    def _refuse(*args: object, **kwargs: object) -> None:
-        raise OSError("network access attempted in an offline metric test")
-
-    mp.setattr(socket.socket, "connect", _refuse)
-
-
 @pytest.fixture(scope="module")
-def rouge_l(tmp_path_factory: pytest.TempPathFactory) -> Iterator[evaluate.EvaluationModule]:
-    # One modules cache per session (basetemp): evaluate imports cached modules
-    # under a fixed package name, so a second cache dir in the same process
-    # would be shadowed by the first.
-    with pytest.MonkeyPatch.context() as mp:
-        _go_offline(mp, tmp_path_factory.getbasetemp() / "hf")
-        yield load_metric("rouge_l", keep_in_memory=True)
+def rouge_l(offline_metric) -> evaluate.EvaluationModule:
+    return offline_metric("rouge_l")
 
 
 def _score(metric: evaluate.EvaluationModule, prediction: str, reference: str) -> float:
