@@ -82,21 +82,44 @@ def clear_checkpoints(checkpoint_dir: Path) -> None:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
+class CountingCollator:
+    """Dynamic padding that also counts what training really used: non-pad input
+    tokens and trained label tokens.
+
+    Counting here, on the CPU tensors, costs no GPU synchronisation; counting
+    in the training step would stall the GPU queue every micro-batch.
+    """
+
+    def __init__(self, collate) -> None:
+        self.collate = collate
+        self.counting = True
+        self.input_tokens = 0
+        self.trained_tokens = 0
+
+    def __call__(self, features):
+        batch = self.collate(features)
+        if self.counting:
+            self.input_tokens += int(batch["attention_mask"].sum())
+            self.trained_tokens += int((batch["labels"] != IGNORE_INDEX).sum())
+        return batch
+
+
 def _make_trainer_class():
     from transformers import Trainer
 
     class CountingTrainer(Trainer):
-        """Counts the tokens that training really used (non-pad inputs, trained labels)
-        and what resumability costs (seconds per checkpoint save, checkpoint size)."""
+        """Keeps evaluation batches out of the token counts, and records what
+        resumability costs (seconds per checkpoint save, checkpoint size)."""
 
-        input_tokens = 0
-        trained_tokens = 0
+        save_seconds: list[float]
+        checkpoint_bytes: int | None = None
 
-        def compute_loss(self, model, inputs, *args, **kwargs):
-            if model.training:
-                self.input_tokens += int(inputs["attention_mask"].sum())
-                self.trained_tokens += int((inputs["labels"] != IGNORE_INDEX).sum())
-            return super().compute_loss(model, inputs, *args, **kwargs)
+        def evaluate(self, *args, **kwargs):
+            self.data_collator.counting = False
+            try:
+                return super().evaluate(*args, **kwargs)
+            finally:
+                self.data_collator.counting = True
 
         def _save_checkpoint(self, model, trial):
             start = time.perf_counter()
@@ -150,7 +173,7 @@ def _make_live_callback(live_dir: Path):
     return LiveCurves()
 
 
-def _make_step_timer(trainer_ref: list):
+def _make_step_timer(counts: CountingCollator):
     from transformers import TrainerCallback
 
     class StepTimer(TrainerCallback):
@@ -166,8 +189,7 @@ def _make_step_timer(trainer_ref: list):
             self.first_done = False
 
         def _mark(self) -> tuple[float, int, int]:
-            trainer = trainer_ref[0]
-            return time.perf_counter(), trainer.input_tokens, trainer.trained_tokens
+            return time.perf_counter(), counts.input_tokens, counts.trained_tokens
 
         def on_step_end(self, args, state, control, **kwargs):
             now = self._mark()
@@ -299,16 +321,15 @@ def train(cfg: TrainConfig, base_dir: str | Path, tokenized_dir: str | Path, ada
         raise ModelError(f"{tokenized_dir}: no tokenized data; run the tokenize stage first") from None
     if len(data["train"]) == 0:
         raise ModelError(f"{tokenized_dir}: the train split is empty; see metrics/tokenize.json")
-    collator = DataCollatorForSeq2Seq(
+    collator = CountingCollator(DataCollatorForSeq2Seq(
         tokenizer, padding="longest", label_pad_token_id=IGNORE_INDEX,
         pad_to_multiple_of=8 if device == "cuda" else None, return_tensors="pt",
-    )
+    ))
 
     resume = prepare_checkpoints(checkpoint_dir, run_fingerprint(cfg, base_dir, tokenized_dir))
     if resume is not None:
         log.warning("resuming from %s", resume)
-    trainer_ref: list = []
-    timer = _make_step_timer(trainer_ref)
+    timer = _make_step_timer(collator)
     callbacks = [timer]
     if cfg.live and live_dir is not None:
         callbacks.append(_make_live_callback(Path(live_dir)))
@@ -321,7 +342,6 @@ def train(cfg: TrainConfig, base_dir: str | Path, tokenized_dir: str | Path, ada
         processing_class=tokenizer,
         callbacks=callbacks,
     )
-    trainer_ref.append(trainer)
     if device == "cuda":
         # The peak of training itself: weights and everything a step allocates, not loading spikes.
         torch.cuda.reset_peak_memory_stats()
@@ -343,6 +363,7 @@ def train(cfg: TrainConfig, base_dir: str | Path, tokenized_dir: str | Path, ada
     # From the log history, which a resumed run restores from its checkpoint:
     # the Trainer's own training_loss would only average the steps since resuming.
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    saves = getattr(trainer, "save_seconds", [])
     eval_loss = float(final_eval["eval_loss"])
     return {
         "train_loss": round(sum(losses) / len(losses), 6) if losses else None,
@@ -362,12 +383,11 @@ def train(cfg: TrainConfig, base_dir: str | Path, tokenized_dir: str | Path, ada
         "quantization": cfg.quantization,
         # Timings and memory vary run to run; everything above is deterministic on CPU.
         "runtime_s": round(runtime, 2),
-        "input_tokens_per_s": round(trainer.input_tokens / runtime, 1),
-        "trained_tokens_per_s": round(trainer.trained_tokens / runtime, 1),
+        "input_tokens_per_s": round(collator.input_tokens / runtime, 1),
+        "trained_tokens_per_s": round(collator.trained_tokens / runtime, 1),
         **timer.summary(),
-        "checkpoint_saves": len(getattr(trainer, "save_seconds", [])),
-        "checkpoint_save_s": round(sum(trainer.save_seconds) / len(trainer.save_seconds), 3)
-        if getattr(trainer, "save_seconds", None) else None,
-        "checkpoint_mb": round(trainer.checkpoint_bytes / 2**20, 3) if hasattr(trainer, "checkpoint_bytes") else None,
+        "checkpoint_saves": len(saves),
+        "checkpoint_save_s": round(sum(saves) / len(saves), 3) if saves else None,
+        "checkpoint_mb": round(trainer.checkpoint_bytes / 2**20, 3) if trainer.checkpoint_bytes else None,
         **_peak_memory(device),
     }

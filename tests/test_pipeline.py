@@ -120,3 +120,28 @@ def test_a_failing_stage_leaves_no_output(small_project):
     assert "format.val_size (24) + format.test_size (100000) leave no training rows" in result.stderr + result.stdout
     assert not (small_project / "data/formatted").exists()
     write_params(small_project, {"format": FAST_PARAMS["format"]})
+
+
+def test_cli_generate_answers_with_the_tuned_and_the_base_model(default_project):
+    tuned = run(["sabia-ift", "generate", "Qual é a capital do estado do Ceará?", "--max-new-tokens", "48"],
+                default_project)
+    assert tuned.stdout.strip() and "without EOS" not in tuned.stderr  # the tuned model stops by itself
+    base = run(["sabia-ift", "generate", "Qual é a capital do estado do Ceará?", "--base-model",
+                "--max-new-tokens", "16"], default_project)
+    assert "stopped at max_new_tokens=16 without EOS" in base.stderr  # the base never learned to stop
+
+
+def test_adapter_loads_with_plain_peft(default_project, monkeypatch):
+    from peft import AutoPeftModelForCausalLM
+
+    monkeypatch.chdir(default_project)  # the adapter names its base as models/base, like the README says
+    model = AutoPeftModelForCausalLM.from_pretrained("models/adapter")
+    assert model.peft_config["default"].base_model_name_or_path == "models/base"
+
+
+def test_cli_check_params(default_project, tmp_path):
+    assert "all sections valid" in run(["sabia-ift", "check-params"], default_project).stdout
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((default_project / "params.yaml").read_text().replace("lr: 0.002", "lr: -1"))
+    result = run(["sabia-ift", "check-params", str(bad)], default_project, check=False)
+    assert result.returncode == 2 and "train.lr: Input should be greater than 0" in result.stderr

@@ -261,3 +261,10 @@ def test_number_to_words_is_one_to_one_and_bounded() -> None:
     for bad in (-1, 10000):
         with pytest.raises(ValueError):
             number_to_words(bad)
+
+
+def test_cli_make_sample_regenerates_the_committed_file(tmp_path):
+    from sabia_ift.cli import main
+
+    assert main(["make-sample", str(tmp_path / "s.jsonl")]) == 0
+    assert (tmp_path / "s.jsonl").read_bytes() == COMMITTED.read_bytes()
