@@ -1,0 +1,41 @@
+"""Evaluation metrics per model, and the loss it reports."""
+
+import math
+
+import pytest
+import torch
+
+from sabia_ift.evaluation import score, token_loss
+from sabia_ift.generation import Generation
+from sabia_ift.modeling import load_model
+
+
+def test_score(offline_metric):
+    gens = [Generation("A capital é Fortaleza.", 6, True), Generation("sim sim sim sim sim sim", 48, False)]
+    refs = ["A capital é Fortaleza.", "Sim."]
+    s = score(gens, refs, ngram=2)
+    assert s["eos_stop_rate"] == 0.5 and s["exact_match"] == 0.5
+    assert s["mean_new_tokens"] == 27.0
+    # rep-2: the first answer repeats nothing, the second 4 of its 5 bigrams.
+    assert 0.5 < s["rougeL"] < 1 and s["repetition"] == pytest.approx(0.4)
+
+
+def test_token_loss_is_the_mean_over_trained_tokens(tiny_base, tokenizer):
+    import datasets
+
+    model = load_model(tiny_base, quantization="none", double_quant=False, dtype=torch.float32, device="cpu")
+    ids = [tokenizer("Olá, tudo bem com você?")["input_ids"], tokenizer("Sim, obrigado.")["input_ids"]]
+    labels = [[-100, -100, *i[2:]] for i in ids]
+    data = datasets.Dataset.from_dict({"input_ids": ids, "labels": labels})
+    got = token_loss(model, tokenizer, data, batch_size=2, device="cpu")
+    # Reference: one row at a time, summed by hand, so padding can play no part.
+    total, count = 0.0, 0
+    for i, l in zip(ids, labels):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([i])).logits[0, :-1]
+        target = torch.tensor(l[1:])
+        mask = target != -100
+        total += torch.nn.functional.cross_entropy(logits[mask], target[mask], reduction="sum").item()
+        count += int(mask.sum())
+    assert got == pytest.approx(total / count, rel=1e-5)
+    assert math.isfinite(got)
