@@ -13,6 +13,9 @@ from .errors import SabiaError
 
 def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # bitsandbytes warns on every import that the optional `kernels` package (a
+    # faster CPU 4-bit kernel) is missing; the CPU path works without it.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     # The pipeline runs offline by default; a telemetry ping or Hub check would only time out.
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
