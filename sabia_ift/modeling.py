@@ -1,4 +1,4 @@
-"""Base model and tokenizer: prepare the base (tiny or pinned pretrained), load it the same way everywhere.
+"""Base model and tokenizer: where the base lives and how every stage loads it, the same way.
 
 Every later stage reads the base through `models/base/base.json`, written by
 the base stage, so tokenize, train and evaluate all load the same weights the
@@ -9,20 +9,14 @@ cache first, so an offline machine with a warm cache works).
 from __future__ import annotations
 
 import json
-import logging
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import BaseConfig, TinyModelConfig, is_commit_sha
 from .errors import ConfigError, ModelError
-from .io import atomic_path, write_json
-from .tiny_model import BASE_FILE, build_tiny_model
 
-log = logging.getLogger(__name__)
-
+BASE_FILE = "base.json"
 # Weights are loaded from safetensors only: pickle-based .bin files can run code.
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.txt"]
 
@@ -66,7 +60,7 @@ def snapshot(repo_id: str, revision: str, *, local_only: bool) -> Path:
     return Path(path)
 
 
-def _check_folder(folder: Path, label: str) -> None:
+def check_model_folder(folder: Path, label: str) -> None:
     if not (folder / "config.json").is_file():
         raise ModelError(f"{label}: no config.json in {folder}; not a transformers model folder")
     if not any(folder.glob("*.safetensors")):
@@ -75,46 +69,6 @@ def _check_folder(folder: Path, label: str) -> None:
             f"{label}: no *.safetensors weights in {folder} (found: {', '.join(found) or 'nothing'}). "
             "Only safetensors are loaded; convert .bin weights with save_pretrained(safe_serialization=True)."
         )
-
-
-def prepare_base(cfg: BaseConfig, out_dir: str | Path) -> dict[str, Any]:
-    """Run the base stage: build the tiny model or pin and check a pretrained one."""
-    out_dir = Path(out_dir)
-    if cfg.source == "tiny":
-        return build_tiny_model(cfg.tiny, out_dir)
-
-    local = Path(cfg.name_or_path).expanduser()
-    # "models/mine" reads like a Hub id; if its first part is a local folder, it is a path.
-    looks_local = local.is_absolute() or cfg.name_or_path.startswith((".", "~")) \
-        or cfg.name_or_path.count("/") != 1 or Path(local.parts[0]).is_dir()
-    if local.is_dir():
-        _check_folder(local, f"base.name_or_path {cfg.name_or_path}")
-        info = {"source": "local", "name_or_path": cfg.name_or_path, "revision": None}
-        folder = local
-    elif looks_local:
-        raise ConfigError(
-            f"base.name_or_path: {cfg.name_or_path!r} is neither an existing folder nor a Hub id (org/name)"
-        )
-    else:
-        folder = snapshot(cfg.name_or_path, cfg.revision, local_only=False)
-        _check_folder(folder, f"base model {cfg.name_or_path}@{cfg.revision}")
-        # The snapshot folder is named by the commit it holds: that is what is pinned.
-        commit = folder.name
-        if not is_commit_sha(cfg.revision):
-            log.warning("base.revision %r is a branch; it resolved to commit %s. Pin that sha in "
-                        "params.yaml so later runs load the same weights.", cfg.revision, commit)
-        info = {"source": "hub", "name_or_path": cfg.name_or_path, "revision": commit,
-                "requested_revision": cfg.revision}
-
-    with atomic_path(out_dir, is_dir=True) as tmp:
-        if cfg.copy_weights:
-            # DVC then tracks the weights; pick a cache link type that avoids copies (README).
-            for item in folder.iterdir():
-                if item.is_file():
-                    shutil.copyfile(item.resolve(), tmp / item.name)
-            info = {"source": "local_copy", "origin": info}
-        write_json(tmp / BASE_FILE, info)
-    return info
 
 
 def resolve_base(base_dir: str | Path) -> BaseRef:

@@ -19,9 +19,8 @@ from pathlib import Path
 
 from .config import TinyModelConfig
 from .io import atomic_path, write_json
+from .modeling import BASE_FILE
 from .sample import generate_rows, is_planted_defect
-
-BASE_FILE = "base.json"
 
 
 def sentencepiece_model_path() -> Path:

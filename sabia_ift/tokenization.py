@@ -15,11 +15,10 @@ import numpy as np
 
 from .config import TokenizeConfig
 from .errors import ConfigError
-from .formatting import SPLITS
 from .io import atomic_path, read_jsonl
 
 IGNORE_INDEX = -100
-# Hugging Face split names for the Arrow folder.
+# The format stage's split files, and their Hugging Face names in the Arrow folder.
 HF_SPLITS = {"train": "train", "val": "validation", "test": "test"}
 
 
@@ -122,7 +121,7 @@ def tokenize(cfg: TokenizeConfig, tokenizer, context_length: int | None, formatt
         "length": datasets.Value("int32"),
     })
     splits, metrics = {}, {}
-    for split in SPLITS:
+    for split in HF_SPLITS:
         rows = read_jsonl(Path(formatted_dir) / f"{split}.jsonl")
         examples, counts = tokenize_split(tokenizer, rows, cfg)
         splits[HF_SPLITS[split]] = datasets.Dataset.from_dict(examples, features=features)

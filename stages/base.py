@@ -5,7 +5,7 @@ import sys
 
 from sabia_ift import stage
 from sabia_ift.config import load_section
-from sabia_ift.modeling import prepare_base
+from sabia_ift.base_model import prepare_base
 
 
 def main(args: argparse.Namespace) -> None:

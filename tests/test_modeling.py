@@ -15,9 +15,9 @@ from sabia_ift.modeling import (
     load_model,
     load_tokenizer,
     model_folder,
-    prepare_base,
     resolve_base,
 )
+from sabia_ift.base_model import prepare_base
 from sabia_ift.tiny_model import build_tiny_model
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
