@@ -15,7 +15,7 @@ from typing import Any
 
 from .config import FormatConfig
 from .errors import ConfigError, DataError
-from .io import atomic_path, read_jsonl, write_json, write_jsonl
+from .io import atomic_path, read_jsonl, write_jsonl
 from .template import build_prompt
 
 SPLITS = ("train", "val", "test")

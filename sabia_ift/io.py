@@ -102,13 +102,3 @@ def sha256_file(path: str | Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def clear_stale_tmp(folder: str | Path) -> None:
-    """Remove temporaries a killed run left next to its outputs."""
-    folder = Path(folder)
-    if folder.is_dir():
-        for path in folder.glob(".*.tmp-*"):
-            _remove(path)
-        for path in folder.glob(".*.old-*"):
-            _remove(path)

@@ -13,7 +13,6 @@ from sabia_ift.modeling import (
     check_target_modules,
     disable_cpu_repack,
     load_model,
-    load_tokenizer,
     model_folder,
     resolve_base,
 )

@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from conftest import FAST_PARAMS, deep_merge, make_project, run, write_params
+from conftest import FAST_PARAMS, make_project, run, write_params
 
 pytestmark = pytest.mark.slow
 
