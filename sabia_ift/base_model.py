@@ -14,9 +14,10 @@ from typing import Any
 
 from .config import BaseConfig, is_commit_sha
 from .errors import ConfigError
-from .io import atomic_path, write_json
-from .modeling import BASE_FILE, check_model_folder, snapshot
-from .tiny_model import build_tiny_model
+from .artifacts import BaseInfo
+from .io import atomic_path
+from .modeling import check_model_folder, snapshot
+from .toy.tiny_model import build_tiny_model
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ def prepare_base(cfg: BaseConfig, out_dir: str | Path) -> dict[str, Any]:
         or cfg.name_or_path.count("/") != 1 or Path(local.parts[0]).is_dir()
     if local.is_dir():
         check_model_folder(local, f"base.name_or_path {cfg.name_or_path}")
-        info = {"source": "local", "name_or_path": cfg.name_or_path, "revision": None}
+        info = BaseInfo(source="local", name_or_path=cfg.name_or_path)
         folder = local
     elif looks_local:
         raise ConfigError(
@@ -47,8 +48,8 @@ def prepare_base(cfg: BaseConfig, out_dir: str | Path) -> dict[str, Any]:
         if not is_commit_sha(cfg.revision):
             log.warning("base.revision %r is a branch; it resolved to commit %s. Pin that sha in "
                         "params.yaml so later runs load the same weights.", cfg.revision, commit)
-        info = {"source": "hub", "name_or_path": cfg.name_or_path, "revision": commit,
-                "requested_revision": cfg.revision}
+        info = BaseInfo(source="hub", name_or_path=cfg.name_or_path, revision=commit,
+                        requested_revision=cfg.revision)
 
     with atomic_path(out_dir, is_dir=True) as tmp:
         if cfg.copy_weights:
@@ -56,6 +57,6 @@ def prepare_base(cfg: BaseConfig, out_dir: str | Path) -> dict[str, Any]:
             for item in folder.iterdir():
                 if item.is_file():
                     shutil.copyfile(item.resolve(), tmp / item.name)
-            info = {"source": "local_copy", "origin": info}
-        write_json(tmp / BASE_FILE, info)
-    return info
+            info = BaseInfo(source="local_copy", origin=info.to_dict())
+        info.write(tmp)
+    return info.to_dict()

@@ -24,11 +24,9 @@ def _check_params(args: argparse.Namespace) -> None:
 
 
 def _generate(args: argparse.Namespace) -> None:
-    from .evaluation import load_tuned
-    from .generation import generate
-    from .modeling import pick_device
-    from .template import build_prompt
-    from .tokenization import encode_prompt
+    from .evaluation.generation import generate
+    from .modeling import load_tuned, pick_device
+    from .template import build_prompt, encode_prompt
 
     device = pick_device(args.device)
     tokenizer, model = load_tuned(args.base, args.adapter, device)
@@ -48,7 +46,7 @@ def _report(args: argparse.Namespace) -> None:
 
 
 def _make_sample(args: argparse.Namespace) -> None:
-    from .sample import main as sample_main
+    from .toy.sample import main as sample_main
 
     sample_main([args.out, "--seed", str(args.seed)])
 

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .artifacts import BaseInfo, TrainMeta
 from .errors import ConfigError, ModelError
 
-BASE_FILE = "base.json"
 # Weights are loaded from safetensors only: pickle-based .bin files can run code.
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.txt"]
 
@@ -73,16 +73,12 @@ def check_model_folder(folder: Path, label: str) -> None:
 
 def resolve_base(base_dir: str | Path) -> BaseRef:
     """Read what the base stage wrote and say where to load the model from."""
-    base_dir = Path(base_dir)
-    meta_path = base_dir / BASE_FILE
-    if not meta_path.is_file():
-        raise ModelError(f"{meta_path}: missing; run the base stage first (dvc repro base)")
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    if meta["source"] in ("tiny", "local_copy"):
+    info = BaseInfo.read(base_dir)
+    if info.source in ("tiny", "local_copy"):
         return BaseRef(str(base_dir), None, "local")
-    if meta["source"] == "local":
-        return BaseRef(meta["name_or_path"], None, "local")
-    return BaseRef(meta["name_or_path"], meta["revision"], "hub")
+    if info.source == "local":
+        return BaseRef(info.name_or_path, None, "local")
+    return BaseRef(info.name_or_path, info.revision, "hub")
 
 
 def model_folder(ref: BaseRef) -> Path:
@@ -226,3 +222,22 @@ def check_target_modules(model, targets: list[str]) -> None:
 def model_context_length(folder: str | Path) -> int | None:
     config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
     return config.get("max_position_embeddings")
+
+
+def load_tuned(base_dir: str | Path, adapter_dir: str | Path, device: str):
+    """Tokenizer and a PeftModel on the base, loaded the way training loaded it."""
+    from peft import PeftModel
+
+    meta = TrainMeta.read(adapter_dir)
+    folder = model_folder(resolve_base(base_dir))
+    tokenizer = load_tokenizer(folder)
+    dtype = pick_dtype(meta.precision, device)
+    base = load_model(folder, quantization=meta.quantization, double_quant=meta.double_quant,
+                      dtype=dtype, device=device)
+    try:
+        model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
+    except Exception as exc:
+        raise ModelError(
+            f"{adapter_dir}: not a loadable PEFT adapter for this base model: {type(exc).__name__}: {exc}"
+        ) from None
+    return tokenizer, model

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import SabiaError
-from .metrics import HIGHER_IS_BETTER
+from .evaluation.metrics import HIGHER_IS_BETTER
 
 WORKSPACE = "workspace"
 # Must match the outputs in dvc.yaml; the report reads them at both revisions.

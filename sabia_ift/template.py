@@ -7,6 +7,9 @@ tokenization adds them as ids, so no tokenizer setting can drop or double them.
 
 from __future__ import annotations
 
+# Label of a position that carries no loss (the BOS and the prompt).
+IGNORE_INDEX = -100
+
 PROMPT_NO_INPUT = (
     "Abaixo está uma instrução que descreve uma tarefa. "
     "Escreva uma resposta que conclua adequadamente a solicitação.\n"
@@ -36,3 +39,8 @@ def build_prompt(instruction: str, input: str = "") -> str:
     if input:
         return PROMPT_WITH_INPUT.format(instruction=instruction, input=input)
     return PROMPT_NO_INPUT.format(instruction=instruction)
+
+
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    """BOS + prompt ids: what generation is fed, and how training's rows begin."""
+    return [tokenizer.bos_token_id, *tokenizer(prompt, add_special_tokens=False)["input_ids"]]

@@ -5,7 +5,7 @@ import sys
 
 from sabia_ift import stage
 from sabia_ift.config import load_section
-from sabia_ift.evaluation import evaluate
+from sabia_ift.evaluation.evaluation import evaluate
 from sabia_ift.io import write_json
 
 

@@ -5,7 +5,7 @@ import sys
 
 from sabia_ift import stage
 from sabia_ift.config import load_section
-from sabia_ift.sources import fetch
+from sabia_ift.data.sources import fetch
 
 
 def main(args: argparse.Namespace) -> None:

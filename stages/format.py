@@ -5,7 +5,7 @@ import sys
 
 from sabia_ift import stage
 from sabia_ift.config import load_section
-from sabia_ift.formatting import format_rows
+from sabia_ift.data.formatting import format_rows
 from sabia_ift.io import write_json
 
 

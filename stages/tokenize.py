@@ -7,7 +7,7 @@ from sabia_ift import stage
 from sabia_ift.config import load_section
 from sabia_ift.io import write_json
 from sabia_ift.modeling import load_tokenizer, model_context_length, model_folder, resolve_base
-from sabia_ift.tokenization import tokenize
+from sabia_ift.data.tokenization import tokenize
 
 
 def main(args: argparse.Namespace) -> None:

@@ -6,7 +6,7 @@ import sys
 from sabia_ift import stage
 from sabia_ift.config import load_section
 from sabia_ift.io import write_json
-from sabia_ift.training import train
+from sabia_ift.train.training import train
 
 
 def main(args: argparse.Namespace) -> None:

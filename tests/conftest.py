@@ -101,7 +101,7 @@ def run(cmd: list[str], cwd: Path, check: bool = True, timeout: int = 900,
 def tiny_base(tmp_path_factory) -> Path:
     """A tiny base model folder (as the base stage writes it), lightly pretrained."""
     from sabia_ift.config import TinyModelConfig
-    from sabia_ift.tiny_model import build_tiny_model
+    from sabia_ift.toy.tiny_model import build_tiny_model
 
     out = tmp_path_factory.mktemp("base") / "base"
     build_tiny_model(TinyModelConfig(pretrain_documents=200, pretrain_epochs=1), out)
@@ -122,7 +122,7 @@ def offline_metric(tmp_path_factory):
 
     import evaluate
 
-    from sabia_ift.metrics import load_metric
+    from sabia_ift.evaluation.metrics import load_metric
 
     # One modules cache per session (basetemp): evaluate imports cached modules
     # under a fixed package name, so a second cache folder in one process would

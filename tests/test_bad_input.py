@@ -351,14 +351,14 @@ def corrupt_meta(folder: Path) -> None:
 @pytest.mark.parametrize(
     ("damage", "expect"),
     [
-        (adapter_without_meta, ["models/adapter/sabia_ift_train.json", "incomplete or corrupt"]),
-        (corrupt_meta, ["models/adapter/sabia_ift_train.json", "incomplete or corrupt"]),
+        (adapter_without_meta, ["models/adapter/sabia_ift_train.json", "missing", "incomplete"]),
+        (corrupt_meta, ["models/adapter/sabia_ift_train.json", "corrupt"]),
         (meta_but_garbage_adapter, ["models/adapter", "not a loadable PEFT adapter"]),
     ],
     ids=["no-train-meta", "corrupt-train-meta", "garbage-adapter-config"],
 )
 def test_corrupt_adapter_at_evaluate(project_with_base, monkeypatch, capsys, damage, expect):
-    from sabia_ift.training import TRAIN_META
+    from sabia_ift.artifacts import TRAIN_META
 
     assert TRAIN_META == "sabia_ift_train.json"
     adapter = project_with_base / "models" / "adapter"

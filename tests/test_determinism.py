@@ -18,9 +18,10 @@ import yaml
 
 from conftest import FAST_PARAMS, REPO, make_project, project_env
 from sabia_ift.config import FetchConfig, FormatConfig
-from sabia_ift.formatting import SPLITS, format_rows
+from sabia_ift.artifacts import SPLITS
+from sabia_ift.data.formatting import format_rows
 from sabia_ift.io import read_jsonl
-from sabia_ift.sources import fetch
+from sabia_ift.data.sources import fetch
 
 SAMPLE = REPO / "data" / "sample" / "instructions.jsonl"
 DATA_STAGES = ("base", "fetch", "format", "tokenize")

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from sabia_ift.evaluation import score, token_loss
-from sabia_ift.generation import Generation
+from sabia_ift.evaluation.evaluation import score, token_loss
+from sabia_ift.evaluation.generation import Generation
 from sabia_ift.modeling import load_model
 
 

@@ -4,8 +4,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sabia_ift.config import TokenizeConfig
-from sabia_ift.formatting import clean_rows, normalize_text, split_sizes
-from sabia_ift.tokenization import IGNORE_INDEX, encode_prompt, tokenize_split
+from sabia_ift.data.formatting import clean_rows, split_sizes
+from sabia_ift.data.tokenization import tokenize_split
+from sabia_ift.template import IGNORE_INDEX, encode_prompt
+from sabia_ift.text import normalize_text
 
 
 def test_normalize_text():

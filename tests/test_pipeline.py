@@ -74,7 +74,7 @@ def small_project(tmp_path_factory):
 
 
 def metrics_without_timings(project) -> dict:
-    from sabia_ift.training import TIMING_KEYS
+    from sabia_ift.train.training import TIMING_KEYS
 
     found = {}
     for path in sorted((project / "metrics").rglob("*")):

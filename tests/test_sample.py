@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from sabia_ift import sample
-from sabia_ift.sample import (
+from sabia_ift.toy import sample
+from sabia_ift.toy.sample import (
     DUPLICATE_SOURCES,
     EMPTY_OUTPUT_ROWS,
     BLANK_INSTRUCTION_ROWS,

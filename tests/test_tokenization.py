@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 from sabia_ift.config import TokenizeConfig
 from sabia_ift.errors import ConfigError
 from sabia_ift.template import build_prompt
-from sabia_ift.tokenization import IGNORE_INDEX, build_example, encode_prompt, tokenize, tokenize_split
+from sabia_ift.data.tokenization import build_example, tokenize, tokenize_split
+from sabia_ift.template import IGNORE_INDEX, encode_prompt
 
 
 def row(instruction, output, input_=""):

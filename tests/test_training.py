@@ -5,11 +5,11 @@ import json
 import pytest
 
 from sabia_ift.config import TokenizeConfig, TrainConfig
-from sabia_ift.formatting import clean_rows
+from sabia_ift.data.formatting import clean_rows
 from sabia_ift.io import write_jsonl
-from sabia_ift.sample import generate_rows
-from sabia_ift.tokenization import tokenize
-from sabia_ift.training import CHECKPOINT_PREFIX, complete_checkpoints, prepare_checkpoints, train
+from sabia_ift.toy.sample import generate_rows
+from sabia_ift.data.tokenization import tokenize
+from sabia_ift.train.training import CHECKPOINT_PREFIX, complete_checkpoints, prepare_checkpoints, train
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Tests for sabia_ift/metrics/chrf."""
+"""Tests for sabia_ift/evaluation/metrics/chrf."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests for sabia_ift/metrics/repetition."""
+"""Tests for sabia_ift/evaluation/metrics/repetition."""
 
 from __future__ import annotations
 

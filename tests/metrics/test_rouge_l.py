@@ -1,4 +1,4 @@
-"""Tests for sabia_ift/metrics/rouge_l and for `load_metric` itself."""
+"""Tests for sabia_ift/evaluation/metrics/rouge_l and for `load_metric` itself."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import unicodedata
 import evaluate
 import pytest
 
-from sabia_ift.metrics import load_metric
+from sabia_ift.evaluation.metrics import load_metric
 
 
 @pytest.fixture(scope="module")

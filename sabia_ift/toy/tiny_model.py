@@ -17,9 +17,9 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from .config import TinyModelConfig
-from .io import atomic_path, write_json
-from .modeling import BASE_FILE
+from ..config import TinyModelConfig
+from ..artifacts import BaseInfo
+from ..io import atomic_path
 from .sample import generate_rows, is_planted_defect
 
 
@@ -27,7 +27,7 @@ def sentencepiece_model_path() -> Path:
     """A 32,000-token LLaMA-style sentencepiece model that ships with mistral-common (Apache-2.0)."""
     import mistral_common
 
-    from .errors import ModelError
+    from ..errors import ModelError
 
     path = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
     if not path.is_file():
@@ -115,12 +115,11 @@ def build_tiny_model(cfg: TinyModelConfig, out_dir: str | Path) -> dict:
             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id
         )
         model.save_pretrained(str(tmp))
-        info = {
-            "source": "tiny",
+        info = BaseInfo(source="tiny", details={
             "config": cfg.model_dump(),
             "pretrain_steps": len(losses),
             "pretrain_first_loss": losses[0] if losses else None,
             "pretrain_last_loss": losses[-1] if losses else None,
-        }
-        write_json(tmp / BASE_FILE, info)
-    return info
+        })
+        info.write(tmp)
+    return info.to_dict()

@@ -19,9 +19,10 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .config import ColumnMap, FetchConfig, is_commit_sha
-from .errors import ConfigError, DataError
-from .io import atomic_path, sha256_file, write_json
+from ..artifacts import RAW_MANIFEST, RAW_ROWS
+from ..config import ColumnMap, FetchConfig, is_commit_sha
+from ..errors import ConfigError, DataError
+from ..io import atomic_path, sha256_file, write_json
 
 FIELDS = ("instruction", "input", "output")
 log = logging.getLogger(__name__)
@@ -269,7 +270,7 @@ def fetch(cfg: FetchConfig, out_dir: str | Path) -> dict[str, Any]:
     else:
         rows, total, origin = read_hub(cfg)
     with atomic_path(out_dir, is_dir=True) as tmp:
-        with (tmp / "rows.jsonl").open("w", encoding="utf-8") as fh:
+        with (tmp / RAW_ROWS).open("w", encoding="utf-8") as fh:
             for row in rows:
                 fh.write(json.dumps(row, ensure_ascii=False) + "\n")
         manifest = {
@@ -280,7 +281,7 @@ def fetch(cfg: FetchConfig, out_dir: str | Path) -> dict[str, Any]:
             "rows_written": len(rows),
             "max_rows": cfg.max_rows,
             "seed": cfg.seed,
-            "rows_sha256": sha256_file(tmp / "rows.jsonl"),
+            "rows_sha256": sha256_file(tmp / RAW_ROWS),
         }
-        write_json(tmp / "manifest.json", manifest)
+        write_json(tmp / RAW_MANIFEST, manifest)
     return manifest

@@ -9,44 +9,19 @@ exact match, mean new tokens, and loss/perplexity on the validation split.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 from pathlib import Path
 from typing import Any
 
-from .config import EvaluateConfig
-from .errors import ModelError
-from .formatting import normalize_text
+from ..config import EvaluateConfig
+from ..errors import ModelError
 from .generation import Generation, generate
-from .io import read_jsonl, write_jsonl
+from ..io import read_jsonl, write_jsonl
 from .metrics import load_metric
-from .modeling import load_model, load_tokenizer, model_folder, pick_device, pick_dtype, resolve_base
-from .tokenization import IGNORE_INDEX, encode_prompt
-from .training import TRAIN_META
-
-def load_tuned(base_dir: str | Path, adapter_dir: str | Path, device: str):
-    """Tokenizer and a PeftModel on the base, loaded the way training loaded it."""
-    from peft import PeftModel
-
-    adapter_dir = Path(adapter_dir)
-    meta_path = adapter_dir / TRAIN_META
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ModelError(f"{meta_path}: adapter folder is incomplete or corrupt ({exc}); rerun the train stage") from None
-    folder = model_folder(resolve_base(base_dir))
-    tokenizer = load_tokenizer(folder)
-    dtype = pick_dtype(meta["precision"], device)
-    base = load_model(folder, quantization=meta["quantization"], double_quant=meta["double_quant"],
-                      dtype=dtype, device=device)
-    try:
-        model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
-    except Exception as exc:
-        raise ModelError(
-            f"{adapter_dir}: not a loadable PEFT adapter for this base model: {type(exc).__name__}: {exc}"
-        ) from None
-    return tokenizer, model
-
+from ..artifacts import HF_SPLITS, split_file
+from ..modeling import load_tuned, pick_device
+from ..template import IGNORE_INDEX, encode_prompt
+from ..text import normalize_text
 
 def token_loss(model, tokenizer, dataset, batch_size: int, device: str) -> float:
     """Mean loss per trained token (response and EOS), weighted by tokens, not by batch."""
@@ -100,14 +75,14 @@ def evaluate(cfg: EvaluateConfig, base_dir: str | Path, adapter_dir: str | Path,
     set_seed(0)
     device = pick_device(cfg.device, "evaluate.device")
     tokenizer, model = load_tuned(base_dir, adapter_dir, device)
-    rows = read_jsonl(Path(formatted_dir) / "test.jsonl")
+    rows = read_jsonl(split_file(formatted_dir, "test"))
     if cfg.max_samples is not None:
         rows = rows[: cfg.max_samples]
     if not rows:
         raise ModelError(f"{formatted_dir}/test.jsonl: the test split is empty; raise format.test_size")
     prompts = [encode_prompt(tokenizer, row["prompt"]) for row in rows]
     references = [row["response"] for row in rows]
-    validation = datasets.load_from_disk(str(tokenized_dir))["validation"]
+    validation = datasets.load_from_disk(str(tokenized_dir))[HF_SPLITS["val"]]
 
     results, outputs = {}, {}
     for name in ("base", "tuned"):

@@ -7,34 +7,16 @@ metrics/format.json; nothing disappears without a number.
 from __future__ import annotations
 
 import random
-import re
-import unicodedata
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from .config import FormatConfig
-from .errors import ConfigError, DataError
-from .io import atomic_path, read_jsonl, write_jsonl
-from .template import build_prompt
-
-SPLITS = ("train", "val", "test")
-_SPACES = re.compile(r"[^\S\n]")  # any whitespace except newline
-_BLANK_RUNS = re.compile(r"\n{3,}")
-
-
-def normalize_text(text: str) -> str:
-    """NFC, Unix newlines, one kind of space, no trailing spaces, at most one blank line.
-
-    Runs of spaces inside a line are kept: responses with code need their indentation.
-    """
-    text = unicodedata.normalize("NFC", text)
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
-    text = _SPACES.sub(" ", text)
-    text = "\n".join(line.rstrip() for line in text.split("\n"))
-    text = _BLANK_RUNS.sub("\n\n", text)
-    return text.strip()
-
+from ..artifacts import DROPPED, RAW_ROWS, SPLITS, split_file
+from ..config import FormatConfig
+from ..errors import ConfigError, DataError
+from ..io import atomic_path, read_jsonl, write_jsonl
+from ..template import build_prompt
+from ..text import normalize_text
 
 def split_sizes(n: int, val_size: int | float, test_size: int | float) -> tuple[int, int]:
     def count(size: int | float) -> int:
@@ -86,12 +68,12 @@ def clean_rows(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[d
 
 def format_rows(cfg: FormatConfig, raw_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
     """Run the format stage; returns the counts written to metrics/format.json."""
-    rows = read_jsonl(Path(raw_dir) / "rows.jsonl")
+    rows = read_jsonl(Path(raw_dir) / RAW_ROWS)
     kept, dropped = clean_rows(rows)
     counts = Counter(f"dropped_{d['reason']}" for d in dropped)
     if not kept:
         reasons = ", ".join(f"{n} {k.removeprefix('dropped_')}" for k, n in sorted(counts.items()))
-        raise DataError(f"{raw_dir}/rows.jsonl: no usable rows left after cleaning ({reasons})")
+        raise DataError(f"{Path(raw_dir) / RAW_ROWS}: no usable rows left after cleaning ({reasons})")
     val_n, test_n = split_sizes(len(kept), cfg.val_size, cfg.test_size)
     order = list(range(len(kept)))
     random.Random(cfg.seed).shuffle(order)
@@ -103,8 +85,8 @@ def format_rows(cfg: FormatConfig, raw_dir: str | Path, out_dir: str | Path) -> 
     }
     with atomic_path(out_dir, is_dir=True) as tmp:
         for split in SPLITS:
-            write_jsonl(tmp / f"{split}.jsonl", (kept[i] for i in picks[split]))
-        write_jsonl(tmp / "dropped.jsonl", dropped)
+            write_jsonl(split_file(tmp, split), (kept[i] for i in picks[split]))
+        write_jsonl(tmp / DROPPED, dropped)
     with_input = sum(1 for row in kept if row["input"])
     return {
         "rows_in": len(rows),

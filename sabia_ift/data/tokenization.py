@@ -13,19 +13,11 @@ from typing import Any
 
 import numpy as np
 
-from .config import TokenizeConfig
-from .errors import ConfigError
-from .io import atomic_path, read_jsonl
-
-IGNORE_INDEX = -100
-# The format stage's split files, and their Hugging Face names in the Arrow folder.
-HF_SPLITS = {"train": "train", "val": "validation", "test": "test"}
-
-
-def encode_prompt(tokenizer, prompt: str) -> list[int]:
-    """BOS + prompt ids: exactly what generation is fed at evaluation time."""
-    return [tokenizer.bos_token_id, *tokenizer(prompt, add_special_tokens=False)["input_ids"]]
-
+from ..config import TokenizeConfig
+from ..errors import ConfigError
+from ..artifacts import HF_SPLITS, split_file
+from ..io import atomic_path, read_jsonl
+from ..template import IGNORE_INDEX
 
 def encode_pairs(tokenizer, prompts: list[str], responses: list[str]) -> tuple[list[list[int]], list[list[int]], int]:
     """Prompt ids and response ids for each pair, and how many pairs needed the fallback.
@@ -122,7 +114,7 @@ def tokenize(cfg: TokenizeConfig, tokenizer, context_length: int | None, formatt
     })
     splits, metrics = {}, {}
     for split in HF_SPLITS:
-        rows = read_jsonl(Path(formatted_dir) / f"{split}.jsonl")
+        rows = read_jsonl(split_file(formatted_dir, split))
         examples, counts = tokenize_split(tokenizer, rows, cfg)
         splits[HF_SPLITS[split]] = datasets.Dataset.from_dict(examples, features=features)
         metrics[split] = counts

@@ -12,10 +12,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .config import TrainConfig
-from .errors import ModelError
-from .io import atomic_path, write_json
-from .modeling import (
+from ..artifacts import HF_SPLITS, TrainMeta
+from ..config import TrainConfig
+from ..errors import ModelError
+from ..io import atomic_path, write_json
+from ..modeling import (
     check_target_modules,
     load_model,
     load_tokenizer,
@@ -24,11 +25,10 @@ from .modeling import (
     pick_dtype,
     resolve_base,
 )
-from .tokenization import IGNORE_INDEX
+from ..template import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
-TRAIN_META = "sabia_ift_train.json"
 # Keys of metrics/train.json that measure the machine, not the run: they differ
 # between two otherwise identical runs.
 TIMING_KEYS = frozenset({
@@ -319,7 +319,7 @@ def train(cfg: TrainConfig, base_dir: str | Path, tokenized_dir: str | Path, ada
         data = datasets.load_from_disk(str(tokenized_dir))
     except FileNotFoundError:
         raise ModelError(f"{tokenized_dir}: no tokenized data; run the tokenize stage first") from None
-    if len(data["train"]) == 0:
+    if len(data[HF_SPLITS["train"]]) == 0:
         raise ModelError(f"{tokenized_dir}: the train split is empty; see metrics/tokenize.json")
     collator = CountingCollator(DataCollatorForSeq2Seq(
         tokenizer, padding="longest", label_pad_token_id=IGNORE_INDEX,
@@ -336,8 +336,8 @@ def train(cfg: TrainConfig, base_dir: str | Path, tokenized_dir: str | Path, ada
     trainer = _make_trainer_class()(
         model=model,
         args=training_arguments(cfg, checkpoint_dir, device, dtype),
-        train_dataset=data["train"],
-        eval_dataset=data["validation"],
+        train_dataset=data[HF_SPLITS["train"]],
+        eval_dataset=data[HF_SPLITS["val"]],
         data_collator=collator,
         processing_class=tokenizer,
         callbacks=callbacks,
@@ -352,12 +352,8 @@ def train(cfg: TrainConfig, base_dir: str | Path, tokenized_dir: str | Path, ada
 
     with atomic_path(adapter_dir, is_dir=True) as tmp:
         model.save_pretrained(str(tmp))
-        write_json(tmp / TRAIN_META, {
-            "quantization": cfg.quantization,
-            "double_quant": cfg.double_quant,
-            "precision": cfg.precision,
-            "base": {"name_or_path": ref.name_or_path, "revision": ref.revision},
-        })
+        TrainMeta(quantization=cfg.quantization, double_quant=cfg.double_quant, precision=cfg.precision,
+                  base={"name_or_path": ref.name_or_path, "revision": ref.revision}).write(tmp)
     clear_checkpoints(checkpoint_dir)
 
     # From the log history, which a resumed run restores from its checkpoint:
@@ -376,7 +372,7 @@ def train(cfg: TrainConfig, base_dir: str | Path, tokenized_dir: str | Path, ada
         "trainable_percent": round(100 * trainable / total, 4),
         "steps": int(trainer.state.global_step),
         "epochs": round(float(trainer.state.epoch or 0), 4),
-        "train_rows": len(data["train"]),
+        "train_rows": len(data[HF_SPLITS["train"]]),
         "resumed_from_step": int(resume.name.removeprefix(CHECKPOINT_PREFIX)) if resume else 0,
         "device": device,
         "dtype": str(dtype).removeprefix("torch."),

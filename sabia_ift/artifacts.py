@@ -1,0 +1,96 @@
+"""The files one stage writes for the next: their names and small schemas, in one place.
+
+dvc.yaml names the output folders; this module names what lies inside them
+and reads and writes the small JSON records stages hand each other, so a
+producer and its consumers can never disagree on a file name or a key.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from .errors import ModelError
+from .io import write_json
+
+# models/base: what the base stage resolved; the weights live there too for tiny/copied bases.
+BASE_FILE = "base.json"
+# data/raw
+RAW_ROWS = "rows.jsonl"
+RAW_MANIFEST = "manifest.json"
+# data/formatted: one JSON Lines file per split, and the rows cleaning dropped.
+SPLITS = ("train", "val", "test")
+DROPPED = "dropped.jsonl"
+# data/tokenized: Arrow folder; Hugging Face names for the format stage's splits.
+HF_SPLITS = {"train": "train", "val": "validation", "test": "test"}
+# models/adapter: how training loaded the base, so every consumer loads it the same way.
+TRAIN_META = "sabia_ift_train.json"
+
+BaseSource = Literal["tiny", "local", "hub", "local_copy"]
+
+
+def split_file(folder: str | Path, split: str) -> Path:
+    return Path(folder) / f"{split}.jsonl"
+
+
+@dataclass(frozen=True)
+class BaseInfo:
+    """models/base/base.json.
+
+    `source` says where the weights are: `tiny` (built here, in the folder),
+    `local` (a folder named by name_or_path), `hub` (HF cache, name_or_path at
+    revision) or `local_copy` (copied into the folder; `origin` says from where).
+    """
+
+    source: BaseSource
+    name_or_path: str | None = None
+    revision: str | None = None
+    requested_revision: str | None = None
+    origin: dict[str, Any] | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v not in (None, {})}
+
+    def write(self, folder: str | Path) -> None:
+        write_json(Path(folder) / BASE_FILE, self.to_dict())
+
+    @classmethod
+    def read(cls, folder: str | Path) -> BaseInfo:
+        path = Path(folder) / BASE_FILE
+        if not path.is_file():
+            raise ModelError(f"{path}: missing; run the base stage first (dvc repro base)")
+        try:
+            return cls(**json.loads(path.read_text(encoding="utf-8")))
+        except (json.JSONDecodeError, TypeError) as exc:
+            raise ModelError(f"{path}: not a base record this version writes ({exc}); rerun the base stage") from None
+
+
+@dataclass(frozen=True)
+class TrainMeta:
+    """models/adapter/sabia_ift_train.json: how the adapter's base was loaded in training."""
+
+    quantization: str
+    double_quant: bool
+    precision: str
+    base: dict[str, Any]
+
+    def write(self, folder: str | Path) -> None:
+        write_json(Path(folder) / TRAIN_META, asdict(self))
+
+    @classmethod
+    def read(cls, folder: str | Path) -> TrainMeta:
+        folder = Path(folder)
+        path = folder / TRAIN_META
+        if not folder.is_dir():
+            raise ModelError(f"{folder}: no such adapter folder; run the train stage first (dvc repro train), "
+                             "or pass the adapter's path")
+        if not path.is_file():
+            raise ModelError(f"{path}: missing; {folder} is not an adapter this pipeline wrote, or it is "
+                             "incomplete: rerun the train stage")
+        try:
+            return cls(**json.loads(path.read_text(encoding="utf-8")))
+        except (json.JSONDecodeError, TypeError) as exc:
+            raise ModelError(f"{path}: corrupt ({exc}); rerun the train stage") from None
