@@ -155,10 +155,11 @@ def main() -> None:
         if only and name not in only:
             continue
         run_params = write_params(work / f"params-{name}.yaml", {**common, "train": {**common["train"], **overrides}})
-        adapter, metrics = work / f"adapter-{name}", work / f"train-{name}.json"
+        adapter, metrics, timings = work / f"adapter-{name}", work / f"train-{name}.json", work / f"time-{name}.json"
         wall = stage("train", run_params, work, "--base", str(base), "--data", str(data), "--out", str(adapter),
-                     "--checkpoints", str(work / f"ckpt-{name}"), "--metrics", str(metrics), log=log)
-        m = json.loads(metrics.read_text())
+                     "--checkpoints", str(work / f"ckpt-{name}"), "--metrics", str(metrics),
+                     "--timings", str(timings), log=log)
+        m = {**json.loads(metrics.read_text()), **json.loads(timings.read_text())}
         m["stage_wall_s"] = round(wall, 1)
         results["runs"][name] = m
         save()
@@ -176,7 +177,7 @@ def main() -> None:
     for name, m in results["runs"].items():
         print(f"{name:16} {m['peak_memory_gib']:9.2f} {m['peak_reserved_gib']:9.2f} {m['step_time_s']:8.3f} "
               f"{m['steady_input_tokens_per_s']:9.0f} {m['steady_trained_tokens_per_s']:14.0f} "
-              f"{m['trainable_params']:12,d} {m['trainable_percent']:6.3f}")
+              f"{m['trainable_params']:12,d} {100 * m['trainable_params'] / m['total_params']:6.3f}")
     if "evaluate" in results:
         e = results["evaluate"]
         print(f"evaluate: {e['samples']} prompts, stage {e['stage_wall_s']} s, tuned eos_stop {e['tuned']['eos_stop_rate']}")

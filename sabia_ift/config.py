@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
 
@@ -147,8 +147,19 @@ class TrainConfig(_Section):
     double_quant: bool = True
     # `auto`: bf16 where the GPU supports it, else fp16 with loss scaling; fp32 on CPU.
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    activation_checkpointing: bool = False
-    # Group rows of similar length into batches so dynamic padding wastes little.
+    # Activation memory: `off` keeps every activation (fastest, most memory); `on`
+    # recomputes each decoder layer in the backward pass; `offload` also moves the
+    # layer inputs it keeps to CPU memory (least GPU memory, for small cards).
+    gradient_checkpointing: Literal["off", "on", "offload"] = "off"
+    # Padding-free packing: rows concatenated into micro-batches of at most
+    # micro_batch_tokens tokens; attention never crosses a row boundary.
+    packing: bool = False
+    micro_batch_tokens: Annotated[int, Field(ge=16)] = 4096
+    # `auto`: varlen flash attention for packed rows on CUDA, SDPA otherwise.
+    attention: Literal["auto", "sdpa", "varlen"] = "auto"
+    # Fused kernels: `liger` (Liger Kernel: RMSNorm, RoPE, SwiGLU, linear cross-entropy; CUDA only).
+    kernels: Literal["none", "liger"] = "none"
+    # Group rows of similar length into batches so dynamic padding wastes little (unpacked only).
     group_by_length: bool = True
     lora: LoraConfigSection = LoraConfigSection()
     logging_steps: PositiveInt = 10
@@ -157,8 +168,16 @@ class TrainConfig(_Section):
     save_steps: PositiveInt = 50
     save_total_limit: PositiveInt = 2
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Processes that train together (DDP): `auto` = every visible GPU (1 on CPU), or a number.
+    devices: Literal["auto"] | PositiveInt = "auto"
     # Write DVCLive curves (needs dvclive; the GPU benchmark turns it off).
     live: bool = True
+
+    @field_validator("gradient_checkpointing", mode="before")
+    @classmethod
+    def _yaml_switch(cls, value: Any) -> Any:
+        # YAML 1.1 reads a bare off/on as false/true.
+        return {False: "off", True: "on"}.get(value, value) if isinstance(value, bool) else value
 
     @model_validator(mode="after")
     def _warmup(self) -> TrainConfig:

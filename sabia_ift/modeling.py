@@ -164,12 +164,14 @@ def disable_cpu_repack(model) -> int:
     return count
 
 
-def load_model(folder: str | Path, *, quantization: str, double_quant: bool, dtype, device: str):
+def load_model(folder: str | Path, *, quantization: str, double_quant: bool, dtype, device: str,
+               attn_implementation: str = "sdpa"):
     """The base model for training or evaluation, 4-bit NF4 when asked."""
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": False, "use_safetensors": True}
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": False, "use_safetensors": True,
+                              "attn_implementation": attn_implementation}
     if quantization == "nf4":
         compute = dtype if dtype != torch.float32 else torch.bfloat16
         kwargs["quantization_config"] = BitsAndBytesConfig(

@@ -31,7 +31,7 @@ COMMANDS = {
     "base": ["-m", "stages.base", "--out", "models/base"],
     "train": ["-m", "stages.train", "--base", "models/base", "--data", "data/tokenized",
               "--out", "models/adapter", "--checkpoints", "models/checkpoints",
-              "--live", "metrics/curves", "--metrics", "metrics/train.json"],
+              "--live", "metrics/curves", "--metrics", "metrics/train.json", "--timings", "logs/train-timings.json"],
 }
 # What each stage writes (dvc.yaml outs and metrics): none of it may exist after a failure.
 OUTPUTS = {
@@ -39,7 +39,8 @@ OUTPUTS = {
     "format": ["data/formatted", "metrics/format.json"],
     "base": ["models/base"],
     "tokenize": ["data/tokenized", "metrics/tokenize.json"],
-    "train": ["models/adapter", "models/checkpoints", "metrics/curves", "metrics/train.json"],
+    "train": ["models/adapter", "models/checkpoints", "metrics/curves", "metrics/train.json",
+              "logs/train-timings.json"],
     "evaluate": ["data/eval/samples.jsonl", "metrics/eval.json"],
 }
 

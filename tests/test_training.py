@@ -32,13 +32,16 @@ def small_config(**overrides) -> TrainConfig:
 def test_train_writes_a_loadable_adapter_and_metrics(tiny_base, tokenized, tmp_path, quantization):
     from peft import PeftConfig
 
-    metrics = train(small_config(quantization=quantization), tiny_base, tokenized, tmp_path / "adapter",
-                    tmp_path / "ckpt", tmp_path / "live")
-    assert metrics["steps"] == 8 and metrics["quantization"] == quantization
+    metrics, timings = train(small_config(quantization=quantization), tiny_base, tokenized, tmp_path / "adapter",
+                             tmp_path / "ckpt", tmp_path / "live")
+    assert metrics["steps"] == 8
     assert metrics["final_train_loss"] < metrics["first_train_loss"]
     # r=4 on q/v of 2 layers of width 128: 2 * 2 * 4 * (128 + 128).
     assert metrics["trainable_params"] == 4096
-    assert metrics["steady_input_tokens_per_s"] > 0 and metrics["step_time_s"] > 0
+    assert timings["steady_input_tokens_per_s"] > 0 and timings["step_time_s"] > 0
+    assert timings["rows_seen"] == 64 and timings["processes"] == 1
+    # Machine measurements stay out of the results, which must be identical on every rerun.
+    assert not {"runtime_s", "peak_memory_gib", "step_time_s"} & set(metrics)
     config = PeftConfig.from_pretrained(str(tmp_path / "adapter"))
     assert config.r == 4 and sorted(config.target_modules) == ["q_proj", "v_proj"]
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
@@ -83,3 +86,29 @@ def test_cuda_on_a_cpu_machine_is_a_clear_error(tiny_base, tokenized, tmp_path):
         pytest.skip("this machine has CUDA")
     with pytest.raises(ConfigError, match="train.device: cuda was asked for but no CUDA GPU is visible"):
         train(small_config(device="cuda"), tiny_base, tokenized, tmp_path / "a", tmp_path / "c", None)
+
+
+def test_packed_training_trains_the_same_rows(tiny_base, tokenized, tmp_path):
+    metrics, timings = train(small_config(packing=True, micro_batch_tokens=1024), tiny_base, tokenized,
+                             tmp_path / "adapter", tmp_path / "ckpt", None)
+    assert metrics["final_train_loss"] < metrics["first_train_loss"]
+    assert timings["rows_seen"] == 64 and timings["global_batch"]["tokens"] == 1024
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("kernels", "liger", "train.kernels: liger needs a CUDA GPU"),
+    ("attention", "varlen", "train.attention: varlen runs on CUDA"),
+])
+def test_cuda_only_options_on_cpu_are_clear_errors(tiny_base, tokenized, tmp_path, key, value, message):
+    from sabia_ift.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        train(small_config(**{key: value, "packing": True}), tiny_base, tokenized, tmp_path / "a", tmp_path / "c", None)
+
+
+@pytest.mark.parametrize("mode", ["on", "offload"])
+def test_gradient_checkpointing_keeps_lora_gradients(tiny_base, tokenized, tmp_path, mode):
+    metrics, _ = train(small_config(gradient_checkpointing=mode), tiny_base, tokenized, tmp_path / "adapter",
+                       tmp_path / "ckpt", None)
+    assert metrics["final_train_loss"] < metrics["first_train_loss"]

@@ -1,4 +1,9 @@
-"""Train stage: LoRA or QLoRA with the Hugging Face Trainer, resumable, with DVCLive curves."""
+"""Train stage: LoRA or QLoRA with the Hugging Face Trainer, resumable, packed, on one or more devices.
+
+Results (losses, parameter counts, steps) and machine timings (speed, memory)
+come back separately: the results are identical on every rerun of the same
+inputs, so `dvc metrics diff` shows only what a change really did.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ import math
 import resource
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +23,7 @@ from ..config import TrainConfig
 from ..errors import ModelError
 from ..io import atomic_path, write_json
 from ..modeling import (
+    BaseRef,
     check_target_modules,
     load_model,
     load_tokenizer,
@@ -25,25 +32,25 @@ from ..modeling import (
     pick_dtype,
     resolve_base,
 )
-from ..template import IGNORE_INDEX
+from . import distributed, kernels
+from .packing import CountingCollator, RowBatchSampler
 
 log = logging.getLogger(__name__)
 
-# Keys of metrics/train.json that measure the machine, not the run: they differ
-# between two otherwise identical runs.
-TIMING_KEYS = frozenset({
-    "runtime_s", "input_tokens_per_s", "trained_tokens_per_s", "step_time_s", "steady_input_tokens_per_s",
-    "steady_trained_tokens_per_s", "peak_memory_gib", "peak_reserved_gib", "checkpoint_save_s",
-})
 RUN_FILE = "run.json"
 CHECKPOINT_PREFIX = "checkpoint-"
 
 
-def run_fingerprint(cfg: TrainConfig, base_dir: Path, tokenized_dir: Path) -> str:
-    """Identifies what a checkpoint was trained on, so a resume never mixes two runs."""
-    digest = hashlib.sha256(json.dumps(cfg.model_dump(), sort_keys=True).encode())
-    inputs = [(base_dir, "*.json"), (tokenized_dir, "*")]
-    for root, pattern in inputs:
+# --- checkpoints ------------------------------------------------------------------------------
+
+def run_fingerprint(cfg: TrainConfig, base_dir: Path, tokenized_dir: Path, world_size: int) -> str:
+    """Identifies what a checkpoint was trained on, so a resume never mixes two runs.
+
+    The number of processes is part of it: each process's data order and RNG
+    state are in the checkpoint, so a run on another number of devices starts over.
+    """
+    digest = hashlib.sha256(json.dumps({**cfg.model_dump(), "world_size": world_size}, sort_keys=True).encode())
+    for root, pattern in ((base_dir, "*.json"), (tokenized_dir, "*")):
         for path in sorted(root.rglob(pattern)):
             if path.is_file():
                 digest.update(str(path.relative_to(root)).encode())
@@ -61,18 +68,22 @@ def complete_checkpoints(checkpoint_dir: Path) -> list[Path]:
     return [path for _, path in sorted(found)]
 
 
-def prepare_checkpoints(checkpoint_dir: Path, fingerprint: str) -> Path | None:
+def prepare_checkpoints(checkpoint_dir: Path, fingerprint: str, world_size: int = 1) -> Path | None:
     """The checkpoint to resume from, after clearing anything that belongs to another run."""
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     run_file = checkpoint_dir / RUN_FILE
-    same_run = run_file.is_file() and json.loads(run_file.read_text())["fingerprint"] == fingerprint
+    recorded = json.loads(run_file.read_text()) if run_file.is_file() else None
+    same_run = recorded is not None and recorded["fingerprint"] == fingerprint
     keep = complete_checkpoints(checkpoint_dir) if same_run else []
+    if recorded is not None and not same_run and complete_checkpoints(checkpoint_dir):
+        log.warning("models/checkpoints holds checkpoints of another configuration, data or number of devices "
+                    "(was %s processes): starting from step 0", recorded.get("world_size", "?"))
     resume = keep[-1] if keep else None
     for path in checkpoint_dir.iterdir():
         if path != resume and path != run_file:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
     if not same_run:
-        write_json(run_file, {"fingerprint": fingerprint})
+        write_json(run_file, {"fingerprint": fingerprint, "world_size": world_size})
     return resume
 
 
@@ -82,37 +93,62 @@ def clear_checkpoints(checkpoint_dir: Path) -> None:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
-class CountingCollator:
-    """Dynamic padding that also counts what training really used: non-pad input
-    tokens and trained label tokens.
+# --- model and trainer ------------------------------------------------------------------------
 
-    Counting here, on the CPU tensors, costs no GPU synchronisation; counting
-    in the training step would stall the GPU queue every micro-batch.
+def build_model(cfg: TrainConfig, folder: Path, device: str, dtype, attn_implementation: str = "sdpa"):
+    """Base model (4-bit when asked) with LoRA adapters attached.
+
+    peft's prepare_model_for_kbit_training is not used: it upcasts the
+    embeddings and lm_head to fp32 (about 1 GB more at 7B, for fp16 stability
+    that bf16 does not need).
     """
+    from peft import LoraConfig, get_peft_model
 
-    def __init__(self, collate) -> None:
-        self.collate = collate
-        self.counting = True
-        self.input_tokens = 0
-        self.trained_tokens = 0
-
-    def __call__(self, features):
-        batch = self.collate(features)
-        if self.counting:
-            self.input_tokens += int(batch["attention_mask"].sum())
-            self.trained_tokens += int((batch["labels"] != IGNORE_INDEX).sum())
-        return batch
+    if cfg.kernels == "liger":
+        kernels.apply_liger(device)
+    model = load_model(folder, quantization=cfg.quantization, double_quant=cfg.double_quant,
+                       dtype=dtype, device=device, attn_implementation=attn_implementation)
+    check_target_modules(model, cfg.lora.target_modules)
+    if cfg.gradient_checkpointing != "off":
+        # Non-reentrant recompute saves nothing but what it needs; the offload
+        # variant uses the reentrant one, whose only saved tensors are the layer
+        # inputs, and moves exactly those to CPU memory.
+        reentrant = cfg.gradient_checkpointing == "offload"
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        if reentrant:
+            model.enable_input_require_grads()  # reentrant recompute needs inputs that require grad
+            kernels.ActivationOffload().attach(model.model)
+    model.config.use_cache = False
+    lora = LoraConfig(
+        r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+        target_modules=list(cfg.lora.target_modules), bias="none", task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora)
 
 
 def _make_trainer_class():
+    from torch.utils.data import DataLoader
     from transformers import Trainer
 
-    class CountingTrainer(Trainer):
-        """Keeps evaluation batches out of the token counts, and records what
-        resumability costs (seconds per checkpoint save, checkpoint size)."""
+    class EpochLoader(DataLoader):
+        """A DataLoader over a batch sampler that learns the epoch, for the epoch's shuffle."""
 
+        def set_epoch(self, epoch: int) -> None:
+            self.batch_sampler.set_epoch(epoch)
+
+    class PipelineTrainer(Trainer):
+        """The Trainer with this stage's batches (packed or padded, rank-aware, nothing
+        dropped or repeated), evaluation kept out of the token counts, and the cost
+        of each checkpoint save recorded."""
+
+        sampler: RowBatchSampler
         save_seconds: list[float]
         checkpoint_bytes: int | None = None
+
+        def get_train_dataloader(self):
+            # Already sharded by rank: not passed through accelerate's re-sharding.
+            return EpochLoader(self.train_dataset, batch_sampler=self.sampler, collate_fn=self.data_collator,
+                               num_workers=0, pin_memory=self.args.dataloader_pin_memory)
 
         def evaluate(self, *args, **kwargs):
             self.data_collator.counting = False
@@ -126,138 +162,23 @@ def _make_trainer_class():
             super()._save_checkpoint(model, trial)
             self.save_seconds = [*getattr(self, "save_seconds", []), time.perf_counter() - start]
             folder = Path(self.args.output_dir) / f"{CHECKPOINT_PREFIX}{self.state.global_step}"
-            self.checkpoint_bytes = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+            if folder.is_dir():
+                self.checkpoint_bytes = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
-    return CountingTrainer
-
-
-def _make_live_callback(live_dir: Path):
-    from dvclive import Live
-    from transformers import TrainerCallback
-
-    names = {"loss": "train/loss", "learning_rate": "train/lr", "grad_norm": "train/grad_norm",
-             "eval_loss": "eval/loss"}
-
-    class LiveCurves(TrainerCallback):
-        """Training curves for `dvc plots`, rebuilt from the Trainer's log history.
-
-        On a resumed run the history comes back from the checkpoint, so the
-        curves cover the whole run, not just the part after the interruption.
-        No timestamps: the files are identical on every rerun.
-        """
-
-        def __init__(self) -> None:
-            self.live = None
-
-        def _log(self, step: int, logs: dict[str, Any]) -> None:
-            wrote = False
-            for key, name in names.items():
-                if key in logs and isinstance(logs[key], (int, float)):
-                    self.live.step = step
-                    self.live.log_metric(name, float(logs[key]))
-                    wrote = True
-            if wrote:
-                self.live.make_summary()
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            if live_dir.exists():
-                shutil.rmtree(live_dir)
-            self.live = Live(str(live_dir), dvcyaml=False, save_dvc_exp=False, report=None)
-            for entry in state.log_history:
-                self._log(entry.get("step", 0), entry)
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if self.live is not None and logs:
-                self._log(state.global_step, logs)
-
-    return LiveCurves()
+    return PipelineTrainer
 
 
-def _make_step_timer(counts: CountingCollator):
-    from transformers import TrainerCallback
-
-    class StepTimer(TrainerCallback):
-        """Steady-state speed: wall time and tokens between optimizer steps.
-
-        The first step (warm-up, and the longest batch, which the length-grouped
-        sampler puts first) and evaluation pauses are left out.
-        """
-
-        def __init__(self) -> None:
-            self.last: tuple[float, int, int] | None = None
-            self.seconds, self.inputs, self.trained, self.steps = 0.0, 0, 0, 0
-            self.first_done = False
-
-        def _mark(self) -> tuple[float, int, int]:
-            return time.perf_counter(), counts.input_tokens, counts.trained_tokens
-
-        def on_step_end(self, args, state, control, **kwargs):
-            now = self._mark()
-            if self.last is not None and self.first_done:
-                self.seconds += now[0] - self.last[0]
-                self.inputs += now[1] - self.last[1]
-                self.trained += now[2] - self.last[2]
-                self.steps += 1
-            self.first_done = True
-            self.last = now
-
-        def on_evaluate(self, args, state, control, **kwargs):
-            self.last = None  # the next interval would include the evaluation
-
-        def summary(self) -> dict[str, float | None]:
-            if not self.steps:
-                return {"step_time_s": None, "steady_input_tokens_per_s": None, "steady_trained_tokens_per_s": None}
-            return {"step_time_s": round(self.seconds / self.steps, 4),
-                    "steady_input_tokens_per_s": round(self.inputs / self.seconds, 1),
-                    "steady_trained_tokens_per_s": round(self.trained / self.seconds, 1)}
-
-    return StepTimer()
-
-
-def _peak_memory(device: str) -> dict[str, float]:
-    import torch
-
-    if device == "cuda":
-        return {"peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3),
-                "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 3)}
-    # ru_maxrss is KiB on Linux: the process's peak resident memory.
-    return {"peak_memory_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}
-
-
-def build_model(cfg: TrainConfig, folder: Path, device: str, dtype):
-    """Base model (4-bit when asked) with LoRA adapters attached.
-
-    peft's prepare_model_for_kbit_training is not used: it upcasts the
-    embeddings and lm_head to fp32 (about 1 GB more at 7B, for fp16 stability
-    that bf16 does not need), which would break the 6 GiB budget at micro-batch 1.
-    """
-    from peft import LoraConfig, get_peft_model
-
-    model = load_model(folder, quantization=cfg.quantization, double_quant=cfg.double_quant,
-                       dtype=dtype, device=device)
-    check_target_modules(model, cfg.lora.target_modules)
-    if cfg.activation_checkpointing:
-        # Non-reentrant: the reentrant variant needs inputs that require grad,
-        # which frozen embeddings do not give.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.config.use_cache = False
-    lora = LoraConfig(
-        r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-        target_modules=list(cfg.lora.target_modules), bias="none", task_type="CAUSAL_LM",
-    )
-    return get_peft_model(model, lora)
-
-
-def training_arguments(cfg: TrainConfig, checkpoint_dir: Path, device: str, dtype):
+def training_arguments(cfg: TrainConfig, checkpoint_dir: Path, device: str, dtype, grad_accum: int,
+                       has_eval: bool, world: distributed.World):
     import torch
     from transformers import TrainingArguments
 
     warmup: int | float = int(cfg.warmup) if cfg.warmup >= 1 else cfg.warmup
-    return TrainingArguments(
+    args = TrainingArguments(
         output_dir=str(checkpoint_dir),
         per_device_train_batch_size=cfg.micro_batch_size,
         per_device_eval_batch_size=cfg.micro_batch_size,
-        gradient_accumulation_steps=cfg.grad_accum,
+        gradient_accumulation_steps=grad_accum,
         num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps,
         learning_rate=cfg.lr,
@@ -270,7 +191,7 @@ def training_arguments(cfg: TrainConfig, checkpoint_dir: Path, device: str, dtyp
         fp16=device == "cuda" and dtype == torch.float16,
         logging_steps=cfg.logging_steps,
         logging_first_step=True,
-        eval_strategy="steps",
+        eval_strategy="steps" if has_eval else "no",
         eval_steps=cfg.eval_steps,
         save_strategy="steps",
         save_steps=cfg.save_steps,
@@ -278,24 +199,42 @@ def training_arguments(cfg: TrainConfig, checkpoint_dir: Path, device: str, dtyp
         seed=cfg.seed,
         data_seed=cfg.seed,
         use_cpu=device == "cpu",
-        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
         dataloader_num_workers=0,
+        # Only LoRA weights train; every one of them gets a gradient each step.
+        ddp_find_unused_parameters=False,
+        ddp_backend=("gloo" if device == "cpu" else "nccl") if world.size > 1 else None,
         report_to="none",
         disable_tqdm=True,
         # Checkpointing is set up on the model in build_model; the Trainer must not redo it.
     )
+    if world.size == 1 and args.n_gpu > 1:
+        # One process on a machine with several GPUs: the Trainer would wrap the model in
+        # DataParallel, which splits nothing of a packed row yet rescales the loss by the GPU
+        # count. Several GPUs are used through train.devices (DDP) instead.
+        args._n_gpu = 1
+    return args
 
 
-def train(cfg: TrainConfig, base_dir: str | Path, tokenized_dir: str | Path, adapter_dir: str | Path,
-          checkpoint_dir: str | Path, live_dir: str | Path | None) -> dict[str, Any]:
-    """Run the train stage; returns the metrics written to metrics/train.json."""
-    import datasets
+# --- the stage --------------------------------------------------------------------------------
+
+@dataclass
+class Setup:
+    """What the stage resolved before training: where, in what precision, on how many processes."""
+
+    device: str
+    dtype: Any
+    world: distributed.World
+    grad_accum: int
+    attention: str
+
+
+def setup(cfg: TrainConfig) -> Setup:
     import torch
-    from transformers import DataCollatorForSeq2Seq, set_seed
 
-    base_dir, tokenized_dir = Path(base_dir), Path(tokenized_dir)
-    checkpoint_dir = Path(checkpoint_dir)
+    world = distributed.current_world()
     device = pick_device(cfg.device, "train.device")
+    if device == "cuda":
+        torch.cuda.set_device(world.local_rank)
     dtype = pick_dtype(cfg.precision, device)
     if device == "cuda" and dtype == torch.float16:
         why = "this GPU has no bf16" if cfg.precision == "auto" else "train.precision: fp16"
@@ -303,87 +242,153 @@ def train(cfg: TrainConfig, base_dir: str | Path, tokenized_dir: str | Path, ada
     if cfg.quantization == "nf4" and device == "cpu":
         log.warning("4-bit on CPU: bitsandbytes' CPU kernels, with the inference repack turned off "
                     "so LoRA keeps its gradients after evaluations (slow; meant for tests)")
-    set_seed(cfg.seed)
+    grad_accum = distributed.accumulation_per_process(cfg.grad_accum, world.size)
+    attention = kernels.attention_implementation(cfg.attention, cfg.packing, device)
+    return Setup(device, dtype, world, grad_accum, attention)
 
-    ref = resolve_base(base_dir)
-    folder = model_folder(ref)
-    tokenizer = load_tokenizer(folder)
-    model = build_model(cfg, folder, device, dtype)
-    # Name the base as users know it (Hub id or folder), not this machine's cache path.
-    model.peft_config["default"].base_model_name_or_path = ref.name_or_path
-    model.peft_config["default"].revision = ref.revision
-    model.print_trainable_parameters()
-    trainable, total = model.get_nb_trainable_parameters()
+
+def load_splits(tokenized_dir: Path):
+    """The train split and the validation split (None when format.val_size is 0)."""
+    import datasets
 
     try:
         data = datasets.load_from_disk(str(tokenized_dir))
     except FileNotFoundError:
         raise ModelError(f"{tokenized_dir}: no tokenized data; run the tokenize stage first") from None
-    if len(data[HF_SPLITS["train"]]) == 0:
+    train_set = data[HF_SPLITS["train"]]
+    if len(train_set) == 0:
         raise ModelError(f"{tokenized_dir}: the train split is empty; see metrics/tokenize.json")
-    collator = CountingCollator(DataCollatorForSeq2Seq(
-        tokenizer, padding="longest", label_pad_token_id=IGNORE_INDEX,
-        pad_to_multiple_of=8 if device == "cuda" else None, return_tensors="pt",
-    ))
+    val = data.get(HF_SPLITS["val"])
+    return train_set, (val if val is not None and len(val) else None)
 
-    resume = prepare_checkpoints(checkpoint_dir, run_fingerprint(cfg, base_dir, tokenized_dir))
-    if resume is not None:
-        log.warning("resuming from %s", resume)
-    timer = _make_step_timer(collator)
-    callbacks = [timer]
-    if cfg.live and live_dir is not None:
-        callbacks.append(_make_live_callback(Path(live_dir)))
-    trainer = _make_trainer_class()(
-        model=model,
-        args=training_arguments(cfg, checkpoint_dir, device, dtype),
-        train_dataset=data[HF_SPLITS["train"]],
-        eval_dataset=data[HF_SPLITS["val"]],
-        data_collator=collator,
-        processing_class=tokenizer,
-        callbacks=callbacks,
-    )
+
+def save_adapter(model, adapter_dir: str | Path, cfg: TrainConfig, ref: BaseRef) -> None:
+    with atomic_path(adapter_dir, is_dir=True) as tmp:
+        model.save_pretrained(str(tmp))
+        TrainMeta(quantization=cfg.quantization, double_quant=cfg.double_quant, precision=cfg.precision,
+                  base={"name_or_path": ref.name_or_path, "revision": ref.revision}).write(tmp)
+
+
+def _peak_memory(device: str) -> dict[str, float]:
+    import torch
+
     if device == "cuda":
+        return {"peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3),
+                "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 3)}
+    # ru_maxrss is KiB on Linux: the process's peak resident memory.
+    return {"peak_memory_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}
+
+
+def train(cfg: TrainConfig, base_dir: str | Path, tokenized_dir: str | Path, adapter_dir: str | Path,
+          checkpoint_dir: str | Path, live_dir: str | Path | None) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """Run the train stage: (results, timings) on the main process, None on the others."""
+    import torch
+    from transformers import set_seed
+
+    from .callbacks import LiveCurves, StepTimer
+
+    base_dir, tokenized_dir, checkpoint_dir = Path(base_dir), Path(tokenized_dir), Path(checkpoint_dir)
+    run = setup(cfg)
+    world = run.world
+    set_seed(cfg.seed)
+
+    ref = resolve_base(base_dir)
+    folder = model_folder(ref)
+    tokenizer = load_tokenizer(folder)
+    model = build_model(cfg, folder, run.device, run.dtype, run.attention)
+    # Name the base as users know it (Hub id or folder), not this machine's cache path.
+    model.peft_config["default"].base_model_name_or_path = ref.name_or_path
+    model.peft_config["default"].revision = ref.revision
+    if world.is_main:
+        model.print_trainable_parameters()
+    trainable, total = model.get_nb_trainable_parameters()
+    train_set, val_set = load_splits(tokenized_dir)
+    if val_set is None:
+        log.warning("no validation split (format.val_size: 0): training without evaluation")
+
+    collator = CountingCollator(tokenizer, packing=cfg.packing, varlen=run.attention == kernels.VARLEN,
+                                pad_to_multiple_of=8 if run.device == "cuda" else None)
+    sampler = RowBatchSampler(train_set["length"], packing=cfg.packing, micro_batch_size=cfg.micro_batch_size,
+                              micro_batch_tokens=cfg.micro_batch_tokens, by_length=cfg.group_by_length,
+                              seed=cfg.seed, per_step=cfg.grad_accum, world_size=world.size,
+                              rank=world.rank)
+
+    args = training_arguments(cfg, checkpoint_dir, run.device, run.dtype, run.grad_accum, val_set is not None,
+                              world)
+    fingerprint = run_fingerprint(cfg, base_dir, tokenized_dir, world.size)
+    # One process clears stale checkpoints; the others wait, then read what it kept.
+    with args.main_process_first(desc="checkpoints"):
+        resume = prepare_checkpoints(checkpoint_dir, fingerprint, world.size) if world.is_main \
+            else (complete_checkpoints(checkpoint_dir) or [None])[-1]
+    if resume is not None and world.is_main:
+        log.warning("resuming from %s", resume)
+
+    timer = StepTimer(collator)
+    callbacks = [timer]
+    if cfg.live and live_dir is not None and world.is_main:
+        callbacks.append(LiveCurves(Path(live_dir)))
+    trainer = _make_trainer_class()(
+        model=model, args=args, train_dataset=train_set, eval_dataset=val_set, data_collator=collator,
+        processing_class=tokenizer, callbacks=callbacks,
+    )
+    trainer.sampler = sampler
+    if run.device == "cuda":
         # The peak of training itself: weights and everything a step allocates, not loading spikes.
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     runtime = time.perf_counter() - start
-    final_eval = trainer.evaluate()
+    memory = _peak_memory(run.device)
+    if run.device == "cuda":
+        memory["peak_memory_gib"] = round(max(memory["peak_memory_gib"], timer.peak_all_gib), 3)
+        memory["peak_step_memory_gib"] = timer.peak_step_gib
+    final_eval = trainer.evaluate() if val_set is not None else {}
 
-    with atomic_path(adapter_dir, is_dir=True) as tmp:
-        model.save_pretrained(str(tmp))
-        TrainMeta(quantization=cfg.quantization, double_quant=cfg.double_quant, precision=cfg.precision,
-                  base={"name_or_path": ref.name_or_path, "revision": ref.revision}).write(tmp)
+    # Tokens are summed over processes; the slowest process's clock sets the pace.
+    inputs, trained, rows = distributed.all_reduce_sum(
+        [collator.input_tokens, collator.trained_tokens, collator.rows], run.device)
+    steady_inputs, steady_trained = distributed.all_reduce_sum([timer.inputs, timer.trained], run.device)
+    if not world.is_main:
+        return None
+    save_adapter(model, adapter_dir, cfg, ref)
     clear_checkpoints(checkpoint_dir)
 
     # From the log history, which a resumed run restores from its checkpoint:
     # the Trainer's own training_loss would only average the steps since resuming.
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    eval_loss = float(final_eval["eval_loss"]) if final_eval else None
     saves = getattr(trainer, "save_seconds", [])
-    eval_loss = float(final_eval["eval_loss"])
-    return {
+    results = {
         "train_loss": round(sum(losses) / len(losses), 6) if losses else None,
         "final_train_loss": round(float(losses[-1]), 6) if losses else None,
         "first_train_loss": round(float(losses[0]), 6) if losses else None,
-        "eval_loss": round(eval_loss, 6),
-        "eval_perplexity": round(math.exp(eval_loss), 4),
+        "eval_loss": round(eval_loss, 6) if eval_loss is not None else None,
+        "eval_perplexity": round(math.exp(eval_loss), 4) if eval_loss is not None else None,
         "trainable_params": int(trainable),
         "total_params": int(total),
-        "trainable_percent": round(100 * trainable / total, 4),
         "steps": int(trainer.state.global_step),
         "epochs": round(float(trainer.state.epoch or 0), 4),
-        "train_rows": len(data[HF_SPLITS["train"]]),
+        "train_rows": len(train_set),
         "resumed_from_step": int(resume.name.removeprefix(CHECKPOINT_PREFIX)) if resume else 0,
-        "device": device,
-        "dtype": str(dtype).removeprefix("torch."),
-        "quantization": cfg.quantization,
-        # Timings and memory vary run to run; everything above is deterministic on CPU.
+    }
+    timings = {
+        "device": run.device,
+        "processes": world.size,
+        "dtype": str(run.dtype).removeprefix("torch."),
+        "attention": run.attention,
+        "global_batch": {"micro_batches_per_process": run.grad_accum, "processes": world.size,
+                         **({"tokens": cfg.micro_batch_tokens * cfg.grad_accum} if cfg.packing
+                            else {"rows": cfg.micro_batch_size * cfg.grad_accum})},
+        "rows_seen": int(rows),
         "runtime_s": round(runtime, 2),
-        "input_tokens_per_s": round(collator.input_tokens / runtime, 1),
-        "trained_tokens_per_s": round(collator.trained_tokens / runtime, 1),
-        **timer.summary(),
+        "input_tokens_per_s": round(inputs / runtime, 1),
+        "trained_tokens_per_s": round(trained / runtime, 1),
+        "step_time_s": round(timer.seconds / timer.steps, 4) if timer.steps else None,
+        "steady_input_tokens_per_s": round(steady_inputs / timer.seconds, 1) if timer.steps else None,
+        "steady_trained_tokens_per_s": round(steady_trained / timer.seconds, 1) if timer.steps else None,
         "checkpoint_saves": len(saves),
         "checkpoint_save_s": round(sum(saves) / len(saves), 3) if saves else None,
         "checkpoint_mb": round(trainer.checkpoint_bytes / 2**20, 3) if trainer.checkpoint_bytes else None,
-        **_peak_memory(device),
+        **memory,
     }
+    return results, timings

@@ -1,0 +1,219 @@
+"""QLoRA of a LLaMA-7B-architecture model, this project beside its peers, in one run on one CUDA card.
+
+    python bench/side_by_side.py --rows .bench/rows.jsonl --tokenizer .bench/tokenizer --work /tmp/bench \
+        --out bench/results [--only NAME,...] [--steps 12]
+
+Same random LLaMA-7B folder (bench/gpu_qlora.py builds it), same LoRA shape
+(r=32, alpha 64, dropout 0 on q/k/v), NF4 + double quantization, bf16:
+
+  hf-mb8               the common HF+PEFT recipe (prepare_model_for_kbit_training), checkpointing, 8 x 2,048
+  unsloth-ckpt-mb8     Unsloth with its own (offloading) checkpointing, 8 x 2,048
+  unsloth-nockpt-mb4   Unsloth without checkpointing, micro-batch 4 x 2 accumulation (8 fails to fit)
+  unsloth-ckpt-mb1     Unsloth, checkpointing, 1 x 2,048
+  unsloth-nockpt-mb8   Unsloth without checkpointing, 8 x 2,048 (recorded as failed if it does not fit)
+  ours-fast            this project's train stage, fast: packed, no checkpointing, Liger, 4 x 2,048 x 2 accumulation
+  ours-fast16          the same with 8 x 2,048 in one micro-batch
+  ours-lowmem          the train stage, low memory: packed, checkpointing with offload, Liger, 8 x 2,048
+  ours-mb1             the train stage, low-memory settings at 1 x 2,048
+  ours-realistic-packed    the fast configuration on real Portuguese rows (FaQuAD/ENEM mix)
+  ours-realistic-unpacked  the same rows, padded micro-batches of 8 rows, length-grouped
+  ours-profile         the fast configuration's model in a plain loop under torch.profiler (top kernels)
+
+Peers run in bench/peers.py (a fresh process each, same plain loop); this
+project's rows run the real stage scripts (as dvc.yaml does). Writes
+<out>/<card>-<date>-side-by-side.json and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+from gpu_qlora import build_model, fixed_length_data, stage, write_params  # noqa: E402
+
+LORA = {"r": 32, "alpha": 64, "dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj"]}
+FAST = {"packing": True, "micro_batch_tokens": 8192, "grad_accum": 2, "gradient_checkpointing": "off",
+        "kernels": "liger", "attention": "auto"}
+LOWMEM = {"packing": True, "micro_batch_tokens": 16384, "grad_accum": 1, "gradient_checkpointing": "offload",
+          "kernels": "liger", "attention": "auto"}
+PEERS = {
+    "hf-mb8": ["--tool", "hf", "--micro-batch", "8", "--accum", "1", "--checkpointing", "on"],
+    "unsloth-ckpt-mb8": ["--tool", "unsloth", "--micro-batch", "8", "--accum", "1", "--checkpointing", "unsloth"],
+    "unsloth-nockpt-mb4": ["--tool", "unsloth", "--micro-batch", "4", "--accum", "2", "--checkpointing", "off"],
+    "unsloth-nockpt-mb8": ["--tool", "unsloth", "--micro-batch", "8", "--accum", "1", "--checkpointing", "off"],
+    "unsloth-ckpt-mb1": ["--tool", "unsloth", "--micro-batch", "1", "--accum", "1", "--checkpointing", "unsloth"],
+}
+
+
+def peer_env(name: str) -> dict[str, str]:
+    """Unsloth runs on the machine's own transformers (the version it supports), not on ours."""
+    env = dict(os.environ)
+    if name.startswith("unsloth") and "PEER_PYTHONPATH" in env:
+        env["PYTHONPATH"] = env["PEER_PYTHONPATH"]
+    return env
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=Path, required=True)
+    parser.add_argument("--tokenizer", type=Path, required=True)
+    parser.add_argument("--work", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--only", default="")
+    parser.add_argument("--tag", default="side-by-side", help="suffix of the results file name")
+    args = parser.parse_args()
+
+    import torch
+
+    work, out = args.work, args.out
+    work.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    card = torch.cuda.get_device_name(0)
+    path = out / f"{card.replace(' ', '-').lower()}-{time.strftime('%Y-%m-%d')}-{args.tag}.json"
+    results = json.loads(path.read_text()) if path.is_file() else {"card": card, "runs": {}}
+    import peft
+    import transformers
+    results.update({"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+                    "date": time.strftime("%Y-%m-%d"), "steps_timed": args.steps})
+    only = set(filter(None, args.only.split(",")))
+    log = out / "side-by-side.log"
+
+    def save() -> None:
+        summarise(results)
+        path.write_text(json.dumps(results, indent=2))
+
+    model_dir = work / "llama-7b-random"
+    build_model(model_dir, args.tokenizer)
+    common = {
+        "base": {"source": "pretrained", "name_or_path": str(model_dir)},
+        "fetch": {"source": "file", "path": str(args.rows), "max_rows": None},
+        "format": {"val_size": 16, "test_size": 16},
+        "train": {"max_steps": args.steps + 2, "logging_steps": 5, "eval_steps": 100000, "save_steps": 100000,
+                  "live": False, "lora": LORA, "devices": 1},
+    }
+    params = write_params(work / "params.yaml", common)
+    base, raw, formatted, tokenized = (work / n for n in ("models/base", "data/raw", "data/formatted",
+                                                          "data/tokenized"))
+    if not (tokenized / "dataset_dict.json").is_file():
+        stage("base", params, work, "--out", str(base), log=log)
+        stage("fetch", params, work, "--out", str(raw), log=log)
+        stage("format", params, work, "--raw", str(raw), "--out", str(formatted), "--metrics",
+              str(work / "format.json"), log=log)
+        stage("tokenize", params, work, "--base", str(base), "--formatted", str(formatted), "--out", str(tokenized),
+              "--metrics", str(work / "tokenize.json"), log=log)
+    fixed = work / "data/tokenized-2048"
+    if not (fixed / "dataset_dict.json").is_file():
+        fixed_length_data(tokenized, fixed, 2048, rows=8 * (args.steps + 4), prompt_tokens=256)
+
+    ours = {
+        "ours-fast": (fixed, FAST),
+        "ours-fast16": (fixed, {**FAST, "micro_batch_tokens": 16384, "grad_accum": 1}),
+        "ours-lowmem": (fixed, LOWMEM),
+        "ours-mb1": (fixed, {**LOWMEM, "micro_batch_tokens": 2048}),
+        "ours-realistic-packed": (tokenized, FAST),
+        "ours-realistic-unpacked": (tokenized, {**FAST, "packing": False, "micro_batch_size": 8, "grad_accum": 1,
+                                                "group_by_length": True}),
+    }
+    for name, (data, overrides) in ours.items():
+        if only and name not in only:
+            continue
+        run_params = write_params(work / f"params-{name}.yaml", {**common, "train": {**common["train"], **overrides}})
+        metrics, timings = work / f"train-{name}.json", work / f"timings-{name}.json"
+        try:
+            stage("train", run_params, work, "--base", str(base), "--data", str(data), "--out",
+                  str(work / f"adapter-{name}"), "--checkpoints", str(work / f"ckpt-{name}"), "--metrics",
+                  str(metrics), "--timings", str(timings), log=log)
+        except SystemExit as exc:
+            results["runs"][name] = {"failed": str(exc)}
+            save()
+            continue
+        t = json.loads(timings.read_text())
+        m = json.loads(metrics.read_text())
+        results["runs"][name] = {
+            "tool": "ours", "settings": overrides, "tokens_per_s": t["steady_input_tokens_per_s"],
+            "trained_tokens_per_s": t["steady_trained_tokens_per_s"], "step_s": t["step_time_s"],
+            "peak_allocated_gib": t.get("peak_step_memory_gib") or t["peak_memory_gib"],
+            "peak_allocated_with_saves_gib": t["peak_memory_gib"], "peak_reserved_gib": t["peak_reserved_gib"],
+            "micro_batch": (overrides["micro_batch_tokens"] // 2048 if overrides["packing"]
+                            else overrides.get("micro_batch_size")),
+            "checkpointing": overrides["gradient_checkpointing"], "trainable_params": m["trainable_params"],
+            "first_losses": m["first_train_loss"]}
+        save()
+
+    for name, peer_args in PEERS.items():
+        if only and name not in only:
+            continue
+        res = work / f"peer-{name}.json"
+        cmd = [sys.executable, str(REPO / "bench" / "peers.py"), "--model", str(model_dir), "--steps",
+               str(args.steps), "--out", str(res), *peer_args]
+        with log.open("a") as fh:
+            fh.write(f"\n$ {' '.join(cmd)}\n")
+            fh.flush()
+            code = subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT, env=peer_env(name), cwd=REPO)
+        results["runs"][name] = json.loads(res.read_text()) if res.is_file() else {"failed": f"exit {code}"}
+        save()
+
+    if not only or "ours-profile" in only:
+        res, table = work / "profile.json", out / "profile-ours-fast.txt"
+        subprocess.call([sys.executable, str(REPO / "bench" / "peers.py"), "--tool", "ours", "--model",
+                         str(model_dir), "--micro-batch", "4", "--accum", "2", "--checkpointing", "off",
+                         "--steps", "4", "--out", str(res), "--profile", str(table)], cwd=REPO)
+        if res.is_file():
+            results["runs"]["ours-profile"] = json.loads(res.read_text())
+        save()
+
+    print(f"\n{card}  torch {results['torch']}  transformers {results['transformers']}")
+    print(f"{'run':26} {'mb':>3} {'ckpt':>8} {'tokens/s':>9} {'step s':>7} {'peak GiB':>9}")
+    for name, r in results["runs"].items():
+        if "tokens_per_s" in r:
+            print(f"{name:26} {r.get('micro_batch', '')!s:>3} {r.get('checkpointing', '')!s:>8} "
+                  f"{r['tokens_per_s']:9.0f} {r['step_s']:7.3f} {r['peak_allocated_gib']:9.2f}")
+        else:
+            print(f"{name:26} {r.get('skipped') or r.get('failed')}")
+    print(json.dumps({k: v for k, v in results.items() if k != "runs"}, indent=1))
+
+
+def summarise(results: dict) -> None:
+    """The headline keys: this project's configurations against Unsloth's best and checkpointed runs."""
+    runs = results["runs"]
+
+    def value(name: str, key: str = "tokens_per_s"):
+        return runs.get(name, {}).get(key)
+
+    unsloth = [r["tokens_per_s"] for n, r in runs.items() if n.startswith("unsloth") and "tokens_per_s" in r
+               and r.get("micro_batch", 0) > 1]
+    results.update({
+        "unsloth_best_tokens_per_s": max(unsloth) if unsloth else None,
+        "unsloth_checkpointed_tokens_per_s": value("unsloth-ckpt-mb8"),
+        "unsloth_checkpointed_peak_gib": value("unsloth-ckpt-mb8", "peak_allocated_gib"),
+        "unsloth_mb1_peak_gib": value("unsloth-ckpt-mb1", "peak_allocated_gib"),
+        "hf_recipe_tokens_per_s": value("hf-mb8"),
+        "ours_fast_tokens_per_s": max(filter(None, [value("ours-fast"), value("ours-fast16")]), default=None),
+        "ours_lowmem_tokens_per_s": value("ours-lowmem"),
+        "ours_lowmem_peak_gib": value("ours-lowmem", "peak_allocated_gib"),
+        "ours_mb1_peak_gib": value("ours-mb1", "peak_allocated_gib"),
+        "ours_packed_realistic_tokens_per_s": value("ours-realistic-packed"),
+        "ours_unpacked_realistic_tokens_per_s": value("ours-realistic-unpacked"),
+        "ours_fixed_tokens_per_s": value("ours-fast"),
+    })
+
+    def ratio(a, b):
+        return round(a / b, 3) if a and b else None
+
+    results["ratio_fast"] = ratio(results["ours_fast_tokens_per_s"], results["unsloth_best_tokens_per_s"])
+    results["ratio_lowmem"] = ratio(results["ours_lowmem_tokens_per_s"], results["unsloth_checkpointed_tokens_per_s"])
+    results["realistic_packed_share_of_fixed"] = ratio(results["ours_packed_realistic_tokens_per_s"],
+                                                       results["ours_fixed_tokens_per_s"])
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    main()
