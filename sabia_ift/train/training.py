@@ -248,7 +248,7 @@ def build_model(cfg: TrainConfig, folder: Path, device: str, dtype):
     return get_peft_model(model, lora)
 
 
-def training_arguments(cfg: TrainConfig, checkpoint_dir: Path, device: str, dtype):
+def training_arguments(cfg: TrainConfig, checkpoint_dir: Path, device: str, dtype, evaluate: bool = True):
     import torch
     from transformers import TrainingArguments
 
@@ -270,7 +270,8 @@ def training_arguments(cfg: TrainConfig, checkpoint_dir: Path, device: str, dtyp
         fp16=device == "cuda" and dtype == torch.float16,
         logging_steps=cfg.logging_steps,
         logging_first_step=True,
-        eval_strategy="steps",
+        logging_nan_inf_filter=False,  # NonFiniteLossGuard must see a NaN loss, not the running mean
+        eval_strategy="steps" if evaluate else "no",
         eval_steps=cfg.eval_steps,
         save_strategy="steps",
         save_steps=cfg.save_steps,
@@ -292,6 +293,8 @@ def train(cfg: TrainConfig, base_dir: str | Path, tokenized_dir: str | Path, ada
     import datasets
     import torch
     from transformers import DataCollatorForSeq2Seq, set_seed
+
+    from .guards import NonFiniteLossGuard
 
     base_dir, tokenized_dir = Path(base_dir), Path(tokenized_dir)
     checkpoint_dir = Path(checkpoint_dir)
@@ -319,8 +322,12 @@ def train(cfg: TrainConfig, base_dir: str | Path, tokenized_dir: str | Path, ada
         data = datasets.load_from_disk(str(tokenized_dir))
     except FileNotFoundError:
         raise ModelError(f"{tokenized_dir}: no tokenized data; run the tokenize stage first") from None
-    if len(data[HF_SPLITS["train"]]) == 0:
+    if len(data.get(HF_SPLITS["train"], [])) == 0:
         raise ModelError(f"{tokenized_dir}: the train split is empty; see metrics/tokenize.json")
+    # Tokenize leaves an empty split out (format.val_size: 0, or every row too long).
+    validation = data.get(HF_SPLITS["val"])
+    if validation is None:
+        log.warning("no validation split: training runs without evaluation (eval_loss is null in the metrics)")
     collator = CountingCollator(DataCollatorForSeq2Seq(
         tokenizer, padding="longest", label_pad_token_id=IGNORE_INDEX,
         pad_to_multiple_of=8 if device == "cuda" else None, return_tensors="pt",
@@ -330,14 +337,14 @@ def train(cfg: TrainConfig, base_dir: str | Path, tokenized_dir: str | Path, ada
     if resume is not None:
         log.warning("resuming from %s", resume)
     timer = _make_step_timer(collator)
-    callbacks = [timer]
+    callbacks = [NonFiniteLossGuard(cfg.lr), timer]
     if cfg.live and live_dir is not None:
         callbacks.append(_make_live_callback(Path(live_dir)))
     trainer = _make_trainer_class()(
         model=model,
-        args=training_arguments(cfg, checkpoint_dir, device, dtype),
+        args=training_arguments(cfg, checkpoint_dir, device, dtype, evaluate=validation is not None),
         train_dataset=data[HF_SPLITS["train"]],
-        eval_dataset=data[HF_SPLITS["val"]],
+        eval_dataset=validation,
         data_collator=collator,
         processing_class=tokenizer,
         callbacks=callbacks,
@@ -348,7 +355,7 @@ def train(cfg: TrainConfig, base_dir: str | Path, tokenized_dir: str | Path, ada
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     runtime = time.perf_counter() - start
-    final_eval = trainer.evaluate()
+    final_eval = trainer.evaluate() if validation is not None else {}
 
     with atomic_path(adapter_dir, is_dir=True) as tmp:
         model.save_pretrained(str(tmp))
@@ -360,19 +367,20 @@ def train(cfg: TrainConfig, base_dir: str | Path, tokenized_dir: str | Path, ada
     # the Trainer's own training_loss would only average the steps since resuming.
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     saves = getattr(trainer, "save_seconds", [])
-    eval_loss = float(final_eval["eval_loss"])
+    eval_loss = float(final_eval.get("eval_loss", math.nan))
     return {
         "train_loss": round(sum(losses) / len(losses), 6) if losses else None,
         "final_train_loss": round(float(losses[-1]), 6) if losses else None,
         "first_train_loss": round(float(losses[0]), 6) if losses else None,
-        "eval_loss": round(eval_loss, 6),
-        "eval_perplexity": round(math.exp(eval_loss), 4),
+        "eval_loss": round(eval_loss, 6) if math.isfinite(eval_loss) else None,
+        "eval_perplexity": round(math.exp(eval_loss), 4) if math.isfinite(eval_loss) else None,
         "trainable_params": int(trainable),
         "total_params": int(total),
         "trainable_percent": round(100 * trainable / total, 4),
         "steps": int(trainer.state.global_step),
         "epochs": round(float(trainer.state.epoch or 0), 4),
         "train_rows": len(data[HF_SPLITS["train"]]),
+        "validation_rows": len(validation) if validation is not None else 0,
         "resumed_from_step": int(resume.name.removeprefix(CHECKPOINT_PREFIX)) if resume else 0,
         "device": device,
         "dtype": str(dtype).removeprefix("torch."),
