@@ -58,15 +58,19 @@ class _Section(BaseModel):
         if isinstance(value, bool):
             annotation = cls.model_fields[info.field_name].annotation
             if annotation is not bool and bool not in typing.get_args(annotation):
-                raise ValueError(f"expected a {_kind_of(annotation)}, not a boolean")
+                raise ValueError(f"expected {_kind_of(annotation)}, not a boolean")
         return value
 
 
 def _kind_of(annotation: Any) -> str:
+    if typing.get_origin(annotation) is Literal:
+        return "one of " + ", ".join(map(repr, typing.get_args(annotation)))
+    if typing.get_origin(annotation) is list:
+        return "a list"
     args = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
     args = [typing.get_args(a)[0] if typing.get_origin(a) is Annotated else a for a in args]
-    names = {int: "number", float: "number", str: "string"}
-    kinds = sorted({names.get(a, "value") for a in args})
+    names = {int: "a number", float: "a number", str: "a string"}
+    kinds = sorted({names.get(a, "a value") for a in args})
     return " or ".join(kinds)
 
 
