@@ -94,3 +94,16 @@ class TrainMeta:
             return cls(**json.loads(path.read_text(encoding="utf-8")))
         except (json.JSONDecodeError, TypeError) as exc:
             raise ModelError(f"{path}: corrupt ({exc}); rerun the train stage") from None
+
+
+def load_tokenized(folder: str | Path) -> dict[str, Any]:
+    """data/tokenized's splits by Hugging Face name. A split that tokenize found
+    empty is absent (the pinned datasets cannot store an empty one); use .get()."""
+    import datasets
+
+    from .errors import DataError
+
+    try:
+        return dict(datasets.load_from_disk(str(folder)))
+    except FileNotFoundError:
+        raise DataError(f"{folder}: no tokenized data; run the tokenize stage first (dvc repro tokenize)") from None

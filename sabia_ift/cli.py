@@ -33,7 +33,8 @@ def _generate(args: argparse.Namespace) -> None:
     prompt = encode_prompt(tokenizer, build_prompt(args.instruction, args.input))
     switch = model.disable_adapter() if args.base_model else contextlib.nullcontext()
     with switch:
-        out = generate(model, tokenizer, [prompt], max_new_tokens=args.max_new_tokens, batch_size=1, device=device)
+        out = generate(model, tokenizer, [prompt], max_new_tokens=args.max_new_tokens, batch_size=1, device=device,
+                       context_length=getattr(model.config, "max_position_embeddings", None))
     print(out[0].text)
     if not out[0].stopped:
         print(f"[stopped at max_new_tokens={args.max_new_tokens} without EOS]", file=sys.stderr)

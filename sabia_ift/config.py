@@ -7,25 +7,71 @@ their dotted name, before any work starts.
 
 from __future__ import annotations
 
+import math
 import re
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
 
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
-# A split size is a row count (int >= 0) or a share of the rows (0 < float < 1).
-SplitSize = Annotated[int, Field(ge=0)] | Annotated[float, Field(gt=0, lt=1)]
+
+
+def _split_size(value: Any) -> int | float:
+    """A row count (an integer >= 0) or a share of the rows (a float strictly between 0 and 1).
+
+    Explicit on purpose: 1.0 is not "one row", and YAML's `true` is not 1.
+    """
+    what = "must be a row count (an integer, 0 or more) or a share (a number strictly between 0 and 1)"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{what}, got {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"{what}, got {value}")
+        return value
+    if not math.isfinite(value) or not 0 < value < 1:
+        hint = f"; for a row count write {int(value)}" if math.isfinite(value) and value == int(value) \
+            and value >= 1 else ""
+        raise ValueError(f"{what}, got {value!r}{hint}")
+    return value
+
+
+SplitSize = Annotated[int | float, BeforeValidator(_split_size)]
 
 _SHA = re.compile(r"^[0-9a-f]{40}$")
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # No infinities or NaN anywhere: `.inf` as a learning rate or epoch count
+    # would train to NaN or never end.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value: Any, info) -> Any:
+        """YAML's true/false are not 1/0: a boolean goes only where a boolean is meant."""
+        if isinstance(value, bool):
+            annotation = cls.model_fields[info.field_name].annotation
+            if annotation is not bool and bool not in typing.get_args(annotation):
+                raise ValueError(f"expected {_kind_of(annotation)}, not a boolean")
+        return value
+
+
+def _kind_of(annotation: Any) -> str:
+    if typing.get_origin(annotation) is Literal:
+        return "one of " + ", ".join(map(repr, typing.get_args(annotation)))
+    if typing.get_origin(annotation) is list:
+        return "a list"
+    args = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
+    args = [typing.get_args(a)[0] if typing.get_origin(a) is Annotated else a for a in args]
+    names = {int: "a number", float: "a number", str: "a string"}
+    kinds = sorted({names.get(a, "a value") for a in args})
+    return " or ".join(kinds)
 
 
 class TinyModelConfig(_Section):
@@ -87,8 +133,10 @@ class FetchConfig(_Section):
     """Section `fetch`: where the raw instruction rows come from."""
 
     source: Literal["file", "hub"] = "file"
-    # For source `file`: a json, jsonl, csv or parquet file (default: the bundled sample).
-    path: str = "data/sample/instructions.jsonl"
+    # For source `file`: a json, jsonl, csv or parquet file, optionally gzipped
+    # (.jsonl.gz, .json.gz, .csv.gz). Required: a missing path is an error, never
+    # a silent fallback to the bundled sample.
+    path: Annotated[str, Field(min_length=1)] | None = None
     file_format: Literal["auto", "json", "jsonl", "csv", "parquet"] = "auto"
     columns: ColumnMap = ColumnMap()
     # For source `hub`: a Hugging Face dataset id at a commit sha, or a branch that
@@ -99,6 +147,13 @@ class FetchConfig(_Section):
     # Keep a random subset of this many rows (null: all), drawn with `seed`.
     max_rows: PositiveInt | None = None
     seed: int = 42
+
+    @model_validator(mode="after")
+    def _path_for_files(self) -> FetchConfig:
+        if self.source == "file" and self.path is None:
+            raise ValueError("fetch.path is required when fetch.source is file "
+                             "(the bundled sample is data/sample/instructions.jsonl)")
+        return self
 
 
 class FormatConfig(_Section):
@@ -117,6 +172,9 @@ class TokenizeConfig(_Section):
     # (a truncated response gets no EOS, so the model is never taught to stop
     # mid-sentence). Either way they are counted in metrics/tokenize.json.
     overlength: Literal["drop", "truncate"] = "drop"
+    # The stage fails when more than this share of all rows is dropped (too
+    # long for max_length), naming the max_length that would keep 95% of them.
+    max_drop_share: Annotated[float, Field(ge=0, le=1)] = 0.05
 
 
 class LoraConfigSection(_Section):
@@ -242,6 +300,10 @@ def _describe(error: dict[str, Any], section: str) -> str:
     key = ".".join(str(part) for part in (section, *error["loc"]))
     if error["type"] == "extra_forbidden":
         return f"{key}: unknown key"
+    if error["type"] == "value_error":
+        # Our own validators' messages are whole sentences; pydantic's prefix adds nothing.
+        message = str(error["ctx"]["error"]) if "ctx" in error else error["msg"].removeprefix("Value error, ")
+        return message if message.startswith(f"{key}.") else f"{key}: {message}"
     if "input" in error and error["type"] != "missing":
         return f"{key}: {error['msg']} (got {error['input']!r})"
     return f"{key}: {error['msg']}"

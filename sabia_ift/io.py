@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -25,11 +27,29 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
+def remove_stale_temporaries(target: Path) -> list[Path]:
+    """Remove what an earlier write of `target` left when it was killed (SIGKILL skips cleanup).
+
+    Only this target's own temporaries go: `.{name}.tmp-XXXXXXXX` and
+    `.{name}.old-XXXXXXXX` with tempfile's 8-character suffix, never another
+    target's (`.raw.tmp-*` is not `.raw.tmp-x.tmp-*`'s).
+    """
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.(tmp|old)-[a-z0-9_]{{8}}")
+    removed = []
+    if target.parent.is_dir():
+        for sibling in target.parent.iterdir():
+            if pattern.fullmatch(sibling.name):
+                _remove(sibling)
+                removed.append(sibling)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | Path, *, is_dir: bool = False) -> Iterator[Path]:
     """Yield a temporary path; on success it replaces `target`, on error it vanishes."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(target)
     prefix = f".{target.name}.tmp-"
     if is_dir:
         tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
@@ -64,15 +84,36 @@ def write_text(path: str | Path, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
+def finite(obj: Any) -> Any:
+    """`obj` with every NaN or infinity replaced by None.
+
+    JSON has no NaN: Python's json writes a bare `NaN` that other readers
+    (jq, browsers, DVC's plots) refuse. An undefined number (a loss with no
+    validation rows) is written as null instead.
+    """
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {key: finite(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(value) for value in obj]
+    return obj
+
+
+def dumps(obj: Any, **kwargs: Any) -> str:
+    """JSON that every reader accepts: never NaN or Infinity."""
+    return json.dumps(finite(obj), ensure_ascii=False, allow_nan=False, **kwargs)
+
+
 def write_json(path: str | Path, obj: Any) -> None:
-    write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+    write_text(path, dumps(obj, indent=2) + "\n")
 
 
 def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> int:
     count = 0
     with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as fh:
         for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+            fh.write(dumps(row) + "\n")
             count += 1
     return count
 
@@ -90,7 +131,7 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
                     rows.append(json.loads(line))
     except FileNotFoundError:
         raise DataError(f"{path}: no such file; run the stage that writes it first (dvc repro)") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise DataError(f"{path}: row {len(rows) + 1}: not valid JSON Lines ({exc}); "
                         "rerun the stage that writes it") from None
     return rows

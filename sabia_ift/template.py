@@ -41,6 +41,18 @@ def build_prompt(instruction: str, input: str = "") -> str:
     return PROMPT_NO_INPUT.format(instruction=instruction)
 
 
+def encode_text(tokenizer, text: str | list[str]) -> list[int] | list[list[int]]:
+    """Token ids of plain text, one list per string when given a list.
+
+    Text stays text: a literal `<s>`, `</s>` or `<unk>` in the data (HTML, code,
+    an output that already ends in `</s>`) is split into ordinary pieces, never
+    read as a special token. Otherwise a row about HTML's <s> tag would carry a
+    BOS mid-prompt and a trained EOS mid-answer, teaching the model to stop
+    early. The only BOS and EOS ids are the ones tokenization adds.
+    """
+    return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+
 def encode_prompt(tokenizer, prompt: str) -> list[int]:
     """BOS + prompt ids: what generation is fed, and how training's rows begin."""
-    return [tokenizer.bos_token_id, *tokenizer(prompt, add_special_tokens=False)["input_ids"]]
+    return [tokenizer.bos_token_id, *encode_text(tokenizer, prompt)]

@@ -13,7 +13,10 @@ def main(args: argparse.Namespace) -> None:
     metrics = evaluate(load_section("evaluate", args.params), args.base, args.adapter, args.formatted,
                        args.tokenized, args.samples)
     write_json(args.metrics, metrics)
-    print(f"evaluated: base {metrics['base']}\n           tuned {metrics['tuned']}")
+    if "base" in metrics:
+        print(f"evaluated: base {metrics['base']}\n           tuned {metrics['tuned']}")
+    else:
+        print(f"evaluate skipped: {metrics['skipped']}")
 
 
 if __name__ == "__main__":

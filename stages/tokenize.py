@@ -7,7 +7,7 @@ from sabia_ift import stage
 from sabia_ift.config import load_section
 from sabia_ift.io import write_json
 from sabia_ift.modeling import load_tokenizer, model_context_length, model_folder, resolve_base
-from sabia_ift.data.tokenization import tokenize
+from sabia_ift.data.tokenization import summary, tokenize
 
 
 def main(args: argparse.Namespace) -> None:
@@ -15,7 +15,7 @@ def main(args: argparse.Namespace) -> None:
     folder = model_folder(resolve_base(args.base))
     metrics = tokenize(cfg, load_tokenizer(folder), model_context_length(folder), args.formatted, args.out)
     write_json(args.metrics, metrics)
-    print(f"tokenized: train {metrics['train']['rows']}, val {metrics['val']['rows']}, test {metrics['test']['rows']} rows")
+    print(summary(metrics))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@ that need the tiny base model run the same scripts in this process (runpy, as
 
 from __future__ import annotations
 
+import gzip
 import json
+import os
 import runpy
 import shutil
 import subprocess
@@ -20,7 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_project, project_env, write_params
+import yaml
+
+from conftest import REPO, default_params, make_project, project_env, write_params
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
 
@@ -83,30 +87,41 @@ def data(name: str, content, **fetch) -> dict:
 
 FIVE_ROWS = data("in.jsonl", jsonl(*(ok(i) for i in range(1, 6))))
 
+
+def params_without(section: str, key: str) -> dict:
+    """files= for a params.yaml that lacks one key (write_params can only add or change)."""
+    params = default_params()
+    del params[section][key]
+    return {"params.yaml": yaml.safe_dump(params, sort_keys=False, allow_unicode=True).encode()}
+
 CASES = [
     # --- fetch: JSON Lines ---------------------------------------------------
-    Case("jsonl-missing-output", "fetch", ["data/in.jsonl", "row 2", "'output'", "fetch.columns.output"],
+    Case("jsonl-missing-output", "fetch", ["data/in.jsonl", "line 2", "'output'", "fetch.columns.output"],
          **data("in.jsonl", jsonl(ok(1), {"instruction": "Sem resposta", "input": ""}))),
-    Case("jsonl-instruction-number", "fetch", ["data/in.jsonl", "row 3", "'instruction'", "string", "a number (42)"],
+    Case("jsonl-instruction-number", "fetch", ["data/in.jsonl", "line 3", "'instruction'", "string", "a number (42)"],
          **data("in.jsonl", jsonl(ok(1), ok(2), {"instruction": 42, "input": "", "output": "x"}))),
-    Case("jsonl-instruction-list", "fetch", ["data/in.jsonl", "row 1", "'instruction'", "a list"],
+    Case("jsonl-instruction-list", "fetch", ["data/in.jsonl", "line 1", "'instruction'", "a list"],
          **data("in.jsonl", jsonl({"instruction": ["a", "b"], "input": "", "output": "x"}))),
-    Case("jsonl-instruction-null", "fetch", ["data/in.jsonl", "row 2", "'instruction'", "got null"],
+    Case("jsonl-instruction-null", "fetch", ["data/in.jsonl", "line 2", "'instruction'", "got null"],
          **data("in.jsonl", jsonl(ok(1), {"instruction": None, "input": "", "output": "x"}))),
-    Case("jsonl-input-number", "fetch", ["data/in.jsonl", "row 1", "'input'", "a number (7)"],
+    Case("jsonl-input-number", "fetch", ["data/in.jsonl", "line 1", "'input'", "a number (7)"],
          **data("in.jsonl", jsonl({"instruction": "a", "input": 7, "output": "x"}))),
-    Case("jsonl-output-object", "fetch", ["data/in.jsonl", "row 2", "'output'", "an object"],
+    Case("jsonl-output-object", "fetch", ["data/in.jsonl", "line 2", "'output'", "an object"],
          **data("in.jsonl", jsonl(ok(1), {"instruction": "a", "input": "", "output": {"text": "x"}}))),
-    Case("jsonl-invalid-utf8", "fetch", ["data/in.jsonl", "row 2", "invalid UTF-8"],
+    Case("jsonl-invalid-utf8", "fetch", ["data/in.jsonl", "line 2", "invalid UTF-8"],
          **data("in.jsonl", jsonl(ok(1), b'{"instruction": "a\xe7\xff", "input": "", "output": "x"}\n', ok(3)))),
-    Case("jsonl-lone-surrogate-escape", "fetch", ["data/in.jsonl", "row 1", "'output'", "not valid UTF-8"],
+    Case("jsonl-lone-surrogate-escape", "fetch", ["data/in.jsonl", "line 1", "'output'", "not valid UTF-8"],
          **data("in.jsonl", b'{"instruction": "a", "input": "", "output": "x\\ud800y"}\n')),
-    Case("jsonl-truncated-last-line", "fetch", ["data/in.jsonl", "row 3", "not valid JSON", "truncated"],
+    Case("jsonl-truncated-last-line", "fetch", ["data/in.jsonl", "line 3", "not valid JSON", "truncated"],
          **data("in.jsonl", jsonl(ok(1), ok(2), b'{"instruction": "Qual'))),
-    Case("jsonl-bad-json-line", "fetch", ["data/in.jsonl", "row 2", "not valid JSON"],
+    Case("jsonl-bad-json-line", "fetch", ["data/in.jsonl", "line 2", "not valid JSON"],
          **data("in.jsonl", jsonl(ok(1), b"{instruction: sem aspas}\n", ok(3)))),
-    Case("jsonl-row-not-an-object", "fetch", ["data/in.jsonl", "row 2", "expected an object", "list"],
+    Case("jsonl-row-not-an-object", "fetch", ["data/in.jsonl", "line 2", "expected an object", "list"],
          **data("in.jsonl", jsonl(ok(1), ["a", "", "b"]))),
+    Case("jsonl-error-after-blank-lines", "fetch", ["data/in.jsonl", "line 4", "'output'"],
+         **data("in.jsonl", jsonl(ok(1)) + b"\n\n" + jsonl({"instruction": "a", "input": ""}))),
+    Case("jsonl-deeply-nested", "fetch", ["data/in.jsonl", "line 2", "nested too deeply"],
+         **data("in.jsonl", jsonl(ok(1)) + b"[" * 100_000 + b"\n")),
     Case("jsonl-empty-file", "fetch", ["data/in.jsonl", "no rows"], **data("in.jsonl", b"")),
     Case("jsonl-blank-lines-only", "fetch", ["data/in.jsonl", "no rows"], **data("in.jsonl", b"\n  \n\n")),
     Case("jsonl-input-column-typo", "fetch", ["data/in.jsonl", "fetch.columns.input", "'entrada'", "no row has"],
@@ -114,6 +129,8 @@ CASES = [
     # --- fetch: JSON -----------------------------------------------------------
     Case("json-not-a-list", "fetch", ["data/in.json", "expected a JSON list", "dict"],
          **data("in.json", json.dumps({"rows": [ok(1)]}).encode())),
+    Case("json-deeply-nested", "fetch", ["data/in.json", "nested too deeply"],
+         **data("in.json", b'{"rows": ' + b"[" * 100_000)),
     Case("json-empty-file", "fetch", ["data/in.json", "no rows"], **data("in.json", b"")),
     Case("json-empty-list", "fetch", ["data/in.json", "no rows"], **data("in.json", b"[]\n")),
     Case("json-syntax-error", "fetch", ["data/in.json", "not valid JSON", "line 2"],
@@ -150,9 +167,26 @@ CASES = [
          **data("in.parquet", parquet({"instruction": ["a", "b"], "input": ["", ""], "output": [1, 2]}))),
     Case("parquet-garbage", "fetch", ["data/in.parquet", "not a readable parquet file"],
          **data("in.parquet", b"PAR1 this is not parquet")),
+    # --- fetch: compression ------------------------------------------------------------
+    Case("gzip-without-gz-suffix", "fetch", ["data/in.jsonl", "gzip-compressed", "in.jsonl.gz"],
+         **data("in.jsonl", gzip.compress(jsonl(ok(1), ok(2)), mtime=0))),
+    Case("zip-named-csv", "fetch", ["data/in.csv", "zip-compressed", "decompress"],
+         **data("in.csv", b"PK\x03\x04" + b"\x00" * 40)),
+    Case("gzip-damaged", "fetch", ["data/in.jsonl.gz", "not a valid gzip file"],
+         **data("in.jsonl.gz", gzip.compress(jsonl(*(ok(i) for i in range(50))), mtime=0)[:40])),
+    Case("gzip-parquet", "fetch", ["fetch.path", "data/in.parquet.gz", "parquet compresses its own data"],
+         **data("in.parquet.gz", gzip.compress(b"PAR1", mtime=0))),
     # --- fetch: paths and format ------------------------------------------------------
     Case("data-path-missing", "fetch", ["data/nope.jsonl", "no such data file", "fetch.path"],
          params={"fetch": {"path": "data/nope.jsonl"}}),
+    Case("data-path-is-a-folder", "fetch", ["data/sample", "is a folder", "fetch.path"],
+         params={"fetch": {"path": "data/sample"}}),
+    Case("data-path-dev-null", "fetch", ["/dev/null", "not a regular file", "fetch.path"],
+         params={"fetch": {"path": "/dev/null"}}),
+    Case("data-path-empty", "fetch", ["params.yaml", "fetch.path", "at least 1 character"],
+         params={"fetch": {"path": ""}}),
+    Case("data-path-removed", "fetch", ["params.yaml", "fetch.path is required", "fetch.source is file"],
+         files=params_without("fetch", "path")),
     Case("unknown-suffix", "fetch", ["fetch.file_format", "data/in.txt"], **data("in.txt", jsonl(ok(1)))),
     # --- params.yaml -------------------------------------------------------------------
     Case("params-unknown-nested-key", "fetch", ["params.yaml", "fetch.columns.resposta: unknown key"],
@@ -177,6 +211,25 @@ CASES = [
     Case("params-lora-r-zero", "train", ["params.yaml", "train.lora.r"], params={"train": {"lora": {"r": 0}}}),
     Case("params-lora-targets-empty", "train", ["params.yaml", "train.lora.target_modules"],
          params={"train": {"lora": {"target_modules": []}}}),
+    Case("params-lr-infinite", "train", ["params.yaml", "train.lr", "finite number", "inf"],
+         files={"params.yaml": (REPO / "params.yaml").read_bytes().replace(b"  lr: 0.002", b"  lr: .inf")}),
+    Case("params-warmup-infinite", "train", ["params.yaml", "train.warmup", "finite number"],
+         params={"train": {"warmup": float("inf")}}),
+    Case("params-epochs-infinite", "train", ["params.yaml", "train.epochs", "finite number"],
+         params={"train": {"epochs": float("inf")}}),
+    Case("params-dropout-nan", "train", ["params.yaml", "train.lora.dropout", "finite number"],
+         params={"train": {"lora": {"dropout": float("nan")}}}),
+    Case("params-boolean-as-count", "fetch", ["params.yaml", "fetch.max_rows", "not a boolean"],
+         params={"fetch": {"max_rows": True}}),
+    Case("params-test-size-one-float", "format", ["params.yaml", "format.test_size", "strictly between 0 and 1",
+                                                  "got 1.0", "write 1"],
+         params={"format": {"test_size": 1.0}}),
+    Case("params-val-size-true", "format", ["params.yaml", "format.val_size", "not a boolean"],
+         params={"format": {"val_size": True}}),
+    Case("params-test-size-negative", "format", ["params.yaml", "format.test_size", "row count", "got -5"],
+         params={"format": {"test_size": -5}}),
+    Case("params-test-size-text", "format", ["params.yaml", "format.test_size", "got '10%'"],
+         params={"format": {"test_size": "10%"}}),
     # --- format ------------------------------------------------------------------------
     Case("test-split-larger-than-data", "format", ["format.test_size alone asks for 10", "only 5 rows"],
          before=["fetch"], params={**FIVE_ROWS["params"], "format": {"test_size": 10, "val_size": 0}},
@@ -207,6 +260,57 @@ CASES = [
          params={"base": {"source": "pretrained", "name_or_path": "weights"}},
          files={"weights/config.json": b"{}", "weights/model.bin": b"pickle"}),
 ]
+
+
+# --- The documented messages (docs/bad-input.md) ----------------------------------------
+
+DOC = REPO / "docs" / "bad-input.md"
+# Regenerate the doc from what the stages really say: SABIA_UPDATE_DOCS=1 pytest tests/test_bad_input.py
+UPDATE_DOC = os.environ.get("SABIA_UPDATE_DOCS") == "1"
+# Cases run by the in-process tests below, documented beside the table's.
+IN_PROCESS = ["max-length-above-model-context", "tokenize-before-format", "tokenize-drops-too-many-rows",
+              "lora-target-the-model-lacks", "cuda-without-a-gpu", "train-loss-not-finite",
+              "data-file-unreadable", "no-train-meta", "corrupt-train-meta", "garbage-adapter-config"]
+SEEN: dict[str, tuple[str, str]] = {}
+
+
+def documented() -> dict[str, str]:
+    """Case id -> message, from the doc's table rows: | `id` | stage | `message` |."""
+    found = {}
+    for line in DOC.read_text(encoding="utf-8").partition("<!-- table -->")[2].splitlines():
+        if line.startswith("| `"):
+            cells = [c.strip() for c in line.strip("|").split(" | ")]
+            found[cells[0].strip("`")] = cells[2].strip("`").replace("\\|", "|")
+    return found
+
+
+def record(case_id: str, stage_name: str, line: str) -> None:
+    """The error line a case gave must be the one the doc shows (or, when updating, becomes it)."""
+    SEEN[case_id] = (stage_name, line)
+    if not UPDATE_DOC:
+        assert documented().get(case_id) == line, (
+            f"docs/bad-input.md is out of date for {case_id}; rerun with SABIA_UPDATE_DOCS=1")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _write_doc():
+    yield
+    if UPDATE_DOC and SEEN:
+        rows = {**documented(), **{cid: line for cid, (_, line) in SEEN.items()}}
+        stages = {c.id: c.stage for c in CASES} | {cid: st for cid, (st, _) in SEEN.items()}
+        head, _, _ = DOC.read_text(encoding="utf-8").partition("<!-- table -->")
+        order = [c.id for c in CASES] + IN_PROCESS
+        table = ["| case | stage | message |", "|---|---|---|"]
+        for cid in order:
+            if cid in rows:
+                table.append(f"| `{cid}` | {stages.get(cid, '')} | `{rows[cid].replace('|', chr(92) + '|')}` |")
+        DOC.write_text(head + "<!-- table -->\n\n" + "\n".join(table) + "\n", encoding="utf-8")
+
+
+def test_doc_lists_every_case():
+    listed = documented()
+    missing = [cid for cid in [c.id for c in CASES] + IN_PROCESS if cid not in listed]
+    assert not missing, f"docs/bad-input.md lacks {missing}"
 
 
 def leftovers(project: Path) -> list[str]:
@@ -255,6 +359,7 @@ def test_bad_input_fails_cleanly(case: Case, tmp_path):
     line = error_line(result.stderr)
     for word in case.expect:
         assert word in line, f"{word!r} not in {line!r}"
+    record(case.id, case.stage, line)
     for out in OUTPUTS[case.stage]:
         assert not (project / out).exists(), f"{out} exists after a failed {case.stage}"
     assert leftovers(project) == []
@@ -303,12 +408,14 @@ def test_max_length_above_model_context(project_with_base, monkeypatch, capsys):
     write_params(project_with_base, {"tokenize": {"max_length": context * 2}})
     line = run_script("stages.tokenize", TOKENIZE_ARGS, project_with_base, monkeypatch, capsys)
     assert "tokenize.max_length" in line and str(context * 2) in line and str(context) in line
+    record("max-length-above-model-context", "tokenize", line)
     check_clean(project_with_base, "tokenize")
 
 
 def test_tokenize_before_format(project_with_base, monkeypatch, capsys):
     line = run_script("stages.tokenize", TOKENIZE_ARGS, project_with_base, monkeypatch, capsys)
     assert "data/formatted/train.jsonl" in line and "no such file" in line
+    record("tokenize-before-format", "tokenize", line)
     check_clean(project_with_base, "tokenize")
 
 
@@ -317,6 +424,7 @@ def test_lora_target_the_model_lacks(project_with_base, monkeypatch, capsys):
                                                "lora": {"target_modules": ["q_proj", "query_key_value"]}}})
     line = run_script("stages.train", COMMANDS["train"][2:], project_with_base, monkeypatch, capsys)
     assert "train.lora.target_modules" in line and "query_key_value" in line and "q_proj" in line
+    record("lora-target-the-model-lacks", "train", line)
     check_clean(project_with_base, "train")
 
 
@@ -328,6 +436,7 @@ def test_cuda_asked_for_without_a_gpu(project_with_base, monkeypatch, capsys):
     write_params(project_with_base, {"train": {"device": "cuda"}})
     line = run_script("stages.train", COMMANDS["train"][2:], project_with_base, monkeypatch, capsys)
     assert "device" in line and "cuda" in line and "no CUDA GPU" in line
+    record("cuda-without-a-gpu", "train", line)
     check_clean(project_with_base, "train")
 
 
@@ -358,7 +467,7 @@ def corrupt_meta(folder: Path) -> None:
     ],
     ids=["no-train-meta", "corrupt-train-meta", "garbage-adapter-config"],
 )
-def test_corrupt_adapter_at_evaluate(project_with_base, monkeypatch, capsys, damage, expect):
+def test_corrupt_adapter_at_evaluate(project_with_base, monkeypatch, capsys, damage, expect, request):
     from sabia_ift.artifacts import TRAIN_META
 
     assert TRAIN_META == "sabia_ift_train.json"
@@ -369,6 +478,7 @@ def test_corrupt_adapter_at_evaluate(project_with_base, monkeypatch, capsys, dam
     line = run_script("stages.evaluate", EVALUATE_ARGS, project_with_base, monkeypatch, capsys)
     for word in expect:
         assert word in line, f"{word!r} not in {line!r}"
+    record(request.node.callspec.id, "evaluate", line)
     check_clean(project_with_base, "evaluate")
 
 
@@ -419,3 +529,132 @@ def test_excel_csv_with_bom_and_mapping_is_read(tmp_path):
     assert done.returncode == 0, done.stderr
     row = json.loads((project / "data/raw/rows.jsonl").read_text())
     assert row == {"instruction": "Qual é a cor do céu?", "input": "", "output": "Azul.", "source_row": 1}
+
+
+def formatted(project: Path, splits: dict[str, list[dict]]) -> None:
+    """data/formatted as the format stage writes it, from {split: [{instruction, output}]}."""
+    from sabia_ift.template import build_prompt
+
+    folder = project / "data" / "formatted"
+    folder.mkdir(parents=True)
+    n = 0
+    for split, rows in splits.items():
+        lines = []
+        for r in rows:
+            n += 1
+            lines.append({"prompt": build_prompt(r["instruction"]), "response": r["output"],
+                          "instruction": r["instruction"], "input": "", "source_row": n})
+        (folder / f"{split}.jsonl").write_bytes(jsonl(*lines))
+
+
+def test_tokenize_drops_too_many_rows(project_with_base, monkeypatch, capsys):
+    """The issue's exam questions: most rows too long for max_length, once dropped without a word."""
+    long = {"instruction": "Resuma o texto.", "output": "uma frase longa de resposta " * 40}
+    formatted(project_with_base, {"train": [ok(1), ok(2), long, long, long], "val": [ok(3), long],
+                                  "test": [ok(4)]})
+    write_params(project_with_base, {"tokenize": {"max_length": 96}})
+    line = run_script("stages.tokenize", TOKENIZE_ARGS, project_with_base, monkeypatch, capsys)
+    for word in ("tokenize.max_drop_share", "4 of 8 rows (50.0%)", "tokenize.max_length 96",
+                 "train 3 of 5, val 1 of 2, test 0 of 1", "would keep 95% of rows", "overlength: truncate"):
+        assert word in line, f"{word!r} not in {line!r}"
+    record("tokenize-drops-too-many-rows", "tokenize", line)
+    check_clean(project_with_base, "tokenize")
+
+
+def test_data_file_unreadable(tmp_path, monkeypatch, capsys):
+    """Permission denied is one line too. Tests may run as root, who reads anything: then the
+    refusal is simulated where the stage opens the file."""
+    case = Case("unreadable", "fetch", [], **data("in.jsonl", jsonl(ok(1))))
+    project = setup(case, tmp_path)
+    target = project / "data" / "in.jsonl"
+    target.chmod(0)
+    if os.geteuid() == 0:
+        real_open = Path.open
+
+        def refuse(self, *args, **kwargs):
+            if self.name == "in.jsonl":
+                raise PermissionError(13, "Permission denied", str(self))
+            return real_open(self, *args, **kwargs)
+
+        monkeypatch.setattr(Path, "open", refuse)
+    line = run_script("stages.fetch", ["--out", "data/raw"], project, monkeypatch, capsys)
+    assert "data/in.jsonl" in line and "cannot be read" in line and "Permission denied" in line
+    record("data-file-unreadable", "fetch", line)
+    check_clean(project, "fetch")
+
+
+# --- Not errors: input that must be read as it is --------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["in.jsonl.gz", "in.json.gz", "in.csv.gz"])
+def test_gzipped_data_is_read(tmp_path, name):
+    """Large dumps ship gzipped; the manifest says so and keeps the archive's sha256."""
+    rows = [ok(1), ok(2), ok(3)]
+    if name.startswith("in.jsonl"):
+        raw = jsonl(*rows)
+    elif name.startswith("in.json"):
+        raw = json.dumps(rows, ensure_ascii=False).encode()
+    else:
+        raw = ("instruction,input,output\n" + "".join(f"{r['instruction']},,{r['output']}\n" for r in rows)).encode()
+    project = setup(Case("gz", "fetch", [], **data(name, gzip.compress(raw, mtime=0))), tmp_path)
+    done = stage(project, "fetch")
+    assert done.returncode == 0, done.stderr
+    got = [json.loads(line) for line in (project / "data/raw/rows.jsonl").read_text().splitlines()]
+    assert got == [{**r, "source_row": i} for i, r in enumerate(rows, start=1)]
+    assert json.loads((project / "data/raw/manifest.json").read_text())["compression"] == "gzip"
+
+
+def test_csv_cell_over_python_default_limit_is_read(tmp_path):
+    """Python's csv refuses cells over 131,072 characters by default; a long context is a valid cell."""
+    context = "Era uma vez um texto muito longo. " * 6000  # about 200,000 characters
+    content = f'instruction,input,output\nResuma.,"{context}",Curto.\n'.encode()
+    project = setup(Case("big", "fetch", [], **data("in.csv", content)), tmp_path)
+    done = stage(project, "fetch")
+    assert done.returncode == 0, done.stderr
+    row = json.loads((project / "data/raw/rows.jsonl").read_text())
+    assert len(row["input"]) == len(context) > 131_072
+
+
+def test_jsonl_source_rows_are_line_numbers(tmp_path):
+    """Blank lines count: a JSON Lines row is named by the line an editor shows."""
+    project = setup(Case("lines", "fetch", [], **data("in.jsonl", jsonl(ok(1)) + b"\n  \n" + jsonl(ok(2)))), tmp_path)
+    done = stage(project, "fetch")
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in (project / "data/raw/rows.jsonl").read_text().splitlines()]
+    assert [r["source_row"] for r in rows] == [1, 4]
+
+
+def test_stale_temporaries_of_a_killed_run_are_removed(tmp_path):
+    """A SIGKILL skips every cleanup: the next run of the stage removes what it left."""
+    project = setup(Case("stale", "fetch", [], **FIVE_ROWS), tmp_path)
+    stale = project / "data" / ".raw.tmp-k1ll3d00"
+    (stale / "rows.jsonl").parent.mkdir(parents=True)
+    (stale / "rows.jsonl").write_text("half")
+    (project / "data" / ".raw.old-k1ll3d00").mkdir()
+    other = project / "data" / ".formatted.tmp-k1ll3d00"
+    other.mkdir()
+    done = stage(project, "fetch")
+    assert done.returncode == 0, done.stderr
+    assert not stale.exists() and not (project / "data" / ".raw.old-k1ll3d00").exists()
+    assert other.exists()  # another target's temporary: its own stage removes it
+    ignored = subprocess.run(["git", "check-ignore", "-q", "--no-index", "data/.raw.tmp-k1ll3d00"], cwd=REPO)
+    assert ignored.returncode == 0, ".gitignore does not ignore atomic-write temporaries"
+
+
+def test_train_loss_not_finite(project_with_base, monkeypatch, capsys, tokenizer):
+    """A learning rate that makes the run diverge stops it with one line, not an adapter of NaN weights."""
+    from sabia_ift.config import TokenizeConfig
+    from sabia_ift.data.tokenization import tokenize
+
+    formatted(project_with_base, {"train": [ok(i) for i in range(16)], "val": [], "test": []})
+    tokenize(TokenizeConfig(max_length=128), tokenizer, 2048, project_with_base / "data" / "formatted",
+             project_with_base / "data" / "tokenized")
+    write_params(project_with_base, {"train": {
+        "device": "cpu", "lr": 1e30, "max_steps": 4, "logging_steps": 1, "save_steps": 100, "live": False,
+        "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}}})
+    line = run_script("stages.train", COMMANDS["train"][2:], project_with_base, monkeypatch, capsys)
+    for word in ("train:", "became nan", "diverged", "train.lr is 1e+30", "lower train.lr"):
+        assert word in line, f"{word!r} not in {line!r}"
+    record("train-loss-not-finite", "train", line)
+    for out in ("models/adapter", "metrics/train.json"):
+        assert not (project_with_base / out).exists()

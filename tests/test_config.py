@@ -87,3 +87,40 @@ def test_missing_file_and_bad_yaml(tmp_path):
 def test_section_must_be_a_mapping():
     with pytest.raises(ConfigError, match="section train must be a mapping"):
         parse_section("train", [1, 2])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"train": {"lr": float("inf")}}, "train.lr: Input should be a finite number"),
+        ({"train": {"warmup": float("inf")}}, "train.warmup: Input should be a finite number"),
+        ({"train": {"epochs": float("nan")}}, "train.epochs: Input should be a finite number"),
+        ({"base": {"tiny": {"pretrain_lr": float("inf")}}}, "base.tiny.pretrain_lr: Input should be a finite"),
+        ({"tokenize": {"max_drop_share": float("nan")}}, "tokenize.max_drop_share: Input should be a finite"),
+        ({"format": {"test_size": 1.0}}, "format.test_size: must be a row count (an integer, 0 or more) or a "
+                                         "share (a number strictly between 0 and 1), got 1.0; for a row count write 1"),
+        ({"format": {"val_size": float("inf")}}, "format.val_size: must be a row count"),
+        ({"format": {"test_size": True}}, "format.test_size: expected a number, not a boolean"),
+        ({"fetch": {"max_rows": True}}, "fetch.max_rows: expected a number, not a boolean"),
+        ({"train": {"seed": False}}, "train.seed: expected a number, not a boolean"),
+        ({"fetch": {"path": True}}, "fetch.path: expected a string, not a boolean"),
+        ({"fetch": {"path": None}}, "fetch.path is required when fetch.source is file"),
+        ({"tokenize": {"max_drop_share": 1.5}}, "tokenize.max_drop_share"),
+    ],
+)
+def test_surprising_values_are_refused(tmp_path, overrides, message):
+    path = write(tmp_path, deep_merge(default_params(), overrides))
+    section = next(iter(overrides))
+    with pytest.raises(ConfigError) as info:
+        load_section(section, path)
+    assert message in str(info.value)
+    assert "Value error" not in str(info.value)
+
+
+def test_split_sizes_keep_their_meaning():
+    fmt = parse_section("format", {"val_size": 0, "test_size": 0.5})
+    assert fmt.val_size == 0 and isinstance(fmt.val_size, int) and fmt.test_size == 0.5
+    assert parse_section("format", {"test_size": 1}).test_size == 1
+    # A Hub source needs no path; booleans still go where booleans are meant.
+    assert parse_section("fetch", {"source": "hub", "path": None}).path is None
+    assert parse_section("train", {"double_quant": False}).double_quant is False

@@ -39,3 +39,92 @@ def test_token_loss_is_the_mean_over_trained_tokens(tiny_base, tokenizer):
         count += int(mask.sum())
     assert got == pytest.approx(total / count, rel=1e-5)
     assert math.isfinite(got)
+
+
+@pytest.fixture(scope="module")
+def short_context_base(tiny_base, tmp_path_factory):
+    """The tiny base with a 64-token context, so prompts run into it."""
+    import json
+    import shutil
+
+    folder = tmp_path_factory.mktemp("short") / "base"
+    shutil.copytree(tiny_base, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["max_position_embeddings"] = 64
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def adapter(short_context_base, tmp_path_factory):
+    """An untrained LoRA adapter, saved as the train stage saves one."""
+    from peft import LoraConfig, get_peft_model
+
+    from sabia_ift.artifacts import TrainMeta
+
+    folder = tmp_path_factory.mktemp("adapter") / "adapter"
+    model = load_model(short_context_base, quantization="none", double_quant=False, dtype=torch.float32,
+                       device="cpu")
+    get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], task_type="CAUSAL_LM")
+                   ).save_pretrained(str(folder))
+    TrainMeta(quantization="none", double_quant=False, precision="fp32", base={}).write(folder)
+    return folder
+
+
+def prepare(tmp_path, tokenizer, splits):
+    from sabia_ift.config import TokenizeConfig
+    from sabia_ift.data.tokenization import tokenize
+    from sabia_ift.io import write_jsonl
+    from sabia_ift.template import build_prompt
+
+    n = 0
+    for split, outputs in splits.items():
+        rows = []
+        for output in outputs:
+            n += 1
+            rows.append({"prompt": build_prompt(f"Pergunta {n}?"), "response": output, "instruction": f"Pergunta {n}?",
+                         "input": "", "source_row": n})
+        write_jsonl(tmp_path / "formatted" / f"{split}.jsonl", rows)
+    tokenize(TokenizeConfig(max_length=64, max_drop_share=1), tokenizer, 64, tmp_path / "formatted",
+             tmp_path / "tokenized")
+
+
+def run_evaluate(tmp_path, base, adapter, **cfg):
+    from sabia_ift.config import EvaluateConfig
+    from sabia_ift.evaluation.evaluation import evaluate
+    from sabia_ift.io import read_jsonl
+
+    metrics = evaluate(EvaluateConfig(device="cpu", **cfg), base, adapter, tmp_path / "formatted",
+                       tmp_path / "tokenized", tmp_path / "samples.jsonl")
+    return metrics, read_jsonl(tmp_path / "samples.jsonl")
+
+
+def test_evaluate_asks_what_tokenize_kept_within_the_context(short_context_base, adapter, tokenizer, tmp_path,
+                                                             offline_metric):
+    prepare(tmp_path, tokenizer, {"train": ["Sim."], "val": ["Não."],
+                                  "test": ["Um.", "palavra " * 100, "Três.", "Quatro."]})
+    metrics, samples = run_evaluate(tmp_path, short_context_base, adapter, max_new_tokens=48, max_samples=2)
+    # Row 4 (the long one) was dropped by tokenize: never generated for, never scored.
+    assert [s["source_row"] for s in samples] == [3, 5]
+    assert metrics["samples"] == 2 and metrics["context_length"] == 64 and metrics["capped_by_context"] == 2
+    for name in ("base", "tuned"):
+        prompt = max(len(tokenizer(s["prompt"])["input_ids"]) for s in samples)
+        assert 0 < metrics[name]["mean_new_tokens"] <= 64 - prompt
+        assert metrics[name]["val_loss"] > 0
+
+
+def test_evaluate_without_a_test_split(short_context_base, adapter, tokenizer, tmp_path, offline_metric):
+    """format.test_size: 0: no generation, said in the metrics; the validation loss is still measured."""
+    import json
+
+    from sabia_ift.io import write_json
+
+    prepare(tmp_path, tokenizer, {"train": ["Sim."], "val": ["Não."], "test": []})
+    metrics, samples = run_evaluate(tmp_path, short_context_base, adapter)
+    assert metrics["samples"] == 0 and "format.test_size: 0" in metrics["skipped"] and samples == []
+    assert "eos_stop_rate" not in metrics["tuned"] and metrics["tuned"]["val_loss"] > 0
+    prepare(tmp_path / "none", tokenizer, {"train": ["Sim."], "val": [], "test": []})
+    metrics, _ = run_evaluate(tmp_path / "none", short_context_base, adapter)
+    assert metrics["base"]["val_loss"] is None and metrics["delta"] == {}
+    write_json(tmp_path / "eval.json", metrics)
+    json.loads((tmp_path / "eval.json").read_text())

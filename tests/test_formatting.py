@@ -65,3 +65,51 @@ def test_random_rows_through_format_and_tokenize(tokenizer, rows):
     if counts["truncated"] == 0 and counts["boundary_fallback"] == 0:
         for r, ids in zip([r for r in kept if len(encode_prompt(tokenizer, r["prompt"])) < 95], examples["input_ids"]):
             assert ids[-1] == tokenizer.eos_token_id
+
+
+def test_invisible_and_control_characters_are_removed():
+    assert normalize_text("Olá\u200b mundo\u2060!\ufeff") == "Olá mundo!"
+    assert normalize_text("pa\u00adla\u00advra") == "palavra"  # soft hyphens
+    assert normalize_text("a\x00b\x07c\x1b[31md\x7f") == "abc[31md"  # NUL, BEL, ESC, DEL
+    assert normalize_text("\u200b\u200b \u200d\ufeff") == ""  # nothing visible is empty
+    assert normalize_text("linha 1\n\tlinha 2") == "linha 1\n linha 2"  # newline and tab are text
+    assert normalize_text("👩\u200d💻") == "👩\u200d💻"  # joiners inside emoji stay
+
+
+def test_invisible_rows_are_dropped_and_duplicates_found():
+    rows = [
+        {"instruction": "A?", "input": "", "output": "a", "source_row": 1},
+        {"instruction": "\u200b", "input": "", "output": "b", "source_row": 2},     # only a zero-width space
+        {"instruction": "C?", "input": "", "output": "\x00\x07", "source_row": 3},  # only control characters
+        {"instruction": "A?\u200b", "input": "", "output": "a\ufeff", "source_row": 4},  # invisible tail
+        {"instruction": "D?\x1b", "input": "", "output": "d", "source_row": 5},
+    ]
+    kept, dropped = clean_rows(rows)
+    assert [(r["source_row"], r["instruction"]) for r in kept] == [(1, "A?"), (5, "D?")]
+    assert "\x1b" not in kept[1]["prompt"]
+    assert dropped == [
+        {"source_row": 2, "reason": "empty_instruction"},
+        {"source_row": 3, "reason": "empty_output"},
+        {"source_row": 4, "reason": "duplicate", "duplicate_of": 1},
+    ]
+
+
+def test_invisible_characters_are_counted(tmp_path):
+    from sabia_ift.config import FormatConfig
+    from sabia_ift.data.formatting import format_rows
+    from sabia_ift.io import write_jsonl
+
+    rows = [{"instruction": f"P{i}?", "input": "", "output": f"R{i}.", "source_row": i} for i in range(1, 9)]
+    rows[2]["output"] += "\u200b"
+    rows[5]["instruction"] = "\u200b"
+    write_jsonl(tmp_path / "raw" / "rows.jsonl", rows)
+    counts = format_rows(FormatConfig(val_size=0, test_size=1), tmp_path / "raw", tmp_path / "out")
+    assert counts["cleaned_invisible_chars"] == 2 and counts["dropped_empty_instruction"] == 1
+    assert (counts["train_rows"], counts["val_rows"], counts["test_rows"]) == (6, 0, 1)
+
+
+def test_a_share_never_rounds_a_split_away():
+    # 0.1 of 3 rows would round to 0: a share asks for a split, so it gets one row.
+    assert split_sizes(3, 0.1, 0.1) == (1, 1)
+    assert split_sizes(3, 0, 0.1) == (0, 1)
+    assert split_sizes(1000, 0.0004, 0) == (1, 0)

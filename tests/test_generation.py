@@ -1,5 +1,6 @@
 """Batched left-padded greedy generation gives what one-at-a-time generation gives."""
 
+import pytest
 import torch
 
 from sabia_ift.evaluation.generation import generate
@@ -33,3 +34,16 @@ def test_stop_detection(tiny_base, tokenizer):
     out = generate(model, tokenizer, [encode_prompt(tokenizer, build_prompt("Continue."))],
                    max_new_tokens=8, batch_size=1, device="cpu")[0]
     assert not out.stopped and out.new_tokens == 8
+
+
+def test_answers_never_run_past_the_context(tiny_base, tokenizer):
+    from sabia_ift.errors import ModelError
+
+    model = load_model(tiny_base, quantization="none", double_quant=False, dtype=torch.float32, device="cpu")
+    prompt = encode_prompt(tokenizer, build_prompt("Conte uma história longa."))
+    context = len(prompt) + 5
+    out = generate(model, tokenizer, [prompt], max_new_tokens=40, batch_size=1, device="cpu", context_length=context)
+    assert out[0].new_tokens <= 5
+    with pytest.raises(ModelError, match=f"a prompt of {len(prompt)} tokens leaves no room"):
+        generate(model, tokenizer, [prompt], max_new_tokens=4, batch_size=1, device="cpu",
+                 context_length=len(prompt))

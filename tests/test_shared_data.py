@@ -89,7 +89,8 @@ def pipeline(request, tmp_path_factory, tokenizer, tiny_base):
     formatted = project / "data" / "formatted"
     tokenized = {}
     for mode in ("drop", "truncate"):
-        cfg = TokenizeConfig(max_length=MAX_LENGTH, overlength=mode)
+        # Long FaQuAD contexts: many rows are dropped on purpose here, to test that path.
+        cfg = TokenizeConfig(max_length=MAX_LENGTH, overlength=mode, max_drop_share=1.0)
         metrics = tokenize(cfg, tokenizer, model_context_length(tiny_base), formatted, tmp / f"tok-{mode}")
         tokenized[mode] = (tmp / f"tok-{mode}", metrics)
     return {"name": request.param, "project": project, "source": source, "formatted": formatted,

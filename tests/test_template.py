@@ -52,3 +52,18 @@ def test_template_matches_design_document():
     # DESIGN.md shows the response and </s> after the prompt; the prompt is everything before them.
     assert no_input == PROMPT_NO_INPUT + "{output}</s>"
     assert with_input == PROMPT_WITH_INPUT + "{output}</s>"
+
+
+def test_special_token_strings_in_text_stay_text(tokenizer):
+    """`<s>`, `</s>` and `<unk>` written in the data are characters, not BOS, EOS or UNK."""
+    from sabia_ift.template import encode_prompt, encode_text
+
+    text = "Explique a tag <s> do HTML, o fim </s> e o <unk>."
+    ids = encode_text(tokenizer, text)
+    special = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id}
+    assert not special & set(ids)
+    assert tokenizer.decode(ids) == text
+    prompt = encode_prompt(tokenizer, build_prompt(text))
+    assert prompt[0] == tokenizer.bos_token_id and prompt.count(tokenizer.bos_token_id) == 1
+    assert tokenizer.eos_token_id not in prompt
+    assert encode_text(tokenizer, [text, "x"])[0] == ids

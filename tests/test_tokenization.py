@@ -132,3 +132,88 @@ def test_label_invariants_hold_for_any_row(tokenizer, instruction, input_, outpu
         if counts["boundary_fallback"] == 0:
             check_invariants(tokenizer, ex, prompt_ids, max_length, truncated=bool(counts["truncated"]))
         assert any(label != IGNORE_INDEX for label in ex["labels"])
+
+
+def test_special_token_strings_are_text_not_tokens(tokenizer):
+    """The issue's HTML row: one BOS, first; one EOS label, last."""
+    r = row("Explique a tag <s> do HTML.", "A tag <s>texto</s> mostra o texto riscado.")
+    examples, counts = tokenize_split(tokenizer, [r], TokenizeConfig(max_length=256))
+    ids, labels = examples["input_ids"][0], examples["labels"][0]
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    assert ids.count(bos) == 1 and ids[0] == bos
+    assert ids.count(eos) == 1 and ids[-1] == eos
+    assert [label for label in labels if label == eos] == [eos] and labels[-1] == eos
+    assert tokenizer.unk_token_id not in ids
+    prompt_length = examples["prompt_length"][0]
+    assert ids[:prompt_length] == encode_prompt(tokenizer, r["prompt"])
+    assert tokenizer.decode(ids[prompt_length:-1]) == r["response"]
+    assert counts["boundary_fallback"] == 0
+
+
+def test_examples_remember_their_row(tokenizer):
+    rows = [{**row("Curta?", "Sim."), "source_row": 7}, {**row("Longa?", "palavra " * 200), "source_row": 9},
+            {**row("Outra?", "Não."), "source_row": 12}]
+    examples, counts = tokenize_split(tokenizer, rows, TokenizeConfig(max_length=96, max_drop_share=1))
+    assert examples["source_row"] == [7, 12]
+    for ids, labels, n in zip(examples["input_ids"], examples["labels"], examples["prompt_length"]):
+        assert labels[:n] == [IGNORE_INDEX] * n and labels[n] != IGNORE_INDEX
+    assert (counts["dropped"], counts["drop_share"]) == (1, 0.3333)
+
+
+def write_formatted(folder, sizes, long_every=0):
+    folder.mkdir(parents=True, exist_ok=True)
+    n = 0
+    for split, size in sizes.items():
+        with (folder / f"{split}.jsonl").open("w") as fh:
+            for i in range(size):
+                n += 1
+                output = "palavra " * 300 if long_every and n % long_every == 0 else f"Resposta número {i}."
+                fh.write(json.dumps({**row(f"Pergunta {i}?", output), "source_row": n}) + "\n")
+
+
+def test_drops_above_the_allowed_share_are_refused(tokenizer, tmp_path):
+    write_formatted(tmp_path / "formatted", {"train": 10, "val": 5, "test": 5}, long_every=4)
+    cfg = TokenizeConfig(max_length=128, max_drop_share=0.2)
+    with pytest.raises(ConfigError) as info:
+        tokenize(cfg, tokenizer, 2048, tmp_path / "formatted", tmp_path / "tok")
+    message = str(info.value)
+    assert "tokenize.max_drop_share: 5 of 20 rows (25.0%)" in message
+    # Five rows of 300 words need far more than 128 tokens: 95% of rows fit only a max_length that holds them.
+    keep = int(message.split("a tokenize.max_length of ")[1].split()[0])
+    assert keep > 128
+    assert not (tmp_path / "tok").exists()
+    metrics = tokenize(TokenizeConfig(max_length=keep, max_drop_share=0.2), tokenizer, 2048,
+                       tmp_path / "formatted", tmp_path / "tok")
+    assert sum(metrics[s]["dropped"] for s in ("train", "val", "test")) <= 1
+    metrics = tokenize(TokenizeConfig(max_length=128, max_drop_share=0.25), tokenizer, 2048,
+                       tmp_path / "formatted", tmp_path / "tok")
+    assert metrics["train"]["dropped"] == 2 and metrics["train"]["drop_share"] == 0.2
+
+
+def test_stage_says_what_it_dropped(tokenizer, tmp_path):
+    from sabia_ift.data.tokenization import summary
+
+    write_formatted(tmp_path / "formatted", {"train": 10, "val": 4, "test": 4}, long_every=9)
+    metrics = tokenize(TokenizeConfig(max_length=128, max_drop_share=0.5), tokenizer, 2048,
+                       tmp_path / "formatted", tmp_path / "tok")
+    assert summary(metrics) == ("tokenized: train 9 of 10 rows (1 dropped, 10.0%, too long for max_length 128); "
+                                "val 4 of 4 rows; test 3 of 4 rows (1 dropped, 25.0%, too long for max_length 128)")
+
+
+def test_empty_splits_are_left_out_and_load(tokenizer, tmp_path):
+    """The pinned datasets writes no file for an empty split, and load_from_disk then fails."""
+    from sabia_ift.artifacts import load_tokenized
+
+    write_formatted(tmp_path / "formatted", {"train": 4, "val": 0, "test": 0})
+    metrics = tokenize(TokenizeConfig(max_length=128), tokenizer, 2048, tmp_path / "formatted", tmp_path / "tok")
+    assert metrics["val"]["rows"] == metrics["test"]["rows"] == 0
+    data = load_tokenized(tmp_path / "tok")
+    assert list(data) == ["train"] and len(data["train"]) == 4
+    assert data.get("validation") is None
+
+
+def test_no_training_row_left_is_refused(tokenizer, tmp_path):
+    write_formatted(tmp_path / "formatted", {"train": 2, "val": 1, "test": 1}, long_every=1)
+    with pytest.raises(ConfigError, match="train.jsonl: no training row fits tokenize.max_length 64"):
+        tokenize(TokenizeConfig(max_length=64, max_drop_share=1), tokenizer, 2048, tmp_path / "formatted",
+                 tmp_path / "tok")

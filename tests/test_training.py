@@ -112,3 +112,46 @@ def test_gradient_checkpointing_keeps_lora_gradients(tiny_base, tokenized, tmp_p
     metrics, _ = train(small_config(gradient_checkpointing=mode), tiny_base, tokenized, tmp_path / "adapter",
                        tmp_path / "ckpt", None)
     assert metrics["final_train_loss"] < metrics["first_train_loss"]
+
+
+def test_non_finite_loss_stops_training():
+    import math
+
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from sabia_ift.errors import SabiaError
+    from sabia_ift.train.guards import NonFiniteLossError, NonFiniteLossGuard
+
+    guard = NonFiniteLossGuard(lr=2e-4)
+    state = TrainerState()
+    state.global_step = 7
+    args = TrainingArguments(output_dir="unused", report_to="none")
+    guard.on_log(args, state, TrainerControl(), logs={"loss": 2.5, "grad_norm": 1.0})
+    for key, value in (("loss", math.nan), ("grad_norm", math.inf), ("eval_loss", -math.inf)):
+        with pytest.raises(NonFiniteLossError, match=f"train: {key} became .* at step 7: the run diverged"):
+            guard.on_log(args, state, TrainerControl(), logs={key: value})
+    assert issubclass(NonFiniteLossError, SabiaError)
+
+
+def test_nan_losses_are_not_hidden_from_the_guard(tmp_path):
+    from sabia_ift.train.training import training_arguments
+
+    from sabia_ift.train.distributed import World
+
+    one = World(1, 0, 0)
+    args = training_arguments(small_config(), tmp_path, "cpu", None, 1, True, one)
+    assert args.logging_nan_inf_filter is False and args.eval_strategy == "steps"
+    assert training_arguments(small_config(), tmp_path, "cpu", None, 1, False, one).eval_strategy == "no"
+
+
+def test_train_without_validation(tiny_base, tokenizer, tmp_path):
+    """format.val_size: 0 (or every validation row too long): no evaluation, said in the metrics."""
+    kept, _ = clean_rows([{**r, "source_row": i + 1} for i, r in enumerate(generate_rows(0)[:32])])
+    for split, rows in (("train", kept), ("val", []), ("test", [])):
+        write_jsonl(tmp_path / f"{split}.jsonl", rows)
+    tokenize(TokenizeConfig(max_length=256), tokenizer, 2048, tmp_path, tmp_path / "tokenized")
+    metrics, _ = train(small_config(max_steps=2, live=False), tiny_base, tmp_path / "tokenized", tmp_path / "adapter",
+                    tmp_path / "ckpt", None)
+    assert metrics["steps"] == 2 and metrics["validation_rows"] == 0
+    assert metrics["eval_loss"] is None and metrics["eval_perplexity"] is None
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()

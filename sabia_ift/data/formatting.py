@@ -6,6 +6,7 @@ metrics/format.json; nothing disappears without a number.
 
 from __future__ import annotations
 
+import logging
 import random
 from collections import Counter
 from pathlib import Path
@@ -16,11 +17,16 @@ from ..config import FormatConfig
 from ..errors import ConfigError, DataError
 from ..io import atomic_path, read_jsonl, write_jsonl
 from ..template import build_prompt
-from ..text import normalize_text
+from ..text import has_invisible, normalize_text
+
+log = logging.getLogger(__name__)
+
 
 def split_sizes(n: int, val_size: int | float, test_size: int | float) -> tuple[int, int]:
+    """Rows for validation and test. A share asks for a non-empty split: on small
+    data, where it would round to 0 rows, it gets 1. Only 0 means none."""
     def count(size: int | float) -> int:
-        return int(size) if isinstance(size, int) else round(size * n)
+        return int(size) if isinstance(size, int) else max(1, round(size * n))
 
     val, test = count(val_size), count(test_size)
     if val + test >= n:
@@ -34,7 +40,11 @@ def split_sizes(n: int, val_size: int | float, test_size: int | float) -> tuple[
 
 
 def clean_rows(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Rows kept (with their prompt) and rows dropped (with the reason)."""
+    """Rows kept (with their prompt) and rows dropped (with the reason).
+
+    Text is normalised first (text.normalize_text), so a row of invisible
+    characters is empty and a trailing zero-width space does not hide a duplicate.
+    """
     seen: dict[tuple[str, str, str], int] = {}
     kept, dropped = [], []
     for row in rows:
@@ -71,10 +81,15 @@ def format_rows(cfg: FormatConfig, raw_dir: str | Path, out_dir: str | Path) -> 
     rows = read_jsonl(Path(raw_dir) / RAW_ROWS)
     kept, dropped = clean_rows(rows)
     counts = Counter(f"dropped_{d['reason']}" for d in dropped)
+    invisible = sum(1 for row in rows if any(has_invisible(row[f]) for f in ("instruction", "input", "output")))
     if not kept:
         reasons = ", ".join(f"{n} {k.removeprefix('dropped_')}" for k, n in sorted(counts.items()))
         raise DataError(f"{Path(raw_dir) / RAW_ROWS}: no usable rows left after cleaning ({reasons})")
     val_n, test_n = split_sizes(len(kept), cfg.val_size, cfg.test_size)
+    for key, n in (("val_size", val_n), ("test_size", test_n)):
+        if n == 0:
+            log.warning("format.%s is 0: no %s split (%s)", key, key.removesuffix("_size"),
+                        "training runs without evaluation" if key == "val_size" else "evaluate skips generation")
     order = list(range(len(kept)))
     random.Random(cfg.seed).shuffle(order)
     # Each split keeps source order so the files read naturally.
@@ -93,6 +108,8 @@ def format_rows(cfg: FormatConfig, raw_dir: str | Path, out_dir: str | Path) -> 
         "dropped_empty_instruction": counts["dropped_empty_instruction"],
         "dropped_empty_output": counts["dropped_empty_output"],
         "dropped_duplicate": counts["dropped_duplicate"],
+        # Rows whose text lost invisible or control characters (zero-width spaces, NUL, ESC, ...).
+        "cleaned_invisible_chars": invisible,
         "rows_out": len(kept),
         "with_input_share": round(with_input / len(kept), 4) if kept else 0.0,
         **{f"{split}_rows": len(picks[split]) for split in SPLITS},

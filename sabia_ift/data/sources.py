@@ -9,12 +9,16 @@ fields, duplicates) are the format stage's to count.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import gzip
 import io
 import json
 import logging
 import random
 import re
+import sys
+import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,16 +26,24 @@ from typing import Any
 from ..artifacts import RAW_MANIFEST, RAW_ROWS
 from ..config import ColumnMap, FetchConfig, is_commit_sha
 from ..errors import ConfigError, DataError
-from ..io import atomic_path, sha256_file, write_json
+from ..io import atomic_path, dumps, sha256_file, write_json
 
 FIELDS = ("instruction", "input", "output")
 log = logging.getLogger(__name__)
 
 
+def is_gzipped(path: Path) -> bool:
+    return path.suffix.lower() == ".gz"
+
+
 def detect_format(path: Path, declared: str) -> str:
+    """The file's format: declared, or from its suffix (before a `.gz`, which means gzip)."""
+    gz = is_gzipped(path)
+    if gz and (declared == "parquet" or Path(path.stem).suffix.lower() == ".parquet"):
+        raise ConfigError(f"fetch.path: {path}: parquet compresses its own data; read it without gzip")
     if declared != "auto":
         return declared
-    suffix = path.suffix.lower()
+    suffix = Path(path.stem).suffix.lower() if gz else path.suffix.lower()
     formats = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
     if suffix not in formats:
         raise ConfigError(
@@ -41,16 +53,57 @@ def detect_format(path: Path, declared: str) -> str:
     return formats[suffix]
 
 
+# Compressed or archive files named like plain data: what their first bytes say.
+_MAGIC = {b"\x1f\x8b": "gzip", b"PK\x03\x04": "zip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz",
+          b"\x28\xb5\x2f\xfd": "zstd"}
+
+
+def _check_readable(path: Path) -> None:
+    """One clear line for a path that names no readable data file."""
+    if not path.exists():
+        raise DataError(f"{path}: no such data file (fetch.path)")
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder; fetch.path must name a data file")
+    if not path.is_file():
+        raise DataError(f"{path}: not a regular file (a device, pipe or socket); fetch.path must name a data file")
+
+
+def _check_compression(path: Path, fmt: str) -> None:
+    """A compressed file named as plain text is named for what it is, not as invalid UTF-8."""
+    if fmt == "parquet" or is_gzipped(path):
+        return
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(6)
+    except OSError as exc:
+        raise DataError(f"{path}: cannot be read: {exc.strerror or exc} (fetch.path)") from None
+    for magic, kind in _MAGIC.items():
+        if head.startswith(magic):
+            hint = f"; name it {path.name}.gz to read it as is" if kind == "gzip" else "; decompress it first"
+            raise DataError(f"{path}: is a {kind}-compressed file, not plain {fmt} text{hint}")
+
+
+@contextlib.contextmanager
+def _open_bytes(path: Path):
+    """The file's bytes, decompressed when it ends in .gz; a damaged archive is a DataError."""
+    fh = gzip.open(path, "rb") if is_gzipped(path) else path.open("rb")
+    try:
+        with fh:
+            yield fh
+    except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
+        raise DataError(f"{path}: not a valid gzip file ({str(exc) or type(exc).__name__})") from None
+
+
 _BOM = b"\xef\xbb\xbf"
 # Lone surrogates: what surrogateescape makes of invalid UTF-8 bytes, or a bad \\udXXX JSON escape.
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 
-def _decode(raw: bytes, path: Path, row: int) -> str:
+def _decode(raw: bytes, path: Path, line: int) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: row {row}: invalid UTF-8 at byte {exc.start} of the line") from None
+        raise DataError(f"{path}: line {line}: invalid UTF-8 at byte {exc.start} of the line") from None
 
 
 def _read_text(path: Path) -> str:
@@ -59,27 +112,31 @@ def _read_text(path: Path) -> str:
     Invalid UTF-8 bytes survive as lone surrogates (surrogateescape), so the
     row that holds them is named by normalize_record rather than the file as a whole.
     """
-    raw = path.read_bytes()
+    with _open_bytes(path) as fh:
+        raw = fh.read()
     if raw.startswith(_BOM):
         raw = raw[len(_BOM):]
     return raw.decode("utf-8", errors="surrogateescape")
 
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
-    with path.open("rb") as fh:
-        row = 0
-        for raw in fh:
-            if row == 0 and raw.startswith(_BOM):
+    """(line number, record) for each non-blank line: JSON Lines rows are named by
+    their physical line, which an editor or `sed -n Np` finds, blank lines and all."""
+    with _open_bytes(path) as fh:
+        for line_no, raw in enumerate(fh, start=1):
+            if line_no == 1 and raw.startswith(_BOM):
                 raw = raw[len(_BOM):]
             if not raw.strip():
                 continue
-            row += 1
-            line = _decode(raw, path, row)
+            line = _decode(raw, path, line_no)
             try:
-                yield row, json.loads(line)
+                record = json.loads(line)
             except json.JSONDecodeError as exc:
                 hint = " (the line looks truncated)" if not raw.endswith(b"\n") else ""
-                raise DataError(f"{path}: row {row}: not valid JSON{hint}: {exc.msg}") from None
+                raise DataError(f"{path}: line {line_no}: not valid JSON{hint}: {exc.msg}") from None
+            except RecursionError:
+                raise DataError(f"{path}: line {line_no}: JSON nested too deeply to read") from None
+            yield line_no, record
 
 
 def _iter_json(path: Path) -> Iterator[tuple[int, Any]]:
@@ -90,12 +147,29 @@ def _iter_json(path: Path) -> Iterator[tuple[int, Any]]:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}: not valid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+    except RecursionError:
+        raise DataError(f"{path}: JSON nested too deeply to read; expected a list of row objects") from None
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a JSON list of row objects, got {type(data).__name__}")
     yield from enumerate(data, start=1)
 
 
+def _raise_csv_field_limit() -> None:
+    """Python's csv refuses cells over 131,072 characters; a long context is a valid cell.
+
+    The largest limit the platform's C long holds (sys.maxsize overflows it on Windows).
+    """
+    limit = sys.maxsize
+    while True:
+        try:
+            csv.field_size_limit(limit)
+            return
+        except OverflowError:
+            limit //= 2
+
+
 def _iter_csv(path: Path, columns: ColumnMap) -> Iterator[tuple[int, Any]]:
+    _raise_csv_field_limit()
     text = _read_text(path)
     reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
     row = 0  # data rows after the header, 1-based like every source_row
@@ -153,10 +227,15 @@ def _kind(value: Any) -> str:
     return f"{kind} ({shown})" if len(shown) <= 40 else kind
 
 
-def normalize_record(record: Any, row: int, columns: ColumnMap, where: str) -> dict[str, Any]:
-    """Map one source record to {instruction, input, output}; strict on types, lenient on a missing input."""
+def normalize_record(record: Any, row: int, columns: ColumnMap, where: str, unit: str = "row") -> dict[str, Any]:
+    """Map one source record to {instruction, input, output}; strict on types, lenient on a missing input.
+
+    `row` is the record's place in the source, named `unit` in messages: `line`
+    for JSON Lines (the physical line), `row` elsewhere (1-based data rows).
+    """
+    at = f"{where}: {unit} {row}"
     if not isinstance(record, dict):
-        raise DataError(f"{where}: row {row}: expected an object with fields, got {type(record).__name__}")
+        raise DataError(f"{at}: expected an object with fields, got {type(record).__name__}")
     out: dict[str, Any] = {}
     for field in FIELDS:
         name = getattr(columns, field)
@@ -168,16 +247,16 @@ def normalize_record(record: Any, row: int, columns: ColumnMap, where: str) -> d
                 # Alpaca rows often omit an empty input.
                 out[field] = ""
                 continue
-            raise DataError(f"{where}: row {row}: missing field {name!r} (fetch.columns.{field})")
+            raise DataError(f"{at}: missing field {name!r} (fetch.columns.{field})")
         value = record[name]
         if value is None and field == "input":
             value = ""
         if not isinstance(value, str):
-            raise DataError(f"{where}: row {row}: field {name!r} must be a string, got {_kind(value)}")
+            raise DataError(f"{at}: field {name!r} must be a string, got {_kind(value)}")
         bad = _SURROGATE.search(value)
         if bad:
             raise DataError(
-                f"{where}: row {row}: field {name!r} is not valid UTF-8 text "
+                f"{at}: field {name!r} is not valid UTF-8 text "
                 f"(an invalid byte or a lone surrogate at character {bad.start() + 1})"
             )
         out[field] = value
@@ -187,9 +266,9 @@ def normalize_record(record: Any, row: int, columns: ColumnMap, where: str) -> d
 
 def read_file(path: str | Path, file_format: str, columns: ColumnMap) -> list[dict[str, Any]]:
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such data file (fetch.path)")
+    _check_readable(path)
     fmt = detect_format(path, file_format)
+    _check_compression(path, fmt)
     if fmt == "jsonl":
         records = _iter_jsonl(path)
     elif fmt == "json":
@@ -198,7 +277,10 @@ def read_file(path: str | Path, file_format: str, columns: ColumnMap) -> list[di
         records = _iter_csv(path, columns)
     else:
         records = _iter_parquet(path, columns)
-    records = list(records)
+    try:
+        records = list(records)
+    except OSError as exc:
+        raise DataError(f"{path}: cannot be read: {exc.strerror or exc} (fetch.path)") from None
     if not records:
         raise DataError(f"{path}: the data file holds no rows")
     name = columns.input
@@ -209,7 +291,8 @@ def read_file(path: str | Path, file_format: str, columns: ColumnMap) -> list[di
                 f"{path}: fetch.columns.input names column {name!r}, which no row has; "
                 "set it to the right name, or to null for data without inputs"
             )
-    return [normalize_record(record, row, columns, str(path)) for row, record in records]
+    unit = "line" if fmt == "jsonl" else "row"
+    return [normalize_record(record, row, columns, str(path), unit) for row, record in records]
 
 
 def subsample(n: int, max_rows: int | None, seed: int) -> list[int]:
@@ -266,13 +349,13 @@ def fetch(cfg: FetchConfig, out_dir: str | Path) -> dict[str, Any]:
         total = len(rows)
         rows = [rows[i] for i in subsample(total, cfg.max_rows, cfg.seed)]
         origin = {"path": cfg.path, "format": detect_format(Path(cfg.path), cfg.file_format),
-                  "sha256": sha256_file(cfg.path)}
+                  "compression": "gzip" if is_gzipped(Path(cfg.path)) else None, "sha256": sha256_file(cfg.path)}
     else:
         rows, total, origin = read_hub(cfg)
     with atomic_path(out_dir, is_dir=True) as tmp:
         with (tmp / RAW_ROWS).open("w", encoding="utf-8") as fh:
             for row in rows:
-                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+                fh.write(dumps(row) + "\n")
         manifest = {
             "source": cfg.source,
             **origin,

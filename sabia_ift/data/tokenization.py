@@ -8,6 +8,8 @@ No padding is added: the collator pads each batch to its own longest row.
 
 from __future__ import annotations
 
+import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,9 @@ from ..config import TokenizeConfig
 from ..errors import ConfigError
 from ..artifacts import HF_SPLITS, split_file
 from ..io import atomic_path, read_jsonl
-from ..template import IGNORE_INDEX
+from ..template import IGNORE_INDEX, encode_text
+
+log = logging.getLogger(__name__)
 
 def encode_pairs(tokenizer, prompts: list[str], responses: list[str]) -> tuple[list[list[int]], list[list[int]], int]:
     """Prompt ids and response ids for each pair, and how many pairs needed the fallback.
@@ -28,15 +32,15 @@ def encode_pairs(tokenizer, prompts: list[str], responses: list[str]) -> tuple[l
     newline), the prompt is kept as inference sees it and the response is
     tokenized alone; such rows are counted.
     """
-    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-    full_ids = tokenizer([p + r for p, r in zip(prompts, responses)], add_special_tokens=False)["input_ids"]
+    prompt_ids = encode_text(tokenizer, prompts)
+    full_ids = encode_text(tokenizer, [p + r for p, r in zip(prompts, responses)])
     response_ids, fallback = [], 0
     for p, f, response in zip(prompt_ids, full_ids, responses):
         if f[: len(p)] == p:
             response_ids.append(f[len(p):])
         else:
             fallback += 1
-            response_ids.append(tokenizer(response, add_special_tokens=False)["input_ids"])
+            response_ids.append(encode_text(tokenizer, response))
     return prompt_ids, response_ids, fallback
 
 
@@ -70,10 +74,17 @@ def length_stats(lengths: list[int]) -> dict[str, float]:
     }
 
 
-def tokenize_split(tokenizer, rows: list[dict[str, Any]], cfg: TokenizeConfig, batch: int = 1024):
-    """Examples and counters for one split."""
+def tokenize_split(tokenizer, rows: list[dict[str, Any]], cfg: TokenizeConfig, batch: int = 1024,
+                   needed: list[int] | None = None):
+    """Examples and counters for one split.
+
+    Each example keeps its row's `source_row` and `prompt_length` (BOS + prompt),
+    so evaluation asks exactly the prompts that survived here. `needed`, when
+    given, receives each row's shortest max_length that would keep it.
+    """
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    examples: dict[str, list] = {"input_ids": [], "labels": [], "length": []}
+    examples: dict[str, list] = {"input_ids": [], "labels": [], "length": [], "source_row": [],
+                                 "prompt_length": []}
     counts = {"rows_in": len(rows), "rows": 0, "truncated": 0, "dropped_too_long": 0,
               "dropped_prompt_too_long": 0, "boundary_fallback": 0, "tokens": 0, "trained_tokens": 0}
     for start in range(0, len(rows), batch):
@@ -82,7 +93,10 @@ def tokenize_split(tokenizer, rows: list[dict[str, Any]], cfg: TokenizeConfig, b
             tokenizer, [r["prompt"] for r in chunk], [r["response"] for r in chunk]
         )
         counts["boundary_fallback"] += fallback
-        for p, r in zip(prompts, responses):
+        for i, (row, p, r) in enumerate(zip(chunk, prompts, responses)):
+            if needed is not None:
+                # Kept whole: BOS + prompt + response + EOS; truncated: at least one response token.
+                needed.append(len(p) + len(r) + 2 if cfg.overlength == "drop" else len(p) + 2)
             example, status = build_example(p, r, bos, eos, cfg.max_length, cfg.overlength)
             if example is None:
                 counts[f"dropped_{status}"] += 1
@@ -91,11 +105,50 @@ def tokenize_split(tokenizer, rows: list[dict[str, Any]], cfg: TokenizeConfig, b
             examples["input_ids"].append(example["input_ids"])
             examples["labels"].append(example["labels"])
             examples["length"].append(len(example["input_ids"]))
+            # Rows made by hand (tests, scripts) may lack one: their place in the split stands in.
+            examples["source_row"].append(row.get("source_row", start + i + 1))
+            examples["prompt_length"].append(1 + len(p))
             counts["rows"] += 1
             counts["tokens"] += len(example["input_ids"])
             counts["trained_tokens"] += sum(1 for t in example["labels"] if t != IGNORE_INDEX)
+    counts["dropped"] = counts["dropped_too_long"] + counts["dropped_prompt_too_long"]
+    counts["drop_share"] = round(counts["dropped"] / len(rows), 4) if rows else 0.0
     counts["length"] = length_stats(examples["length"])
     return examples, counts
+
+
+def check_drop_share(cfg: TokenizeConfig, metrics: dict[str, dict[str, Any]], needed: list[int],
+                     context_length: int | None) -> None:
+    """Refuse to lose more than tokenize.max_drop_share of the rows to max_length, silently or not."""
+    rows_in = sum(m["rows_in"] for m in metrics.values())
+    dropped = sum(m["dropped"] for m in metrics.values())
+    if not rows_in or dropped / rows_in <= cfg.max_drop_share:
+        return
+    keep95 = int(math.ceil(np.percentile(np.asarray(needed), 95, method="higher")))
+    per_split = ", ".join(f"{split} {m['dropped']} of {m['rows_in']}" for split, m in metrics.items())
+    advice = f"a tokenize.max_length of {keep95} would keep 95% of rows"
+    if context_length is not None and keep95 > context_length:
+        advice += f", but the base model's context is {context_length} tokens"
+    other = "tokenize.overlength: truncate, or " if cfg.overlength == "drop" else ""
+    raise ConfigError(
+        f"tokenize.max_drop_share: {dropped} of {rows_in} rows ({dropped / rows_in:.1%}) do not fit "
+        f"tokenize.max_length {cfg.max_length} and would be dropped ({per_split}), above the allowed "
+        f"{cfg.max_drop_share:.1%}; {advice}. Or set {other}a higher tokenize.max_drop_share"
+    )
+
+
+def summary(metrics: dict[str, Any]) -> str:
+    """What the stage prints: rows kept and dropped per split."""
+    parts = []
+    for split in HF_SPLITS:
+        m = metrics[split]
+        part = f"{split} {m['rows']} of {m['rows_in']} rows"
+        if m["dropped"]:
+            part += f" ({m['dropped']} dropped, {m['drop_share']:.1%}, too long for max_length {metrics['max_length']})"
+        if m["truncated"]:
+            part += f" ({m['truncated']} truncated)"
+        parts.append(part)
+    return "tokenized: " + "; ".join(parts)
 
 
 def tokenize(cfg: TokenizeConfig, tokenizer, context_length: int | None, formatted_dir: str | Path,
@@ -111,14 +164,28 @@ def tokenize(cfg: TokenizeConfig, tokenizer, context_length: int | None, formatt
         "input_ids": datasets.Sequence(datasets.Value("int32")),
         "labels": datasets.Sequence(datasets.Value("int32")),
         "length": datasets.Value("int32"),
+        "source_row": datasets.Value("int64"),
+        "prompt_length": datasets.Value("int32"),
     })
-    splits, metrics = {}, {}
+    splits, metrics, needed = {}, {}, []
     for split in HF_SPLITS:
         rows = read_jsonl(split_file(formatted_dir, split))
-        examples, counts = tokenize_split(tokenizer, rows, cfg)
-        splits[HF_SPLITS[split]] = datasets.Dataset.from_dict(examples, features=features)
+        examples, counts = tokenize_split(tokenizer, rows, cfg, needed=needed)
         metrics[split] = counts
+        if counts["rows"]:
+            splits[HF_SPLITS[split]] = datasets.Dataset.from_dict(examples, features=features)
+    check_drop_share(cfg, metrics, needed, context_length)
+    if not metrics["train"]["rows"]:
+        raise ConfigError(f"{split_file(formatted_dir, 'train')}: no training row fits tokenize.max_length "
+                          f"{cfg.max_length} ({metrics['train']['rows_in']} rows in the train split)")
+    for split, split_name in (("val", "validation"), ("test", "test")):
+        if not metrics[split]["rows"]:
+            log.warning("the %s split is empty after tokenize (%d rows in): %s", split_name,
+                        metrics[split]["rows_in"],
+                        "training runs without evaluation" if split == "val" else "evaluate skips generation")
     with atomic_path(out_dir, is_dir=True) as tmp:
+        # Empty splits are left out: the pinned datasets writes no file for one,
+        # and load_from_disk would then fail. Readers treat a missing split as empty.
         datasets.DatasetDict(splits).save_to_disk(str(tmp))
     # No timings here: metrics/tokenize.json must be identical on every rerun.
     return {"max_length": cfg.max_length, "overlength": cfg.overlength, **metrics}

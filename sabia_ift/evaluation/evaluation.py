@@ -9,19 +9,22 @@ exact match, mean new tokens, and loss/perplexity on the validation split.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from pathlib import Path
 from typing import Any
 
 from ..config import EvaluateConfig
-from ..errors import ModelError
+from ..errors import DataError
 from .generation import Generation, generate
 from ..io import read_jsonl, write_jsonl
 from .metrics import load_metric
-from ..artifacts import HF_SPLITS, split_file
+from ..artifacts import HF_SPLITS, load_tokenized, split_file
 from ..modeling import load_tuned, pick_device
-from ..template import IGNORE_INDEX, encode_prompt
+from ..template import IGNORE_INDEX
 from ..text import normalize_text
+
+log = logging.getLogger(__name__)
 
 def token_loss(model, tokenizer, dataset, batch_size: int, device: str) -> float:
     """Mean loss per trained token (response and EOS), weighted by tokens, not by batch."""
@@ -65,24 +68,62 @@ def score(generations: list[Generation], references: list[str], ngram: int) -> d
     }
 
 
+def test_prompts(formatted_dir: str | Path, test_split, max_samples: int | None
+                 ) -> tuple[list[dict[str, Any]], list[list[int]]]:
+    """The test rows that survived tokenize, in its order, with their prompt ids.
+
+    Prompts come from the tokenized examples (BOS + prompt, as trained), so a
+    row tokenize dropped (too long for the model) is never generated for; the
+    reference text comes from the formatted row with the same source_row.
+    """
+    if test_split is None:
+        return [], []
+    if "source_row" not in test_split.column_names or "prompt_length" not in test_split.column_names:
+        raise DataError("data/tokenized: the test split has no source_row/prompt_length columns "
+                        "(written by an older version); rerun the tokenize stage")
+    path = split_file(formatted_dir, "test")
+    by_source = {row["source_row"]: row for row in read_jsonl(path)}
+    n = len(test_split) if max_samples is None else min(max_samples, len(test_split))
+    head = test_split.select(range(n))
+    rows, prompts = [], []
+    for source_row, ids, prompt_length in zip(head["source_row"], head["input_ids"], head["prompt_length"]):
+        if source_row not in by_source:
+            raise DataError(f"{path}: no row with source_row {source_row}, which data/tokenized holds; "
+                            "rerun the tokenize stage")
+        rows.append(by_source[source_row])
+        prompts.append(list(ids[:prompt_length]))
+    return rows, prompts
+
+
 def evaluate(cfg: EvaluateConfig, base_dir: str | Path, adapter_dir: str | Path, formatted_dir: str | Path,
              tokenized_dir: str | Path, samples_path: str | Path) -> dict[str, Any]:
-    """Run the evaluate stage; returns metrics/eval.json's content and writes the samples file."""
-    import datasets
+    """Run the evaluate stage; returns metrics/eval.json's content and writes the samples file.
+
+    An empty test split (format.test_size: 0, or tokenize dropped every test
+    row) skips generation; an empty validation split leaves val_loss null.
+    """
     import torch
     from transformers import set_seed
 
     set_seed(0)
     device = pick_device(cfg.device, "evaluate.device")
     tokenizer, model = load_tuned(base_dir, adapter_dir, device)
-    rows = read_jsonl(split_file(formatted_dir, "test"))
-    if cfg.max_samples is not None:
-        rows = rows[: cfg.max_samples]
+    data = load_tokenized(tokenized_dir)
+    rows, prompts = test_prompts(formatted_dir, data.get(HF_SPLITS["test"]), cfg.max_samples)
+    validation = data.get(HF_SPLITS["val"])
+    info: dict[str, Any] = {"samples": len(rows), "max_new_tokens": cfg.max_new_tokens}
     if not rows:
-        raise ModelError(f"{formatted_dir}/test.jsonl: the test split is empty; raise format.test_size")
-    prompts = [encode_prompt(tokenizer, row["prompt"]) for row in rows]
+        info["skipped"] = "the test split is empty (format.test_size: 0, or tokenize dropped every test row)"
+        log.warning("%s: no generation metrics", info["skipped"])
     references = [row["response"] for row in rows]
-    validation = datasets.load_from_disk(str(tokenized_dir))[HF_SPLITS["val"]]
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context is not None:
+        # Prompt + answer must fit the model's context; longer prompts get a shorter budget.
+        capped = sum(1 for p in prompts if len(p) + cfg.max_new_tokens > context)
+        info.update(context_length=context, capped_by_context=capped)
+        if capped:
+            log.warning("%d test prompts leave fewer than evaluate.max_new_tokens (%d) tokens of the model's "
+                        "%d-token context; their answers are capped to fit", capped, cfg.max_new_tokens, context)
 
     results, outputs = {}, {}
     for name in ("base", "tuned"):
@@ -90,11 +131,11 @@ def evaluate(cfg: EvaluateConfig, base_dir: str | Path, adapter_dir: str | Path,
         switch = model.disable_adapter() if name == "base" else contextlib.nullcontext()
         with switch, torch.inference_mode():
             gens = generate(model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens,
-                            batch_size=cfg.batch_size, device=device)
-            loss = token_loss(model, tokenizer, validation, cfg.batch_size, device) if len(validation) else float("nan")
+                            batch_size=cfg.batch_size, device=device, context_length=context) if rows else []
+            loss = token_loss(model, tokenizer, validation, cfg.batch_size, device) if validation else math.nan
         outputs[name] = gens
-        results[name] = {**score(gens, references, cfg.repetition_ngram),
-                         "val_loss": round(loss, 6),
+        results[name] = {**(score(gens, references, cfg.repetition_ngram) if rows else {}),
+                         "val_loss": round(loss, 6) if math.isfinite(loss) else None,
                          "val_perplexity": round(math.exp(loss), 4) if math.isfinite(loss) else None}
 
     write_jsonl(samples_path, (
@@ -105,4 +146,4 @@ def evaluate(cfg: EvaluateConfig, base_dir: str | Path, adapter_dir: str | Path,
     delta = {k: round(results["tuned"][k] - results["base"][k], 4)
              for k in results["base"] if isinstance(results["base"][k], (int, float))
              and isinstance(results["tuned"][k], (int, float))}
-    return {"samples": len(rows), "max_new_tokens": cfg.max_new_tokens, **results, "delta": delta}
+    return {**info, **results, "delta": delta}

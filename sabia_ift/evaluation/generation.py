@@ -15,16 +15,24 @@ class Generation:
 
 
 def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, batch_size: int,
-             device: str) -> list[Generation]:
-    """Continue each tokenized prompt (BOS included) greedily, in batches of similar length."""
+             device: str, context_length: int | None = None) -> list[Generation]:
+    """Continue each tokenized prompt (BOS included) greedily, in batches of similar length.
+
+    With `context_length`, prompt + answer never exceed it: a batch whose longest
+    prompt leaves less room gets fewer new tokens; a prompt that fills the
+    context on its own is a ModelError.
+    """
     import torch
     from transformers import GenerationConfig
 
+    from ..errors import ModelError
+
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    config = GenerationConfig(
-        do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
-        eos_token_id=eos, pad_token_id=pad, bos_token_id=tokenizer.bos_token_id,
-    )
+    if context_length is not None:
+        longest = max((len(p) for p in prompts), default=0)
+        if longest >= context_length:
+            raise ModelError(f"a prompt of {longest} tokens leaves no room in the model's "
+                             f"{context_length}-token context; shorten it")
     # Sorting by length keeps left padding short; results go back in input order.
     order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
     results: list[Generation | None] = [None] * len(prompts)
@@ -32,6 +40,11 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         width = max(len(prompts[i]) for i in idx)
+        budget = max_new_tokens if context_length is None else min(max_new_tokens, context_length - width)
+        config = GenerationConfig(
+            do_sample=False, num_beams=1, max_new_tokens=budget,
+            eos_token_id=eos, pad_token_id=pad, bos_token_id=tokenizer.bos_token_id,
+        )
         input_ids = torch.full((len(idx), width), pad, dtype=torch.long)
         attention = torch.zeros((len(idx), width), dtype=torch.long)
         for row, i in enumerate(idx):

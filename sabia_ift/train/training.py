@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..artifacts import HF_SPLITS, TrainMeta
+from ..artifacts import HF_SPLITS, TrainMeta, load_tokenized
 from ..config import TrainConfig
-from ..errors import ModelError
+from ..errors import DataError
 from ..io import atomic_path, write_json
 from ..modeling import (
     BaseRef,
@@ -195,6 +195,7 @@ def training_arguments(cfg: TrainConfig, checkpoint_dir: Path, device: str, dtyp
         logging_steps=cfg.logging_steps,
         logging_first_step=True,
         eval_strategy="steps" if has_eval else "no",
+        logging_nan_inf_filter=False,  # NonFiniteLossGuard must see a NaN loss, not the running mean
         eval_steps=cfg.eval_steps,
         save_strategy="steps",
         save_steps=cfg.save_steps,
@@ -252,15 +253,10 @@ def setup(cfg: TrainConfig) -> Setup:
 
 def load_splits(tokenized_dir: Path):
     """The train split and the validation split (None when format.val_size is 0)."""
-    import datasets
-
-    try:
-        data = datasets.load_from_disk(str(tokenized_dir))
-    except FileNotFoundError:
-        raise ModelError(f"{tokenized_dir}: no tokenized data; run the tokenize stage first") from None
-    train_set = data[HF_SPLITS["train"]]
-    if len(train_set) == 0:
-        raise ModelError(f"{tokenized_dir}: the train split is empty; see metrics/tokenize.json")
+    data = load_tokenized(tokenized_dir)
+    train_set = data.get(HF_SPLITS["train"])
+    if train_set is None or len(train_set) == 0:
+        raise DataError(f"{tokenized_dir}: the train split is empty; see metrics/tokenize.json")
     val = data.get(HF_SPLITS["val"])
     return train_set, (val if val is not None and len(val) else None)
 
@@ -299,6 +295,7 @@ def train(cfg: TrainConfig, base_dir: str | Path, tokenized_dir: str | Path, ada
     from transformers import set_seed
 
     from .callbacks import LiveCurves, StepTimer
+    from .guards import NonFiniteLossGuard
 
     base_dir, tokenized_dir, checkpoint_dir = Path(base_dir), Path(tokenized_dir), Path(checkpoint_dir)
     run = setup(cfg)
@@ -317,7 +314,7 @@ def train(cfg: TrainConfig, base_dir: str | Path, tokenized_dir: str | Path, ada
     trainable, total = model.get_nb_trainable_parameters()
     train_set, val_set = load_splits(tokenized_dir)
     if val_set is None:
-        log.warning("no validation split (format.val_size: 0): training without evaluation")
+        log.warning("no validation split: training runs without evaluation (eval_loss is null in the metrics)")
 
     collator = CountingCollator(tokenizer, packing=cfg.packing, varlen=run.attention == kernels.VARLEN,
                                 pad_to_multiple_of=8 if run.device == "cuda" else None)
@@ -337,7 +334,8 @@ def train(cfg: TrainConfig, base_dir: str | Path, tokenized_dir: str | Path, ada
         log.warning("resuming from %s", resume)
 
     timer = StepTimer(collator)
-    callbacks = [timer]
+    # The guard comes first, so a non-finite loss never reaches the curves.
+    callbacks = [NonFiniteLossGuard(cfg.lr), timer]
     if cfg.live and live_dir is not None and world.is_main:
         callbacks.append(LiveCurves(Path(live_dir)))
     trainer = _make_trainer_class()(
@@ -382,6 +380,7 @@ def train(cfg: TrainConfig, base_dir: str | Path, tokenized_dir: str | Path, ada
         "steps": int(trainer.state.global_step),
         "epochs": round(float(trainer.state.epoch or 0), 4),
         "train_rows": len(train_set),
+        "validation_rows": len(val_set) if val_set is not None else 0,
         "resumed_from_step": int(resume.name.removeprefix(CHECKPOINT_PREFIX)) if resume else 0,
     }
     timings = {
