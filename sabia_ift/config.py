@@ -159,6 +159,9 @@ class TrainConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Write DVCLive curves (needs dvclive; the GPU benchmark turns it off).
     live: bool = True
+    # Experiment trackers: `dvclive` (the project's curves in metrics/curves), plus any of the
+    # Trainer's integrations wandb, mlflow, tensorboard (each must be installed). [] reports nowhere.
+    report_to: list[Literal["dvclive", "wandb", "mlflow", "tensorboard"]] = ["dvclive"]
 
     @model_validator(mode="after")
     def _warmup(self) -> TrainConfig:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -15,8 +16,12 @@ class Generation:
 
 
 def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, batch_size: int,
-             device: str) -> list[Generation]:
-    """Continue each tokenized prompt (BOS included) greedily, in batches of similar length."""
+             device: str, progress: Callable[[int], None] | None = None) -> list[Generation]:
+    """Continue each tokenized prompt (BOS included) greedily, in batches of similar length.
+
+    `progress`, if given, is called with the number of prompts each finished
+    batch answered (a sabia_ift.progress.Progress fits).
+    """
     import torch
     from transformers import GenerationConfig
 
@@ -51,4 +56,6 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
                 new_tokens=len(new) + int(stopped),
                 stopped=stopped,
             )
+        if progress is not None:
+            progress(len(idx))
     return results  # type: ignore[return-value]
