@@ -55,7 +55,14 @@ def _chat(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     if not args.terminal:
+        import importlib.util
+
+        from .errors import ConfigError
         from .serve import chat_app_path
+
+        if importlib.util.find_spec("streamlit") is None:
+            raise ConfigError("sabia-ift chat: the browser app needs streamlit: pip install 'sabia-ift[chat]' "
+                              "(or chat in the terminal: sabia-ift chat --terminal)")
 
         env = {**os.environ, "SABIA_IFT_BASE": str(Path(args.base).resolve()),
                "SABIA_IFT_ADAPTER": str(Path(args.adapter).resolve()), "SABIA_IFT_DEVICE": args.device}
