@@ -86,10 +86,12 @@ def _load_snippet(kind: Kind, facts: CardFacts, repo_id: str | None) -> str:
             f"# loads {facts.base_name} at the revision the adapter names\n"
             f'tokenizer = AutoTokenizer.from_pretrained("{adapter}")'
         )
-    # A local base is named by the path it had in training; give it explicitly.
+    # A local base is named by the path it had in training (relative for the
+    # tiny default), so the line names it by absolute path.
+    base_path = facts.base_name if Path(facts.base_name).is_absolute() else f"/absolute/path/to/{facts.base_name}"
     return (
         "from peft import PeftModel\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-        f'base = AutoModelForCausalLM.from_pretrained("/absolute/path/to/{facts.base_name}")\n'
+        f'base = AutoModelForCausalLM.from_pretrained("{base_path}")\n'
         f'model = PeftModel.from_pretrained(base, "{adapter}")\n'
         f'tokenizer = AutoTokenizer.from_pretrained("{adapter}")'
     )
@@ -97,7 +99,8 @@ def _load_snippet(kind: Kind, facts: CardFacts, repo_id: str | None) -> str:
 
 def _data_section(data: dict[str, Any] | None) -> list[str]:
     if not data:
-        return ["Not recorded here (data/raw/manifest.json was not found when this card was written)."]
+        return ["Not in this card: `sabia-ift export` adds the data source and its revision "
+                "(data/raw/manifest.json) after `dvc repro`."]
     if data.get("source") == "hub":
         lines = [f"- Dataset: `{data.get('dataset')}`, split `{data.get('split')}`, "
                  f"revision `{data.get('revision')}`"]
@@ -128,7 +131,7 @@ def _metrics_section(metrics: dict[str, Any]) -> list[str]:
     if others:
         lines += ["", "Other recorded metrics:", "", "```json",
                   json.dumps({k: metrics[k] for k in others}, indent=2, ensure_ascii=False), "```"]
-    return lines or ["Not measured yet: run the evaluate stage (`dvc repro`) and export again."]
+    return lines or ["Not in this card: `sabia-ift export` adds metrics/*.json after the evaluate stage has run."]
 
 
 def render(facts: CardFacts, kind: Kind, *, repo_id: str | None = None) -> str:
@@ -161,7 +164,7 @@ def render(facts: CardFacts, kind: Kind, *, repo_id: str | None = None) -> str:
         lines += ["The `train` section of params.yaml:", "", "```yaml",
                   yaml.safe_dump(facts.train_params, sort_keys=False, allow_unicode=True).strip(), "```"]
     else:
-        lines.append("Not recorded here (params.yaml was not found when this card was written).")
+        lines.append("Not in this card (params.yaml was not found when it was written).")
     lines += ["", "## Metrics", "", *_metrics_section(facts.metrics), ""]
     return "\n".join(lines)
 

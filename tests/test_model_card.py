@@ -22,4 +22,4 @@ def test_hub_base_card_names_base_and_revision(tmp_path):
     card = render(facts, "adapter")
     assert "base_model: maritaca-ai/sabia-7b" in card and f"revision `{'a' * 40}`" in card
     assert "AutoPeftModelForCausalLM.from_pretrained(" in card
-    assert "Not measured yet" in card and "manifest.json was not found" in card
+    assert "adds metrics/*.json" in card and "adds the data source and its revision" in card
