@@ -58,10 +58,10 @@ def test_answers_match_the_chat_library_and_survive_a_settings_change(app, tiny_
     app.button[0].click().run()
     chat = Chat.load(tiny_base, tuned_adapter, "cpu")
     expected = chat.answer("Resuma o texto.", "O rio corre para o mar.", Settings(max_new_tokens=16), "tuned")
-    assert answers(app)["tuned"][0] == (expected.text or "(empty answer)")
+    assert answers(app)["tuned"][0] == (expected.text or "(no visible text)")
     # Changing a setting reruns the script; the last answers stay on screen until the next question.
     app.radio(key="mode").set_value("sampling").run()
-    assert answers(app)["tuned"][0] == (expected.text or "(empty answer)")
+    assert answers(app)["tuned"][0] == (expected.text or "(no visible text)")
     assert not app.slider(key="temperature").disabled
 
 

@@ -41,7 +41,7 @@ def sidebar_settings() -> Settings:
 
 
 def show_answer(answer: Answer) -> None:
-    st.text(answer.text or "(empty answer)")
+    st.text(answer.text or "(no visible text)")
     st.caption(answer.describe())
 
 
