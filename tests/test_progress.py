@@ -115,3 +115,14 @@ def test_the_hub_token_never_reaches_a_tracker(tmp_path, monkeypatch):
     args = TrainingArguments(output_dir=str(tmp_path), report_to="none", hub_token=secret, use_cpu=True)
     sent = json.dumps(args.to_dict(), default=str) + json.dumps(TrainConfig().model_dump())
     assert secret not in sent
+
+
+def test_tokenize_reports_rows(tokenizer, capsys):
+    from sabia_ift.config import TokenizeConfig
+    from sabia_ift.data.tokenization import tokenize_split
+
+    rows = [{"prompt": f"Pergunta {i}?\n", "response": "Sim."} for i in range(10)]
+    tokenize_split(tokenizer, rows, TokenizeConfig(max_length=64), batch=5, label="tokenize train")
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(",")[0] for line in lines] == ["tokenize train: row 5/10 (50%)",
+                                                     "tokenize train: row 10/10 (100%)"]

@@ -17,6 +17,7 @@ from ..config import TokenizeConfig
 from ..errors import ConfigError
 from ..artifacts import HF_SPLITS, split_file
 from ..io import atomic_path, read_jsonl
+from ..progress import Progress
 from ..template import IGNORE_INDEX
 
 def encode_pairs(tokenizer, prompts: list[str], responses: list[str]) -> tuple[list[list[int]], list[list[int]], int]:
@@ -70,12 +71,14 @@ def length_stats(lengths: list[int]) -> dict[str, float]:
     }
 
 
-def tokenize_split(tokenizer, rows: list[dict[str, Any]], cfg: TokenizeConfig, batch: int = 1024):
-    """Examples and counters for one split."""
+def tokenize_split(tokenizer, rows: list[dict[str, Any]], cfg: TokenizeConfig, batch: int = 1024,
+                   label: str = "tokenize"):
+    """Examples and counters for one split; progress goes to stderr under `label`."""
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     examples: dict[str, list] = {"input_ids": [], "labels": [], "length": []}
     counts = {"rows_in": len(rows), "rows": 0, "truncated": 0, "dropped_too_long": 0,
               "dropped_prompt_too_long": 0, "boundary_fallback": 0, "tokens": 0, "trained_tokens": 0}
+    progress = Progress(len(rows), label, unit="row")
     for start in range(0, len(rows), batch):
         chunk = rows[start:start + batch]
         prompts, responses, fallback = encode_pairs(
@@ -94,6 +97,8 @@ def tokenize_split(tokenizer, rows: list[dict[str, Any]], cfg: TokenizeConfig, b
             counts["rows"] += 1
             counts["tokens"] += len(example["input_ids"])
             counts["trained_tokens"] += sum(1 for t in example["labels"] if t != IGNORE_INDEX)
+        progress(len(chunk))
+    progress.close()
     counts["length"] = length_stats(examples["length"])
     return examples, counts
 
@@ -115,7 +120,7 @@ def tokenize(cfg: TokenizeConfig, tokenizer, context_length: int | None, formatt
     splits, metrics = {}, {}
     for split in HF_SPLITS:
         rows = read_jsonl(split_file(formatted_dir, split))
-        examples, counts = tokenize_split(tokenizer, rows, cfg)
+        examples, counts = tokenize_split(tokenizer, rows, cfg, label=f"tokenize {split}")
         splits[HF_SPLITS[split]] = datasets.Dataset.from_dict(examples, features=features)
         metrics[split] = counts
     with atomic_path(out_dir, is_dir=True) as tmp:
