@@ -48,7 +48,7 @@ def main() -> None:
         "fetch": {"source": "file", "path": str(args.rows), "max_rows": None},
         "format": {"val_size": 16, "test_size": 16},
         "train": {**FAST, "lora": LORA, "max_steps": args.steps + 2, "logging_steps": 1, "eval_steps": 100000,
-                  "save_steps": 100000, "live": False},
+                  "save_steps": 100000, "report_to": []},
     }
     params = write_params(work / "params.yaml", common)
     base, raw, formatted, tokenized = (work / n for n in ("models/base", "data/raw", "data/formatted",

@@ -127,7 +127,7 @@ def main() -> None:
         "fetch": {"source": "file", "path": str(args.rows), "max_rows": None},
         "format": {"val_size": 16, "test_size": 16},
         "train": {"max_steps": args.steps, "logging_steps": 5, "eval_steps": 100000, "save_steps": 100000,
-                  "live": False},
+                  "report_to": []},
         "evaluate": {"max_samples": 8, "max_new_tokens": 64, "batch_size": 8, "samples_to_write": 8},
     }
     params = write_params(work / "params.yaml", common)

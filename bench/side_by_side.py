@@ -97,7 +97,7 @@ def main() -> None:
         "fetch": {"source": "file", "path": str(args.rows), "max_rows": None},
         "format": {"val_size": 16, "test_size": 16},
         "train": {"max_steps": args.steps + 2, "logging_steps": 5, "eval_steps": 100000, "save_steps": 100000,
-                  "live": False, "lora": LORA, "devices": 1},
+                  "report_to": [], "lora": LORA, "devices": 1},
     }
     params = write_params(work / "params.yaml", common)
     base, raw, formatted, tokenized = (work / n for n in ("models/base", "data/raw", "data/formatted",

@@ -2,6 +2,8 @@
 
     sabia-ift check-params [params.yaml]      validate every section, as the stages will
     sabia-ift generate "instrução" [--input]  answer with the tuned model (models/adapter)
+    sabia-ift chat [--terminal]               base and tuned side by side in the browser (or the terminal)
+    sabia-ift export [--merged OUT] [--push-to-hub REPO]   standalone merged model; publish to the Hub
     sabia-ift report --base REV [--head REV]  Markdown report of metrics, params and curves
     sabia-ift make-sample OUT                 regenerate the bundled sample
 """
@@ -40,6 +42,57 @@ def _generate(args: argparse.Namespace) -> None:
         print(f"[stopped at max_new_tokens={args.max_new_tokens} without EOS]", file=sys.stderr)
 
 
+def _settings(args: argparse.Namespace):
+    from .serve.chat import Settings
+
+    return Settings(sampling=args.sampling, temperature=args.temperature, top_p=args.top_p,
+                    max_new_tokens=args.max_new_tokens, repetition_penalty=args.repetition_penalty,
+                    seed=args.seed)
+
+
+def _chat(args: argparse.Namespace) -> None:
+    import os
+    import subprocess
+    from pathlib import Path
+
+    if not args.terminal:
+        import importlib.util
+
+        from .errors import ConfigError
+        from .serve import chat_app_path
+
+        if importlib.util.find_spec("streamlit") is None:
+            raise ConfigError("sabia-ift chat: the browser app needs streamlit: pip install 'sabia-ift[chat]' "
+                              "(or chat in the terminal: sabia-ift chat --terminal)")
+
+        env = {**os.environ, "SABIA_IFT_BASE": str(Path(args.base).resolve()),
+               "SABIA_IFT_ADAPTER": str(Path(args.adapter).resolve()), "SABIA_IFT_DEVICE": args.device}
+        print(f"chat: http://{args.host}:{args.port} (Ctrl-C stops it)", file=sys.stderr)
+        cmd = [sys.executable, "-m", "streamlit", "run", str(chat_app_path()), "--server.address", args.host,
+               "--server.port", str(args.port), "--server.headless", "true",
+               "--browser.gatherUsageStats", "false"]
+        with contextlib.suppress(KeyboardInterrupt):
+            subprocess.run(cmd, env=env, check=False)
+        return
+    from .serve.chat import Chat
+    from .serve.terminal import answer_to, repl
+
+    settings = _settings(args)
+    chat = Chat.load(args.base, args.adapter, args.device)
+    which = ["base", "tuned"] if args.model == "both" else [args.model]
+    if args.instruction:
+        answer_to(sys.stdout, chat, args.instruction, args.input, settings, which)
+    else:
+        repl(chat, settings, which, ask_input=args.ask_input)
+
+
+def _export(args: argparse.Namespace) -> None:
+    from .serve.export import export
+
+    export(args.base, args.adapter, merged=args.merged, push_to=args.push_to_hub, dtype=args.dtype,
+           device=args.device, private=not args.public)
+
+
 def _report(args: argparse.Namespace) -> None:
     from .report import build_report
 
@@ -70,6 +123,39 @@ def parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     gen.add_argument("--base-model", action="store_true", help="answer with the base model (adapter off)")
     gen.set_defaults(func=_generate)
+
+    chat = sub.add_parser("chat", help="talk to base and tuned models: browser app, or --terminal")
+    chat.add_argument("instruction", nargs="?", help="with --terminal: answer this one instruction and exit")
+    chat.add_argument("--terminal", action="store_true", help="chat in the terminal instead of the browser")
+    chat.add_argument("--host", default="127.0.0.1",
+                      help="address the browser app listens on (default: this machine only)")
+    chat.add_argument("--port", type=int, default=8501)
+    chat.add_argument("--base", default="models/base")
+    chat.add_argument("--adapter", default="models/adapter")
+    chat.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    term = chat.add_argument_group("terminal chat")
+    term.add_argument("--model", default="tuned", choices=["tuned", "base", "both"])
+    term.add_argument("--input", default="", help="the optional input of a one-shot instruction")
+    term.add_argument("--ask-input", action="store_true", help="also ask for an input after each instruction")
+    term.add_argument("--sampling", action="store_true", help="sample instead of greedy decoding")
+    term.add_argument("--temperature", type=float, default=0.7)
+    term.add_argument("--top-p", type=float, default=0.9)
+    term.add_argument("--max-new-tokens", type=int, default=128)
+    term.add_argument("--repetition-penalty", type=float, default=1.0)
+    term.add_argument("--seed", type=int, default=0)
+    chat.set_defaults(func=_chat)
+
+    exp = sub.add_parser("export", help="merge the adapter into a standalone model and/or publish it")
+    exp.add_argument("--base", default="models/base")
+    exp.add_argument("--adapter", default="models/adapter")
+    exp.add_argument("--merged", metavar="OUT", help="write base + adapter merged into one model folder")
+    exp.add_argument("--dtype", default="bf16", help="weights of the merged model: bf16 (default), fp16, fp32")
+    exp.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"], help="where to merge")
+    exp.add_argument("--push-to-hub", metavar="REPO",
+                     help="publish to this Hub repo (the merged model if --merged, else the adapter); "
+                          "token from HF_TOKEN")
+    exp.add_argument("--public", action="store_true", help="create the Hub repo public (default: private)")
+    exp.set_defaults(func=_export)
 
     from .report import add_arguments
 

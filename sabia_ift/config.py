@@ -228,8 +228,9 @@ class TrainConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Processes that train together (DDP): `auto` = every visible GPU (1 on CPU), or a number.
     devices: Literal["auto"] | PositiveInt = "auto"
-    # Write DVCLive curves (needs dvclive; the GPU benchmark turns it off).
-    live: bool = True
+    # Experiment trackers: `dvclive` (the project's curves in metrics/curves), plus any of the
+    # Trainer's integrations wandb, mlflow, tensorboard (each must be installed). [] reports nowhere.
+    report_to: list[Literal["dvclive", "wandb", "mlflow", "tensorboard"]] = ["dvclive"]
 
     @field_validator("gradient_checkpointing", mode="before")
     @classmethod

@@ -19,6 +19,11 @@ def setup_logging() -> None:
     # The pipeline runs offline by default; a telemetry ping or Hub check would only time out.
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    # Library bars (loading weights, saving datasets) redraw with \r: in a log that is not a
+    # terminal they pile up into unreadable lines. The project's own progress lines stay.
+    if not sys.stderr.isatty():
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 
 
 def run(main: Callable[[argparse.Namespace], None], doc: str | None, *paths: str,

@@ -150,3 +150,30 @@ def _offline(monkeypatch, tmp_path_factory):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_EVALUATE_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tuned_adapter(tiny_base, tokenizer, tmp_path_factory) -> Path:
+    """An adapter on `tiny_base` trained just enough to stop at EOS (about 30 s on 2 CPU cores).
+
+    Its answers are poor, but they end with EOS where the base's never do,
+    which is what the chat and export tests need to tell the two apart.
+    """
+    from sabia_ift.config import TokenizeConfig, TrainConfig
+    from sabia_ift.data.formatting import clean_rows
+    from sabia_ift.data.tokenization import tokenize
+    from sabia_ift.io import write_jsonl
+    from sabia_ift.toy.sample import generate_rows
+    from sabia_ift.train.training import train
+
+    root = tmp_path_factory.mktemp("tuned")
+    kept, _ = clean_rows([{**r, "source_row": i + 1} for i, r in enumerate(generate_rows(0)[:300])])
+    for split, rows in (("train", kept[:256]), ("val", kept[256:272]), ("test", kept[272:288])):
+        write_jsonl(root / f"{split}.jsonl", rows)
+    tokenize(TokenizeConfig(max_length=256), tokenizer, 2048, root, root / "tokenized")
+    cfg = TrainConfig(epochs=1, lr=3e-3, logging_steps=10, eval_steps=1000, save_steps=1000, report_to=[],
+                      lora={"r": 8, "alpha": 16, "dropout": 0.0,
+                            "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                               "down_proj"]})
+    train(cfg, tiny_base, root / "tokenized", root / "adapter", root / "checkpoints", None)
+    return root / "adapter"

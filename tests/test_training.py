@@ -150,7 +150,7 @@ def test_train_without_validation(tiny_base, tokenizer, tmp_path):
     for split, rows in (("train", kept), ("val", []), ("test", [])):
         write_jsonl(tmp_path / f"{split}.jsonl", rows)
     tokenize(TokenizeConfig(max_length=256), tokenizer, 2048, tmp_path, tmp_path / "tokenized")
-    metrics, _ = train(small_config(max_steps=2, live=False), tiny_base, tmp_path / "tokenized", tmp_path / "adapter",
+    metrics, _ = train(small_config(max_steps=2, report_to=[]), tiny_base, tmp_path / "tokenized", tmp_path / "adapter",
                     tmp_path / "ckpt", None)
     assert metrics["steps"] == 2 and metrics["validation_rows"] == 0
     assert metrics["eval_loss"] is None and metrics["eval_perplexity"] is None

@@ -19,6 +19,7 @@ from ..config import TokenizeConfig
 from ..errors import ConfigError
 from ..artifacts import HF_SPLITS, split_file
 from ..io import atomic_path, read_jsonl
+from ..progress import Progress
 from ..template import IGNORE_INDEX, encode_text
 
 log = logging.getLogger(__name__)
@@ -75,8 +76,8 @@ def length_stats(lengths: list[int]) -> dict[str, float]:
 
 
 def tokenize_split(tokenizer, rows: list[dict[str, Any]], cfg: TokenizeConfig, batch: int = 1024,
-                   needed: list[int] | None = None):
-    """Examples and counters for one split.
+                   needed: list[int] | None = None, label: str = "tokenize"):
+    """Examples and counters for one split; progress goes to stderr under `label`.
 
     Each example keeps its row's `source_row` and `prompt_length` (BOS + prompt),
     so evaluation asks exactly the prompts that survived here. `needed`, when
@@ -87,6 +88,7 @@ def tokenize_split(tokenizer, rows: list[dict[str, Any]], cfg: TokenizeConfig, b
                                  "prompt_length": []}
     counts = {"rows_in": len(rows), "rows": 0, "truncated": 0, "dropped_too_long": 0,
               "dropped_prompt_too_long": 0, "boundary_fallback": 0, "tokens": 0, "trained_tokens": 0}
+    progress = Progress(len(rows), label, unit="row")
     for start in range(0, len(rows), batch):
         chunk = rows[start:start + batch]
         prompts, responses, fallback = encode_pairs(
@@ -111,6 +113,8 @@ def tokenize_split(tokenizer, rows: list[dict[str, Any]], cfg: TokenizeConfig, b
             counts["rows"] += 1
             counts["tokens"] += len(example["input_ids"])
             counts["trained_tokens"] += sum(1 for t in example["labels"] if t != IGNORE_INDEX)
+        progress(len(chunk))
+    progress.close()
     counts["dropped"] = counts["dropped_too_long"] + counts["dropped_prompt_too_long"]
     counts["drop_share"] = round(counts["dropped"] / len(rows), 4) if rows else 0.0
     counts["length"] = length_stats(examples["length"])
@@ -170,7 +174,7 @@ def tokenize(cfg: TokenizeConfig, tokenizer, context_length: int | None, formatt
     splits, metrics, needed = {}, {}, []
     for split in HF_SPLITS:
         rows = read_jsonl(split_file(formatted_dir, split))
-        examples, counts = tokenize_split(tokenizer, rows, cfg, needed=needed)
+        examples, counts = tokenize_split(tokenizer, rows, cfg, needed=needed, label=f"tokenize {split}")
         metrics[split] = counts
         if counts["rows"]:
             splits[HF_SPLITS[split]] = datasets.Dataset.from_dict(examples, features=features)

@@ -21,6 +21,7 @@ from ..io import read_jsonl, write_jsonl
 from .metrics import load_metric
 from ..artifacts import HF_SPLITS, load_tokenized, split_file
 from ..modeling import load_tuned, pick_device
+from ..progress import Progress
 from ..template import IGNORE_INDEX
 from ..text import normalize_text
 
@@ -130,8 +131,10 @@ def evaluate(cfg: EvaluateConfig, base_dir: str | Path, adapter_dir: str | Path,
         # The base model is the same weights with the adapter switched off.
         switch = model.disable_adapter() if name == "base" else contextlib.nullcontext()
         with switch, torch.inference_mode():
-            gens = generate(model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens,
-                            batch_size=cfg.batch_size, device=device, context_length=context) if rows else []
+            with Progress(len(prompts), f"evaluate {name}", unit="prompt") as progress:
+                gens = generate(model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens,
+                                batch_size=cfg.batch_size, device=device, context_length=context,
+                                progress=progress) if rows else []
             loss = token_loss(model, tokenizer, validation, cfg.batch_size, device) if validation else math.nan
         outputs[name] = gens
         results[name] = {**(score(gens, references, cfg.repetition_ngram) if rows else {}),

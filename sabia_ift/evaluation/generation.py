@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -15,12 +16,14 @@ class Generation:
 
 
 def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, batch_size: int,
-             device: str, context_length: int | None = None) -> list[Generation]:
+             device: str, context_length: int | None = None,
+             progress: Callable[[int], None] | None = None) -> list[Generation]:
     """Continue each tokenized prompt (BOS included) greedily, in batches of similar length.
 
     With `context_length`, prompt + answer never exceed it: a batch whose longest
     prompt leaves less room gets fewer new tokens; a prompt that fills the
-    context on its own is a ModelError.
+    context on its own is a ModelError. `progress`, if given, is called with the
+    number of prompts each finished batch answered (a sabia_ift.progress.Progress fits).
     """
     import torch
     from transformers import GenerationConfig
@@ -64,4 +67,6 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
                 new_tokens=len(new) + int(stopped),
                 stopped=stopped,
             )
+        if progress is not None:
+            progress(len(idx))
     return results  # type: ignore[return-value]

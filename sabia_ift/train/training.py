@@ -22,6 +22,7 @@ from ..artifacts import HF_SPLITS, TrainMeta, load_tokenized
 from ..config import TrainConfig
 from ..errors import DataError
 from ..io import atomic_path, write_json
+from ..model_card import save_adapter_extras
 from ..modeling import (
     BaseRef,
     check_target_modules,
@@ -33,6 +34,7 @@ from ..modeling import (
     resolve_base,
 )
 from . import distributed, kernels
+from .progress import progress_callbacks, project_curves, show_tqdm, trainer_report_to
 from .packing import CountingCollator, RowBatchSampler
 
 log = logging.getLogger(__name__)
@@ -207,8 +209,8 @@ def training_arguments(cfg: TrainConfig, checkpoint_dir: Path, device: str, dtyp
         # Only LoRA weights train; every one of them gets a gradient each step.
         ddp_find_unused_parameters=False,
         ddp_backend=("gloo" if device == "cpu" else "nccl") if world.size > 1 else None,
-        report_to="none",
-        disable_tqdm=True,
+        report_to=trainer_report_to(cfg.report_to) if world.is_main else "none",
+        disable_tqdm=not show_tqdm(),
         # Checkpointing is set up on the model in build_model; the Trainer must not redo it.
     )
     if world.size == 1 and args.n_gpu > 1:
@@ -271,11 +273,14 @@ def adapter_state(model) -> dict:
     return {name: param for name, param in model.named_parameters() if param.requires_grad}
 
 
-def save_adapter(model, adapter_dir: str | Path, cfg: TrainConfig, ref: BaseRef) -> None:
+def save_adapter(model, tokenizer, adapter_dir: str | Path, cfg: TrainConfig, ref: BaseRef) -> None:
+    """A PEFT adapter folder any PEFT user can load, with its tokenizer and model card."""
+    base = {"name_or_path": ref.name_or_path, "revision": ref.revision}
     with atomic_path(adapter_dir, is_dir=True) as tmp:
         model.save_pretrained(str(tmp), state_dict=adapter_state(model))
+        save_adapter_extras(tmp, tokenizer, cfg.model_dump(mode="json"), base)
         TrainMeta(quantization=cfg.quantization, double_quant=cfg.double_quant, precision=cfg.precision,
-                  base={"name_or_path": ref.name_or_path, "revision": ref.revision}).write(tmp)
+                  base=base).write(tmp)
 
 
 def _peak_memory(device: str) -> dict[str, float]:
@@ -300,6 +305,7 @@ def train(cfg: TrainConfig, base_dir: str | Path, tokenized_dir: str | Path, ada
     base_dir, tokenized_dir, checkpoint_dir = Path(base_dir), Path(tokenized_dir), Path(checkpoint_dir)
     run = setup(cfg)
     world = run.world
+    trainer_report_to(cfg.report_to)  # a tracker that is not installed fails before the model loads
     set_seed(cfg.seed)
 
     ref = resolve_base(base_dir)
@@ -335,8 +341,8 @@ def train(cfg: TrainConfig, base_dir: str | Path, tokenized_dir: str | Path, ada
 
     timer = StepTimer(collator)
     # The guard comes first, so a non-finite loss never reaches the curves.
-    callbacks = [NonFiniteLossGuard(cfg.lr), timer]
-    if cfg.live and live_dir is not None and world.is_main:
+    callbacks = [NonFiniteLossGuard(cfg.lr), timer, *(progress_callbacks() if world.is_main else [])]
+    if project_curves(cfg.report_to) and live_dir is not None and world.is_main:
         callbacks.append(LiveCurves(Path(live_dir)))
     trainer = _make_trainer_class()(
         model=model, args=args, train_dataset=train_set, eval_dataset=val_set, data_collator=collator,
@@ -361,7 +367,7 @@ def train(cfg: TrainConfig, base_dir: str | Path, tokenized_dir: str | Path, ada
     steady_inputs, steady_trained = distributed.all_reduce_sum([timer.inputs, timer.trained], run.device)
     if not world.is_main:
         return None
-    save_adapter(model, adapter_dir, cfg, ref)
+    save_adapter(model, tokenizer, adapter_dir, cfg, ref)
     clear_checkpoints(checkpoint_dir)
 
     # From the log history, which a resumed run restores from its checkpoint:
