@@ -41,6 +41,7 @@ OUTPUTS = {
     "tokenize": ["data/tokenized", "metrics/tokenize.json"],
     "train": ["models/adapter", "models/checkpoints", "metrics/curves", "metrics/train.json"],
     "evaluate": ["data/eval/samples.jsonl", "metrics/eval.json"],
+    "benchmark": ["metrics/benchmarks.json"],
 }
 
 
