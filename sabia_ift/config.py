@@ -180,7 +180,6 @@ class EvaluateConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
-BUILTIN_TASKS = ("enem", "assin2_rte", "assin2_sts", "faquad_nli", "tweetsentbr")
 GENERIC_TASKS = ("multiple_choice", "classification")
 
 

@@ -179,6 +179,28 @@ def test_fewshot_examples_are_held_out_of_the_test_rows():
     assert len(data.test) + len(shots) == benchmark_sets.EXAM_ROWS
 
 
+def test_a_hub_task_reads_the_leaderboards_copy_at_its_revision(monkeypatch, caplog):
+    import datasets
+
+    rows = [{"id": f"2022_{i}", "exam_id": "2022", "question": f"Pergunta {i}?",
+             "choices": {"text": ["um", "dois", "três", "quatro", "cinco"], "label": list("ABCDE")},
+             "answerKey": "ABCDE"[i % 5]} for i in (1, 21, 88, 143, 150)]
+    asked = []
+
+    def load_dataset(name, revision, split):
+        asked.append((name, revision, split))
+        return datasets.Dataset.from_list(rows)
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    cfg = config({"name": "enem", "kind": "enem", "dataset": "org/enem", "revision": "main"})
+    data = benchmark_data.load_task_data(cfg.tasks[0], 0)
+    assert asked == [("org/enem", "main", "train")]
+    assert "not a commit sha" in caplog.text
+    assert [r["id"] for r in data.fewshot] == ["2022_21", "2022_88", "2022_143"]
+    assert [r["id"] for r in data.test] == ["2022_1", "2022_150"] and data.test[0]["answer"] == "B"
+    assert data.source == {"dataset": "org/enem", "revision": "main"}
+
+
 # Reading answers ----------------------------------------------------------------
 
 def test_answer_readers():
@@ -213,7 +235,7 @@ def run(tiny_base, adapter):
 
 
 def test_metrics_shape(run):
-    cfg, metrics, _ = run
+    _, metrics, _ = run
     assert list(metrics) == ["exame_ll", "exame_gen"]
     for m in metrics.values():
         assert set(m) == {"metric", "base", "tuned", "delta", "n", "num_fewshot"}

@@ -27,7 +27,7 @@ import yaml
 from ..config import GENERIC_TASKS, BenchmarkConfig, BenchmarkTask
 from ..io import write_jsonl
 from ..modeling import load_tuned, pick_device
-from .benchmark_data import load_task_data, num_fewshot
+from .benchmark_data import load_task_data
 
 log = logging.getLogger(__name__)
 
