@@ -258,6 +258,92 @@ class EvaluateConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
+GENERIC_TASKS = ("multiple_choice", "classification")
+
+
+class BenchmarkColumns(_Section):
+    """Where a generic task's fields are in its file."""
+
+    # multiple_choice: the question, then either one list column of choices or
+    # one column per choice (A, B, C, ... in order), and the answer letter.
+    question: str = "question"
+    choices: str | None = "choices"
+    choice_columns: list[str] | None = None
+    answer: str = "answer"
+    # classification: the text and its label (one of the task's `labels`).
+    text: str = "text"
+    label: str = "label"
+    id: str | None = None
+
+    @model_validator(mode="after")
+    def _one_choice_source(self) -> BenchmarkColumns:
+        if self.choice_columns is not None and len(self.choice_columns) < 2:
+            raise ValueError("choice_columns needs at least two columns")
+        return self
+
+
+class BenchmarkTask(_Section):
+    """One task of the benchmark stage: a leaderboard task, or a generic one defined here."""
+
+    # The name in metrics/benchmarks.json (and lm-eval's task name).
+    name: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,63}$")]
+    kind: Literal["enem", "assin2_rte", "assin2_sts", "faquad_nli", "tweetsentbr",
+                  "multiple_choice", "classification"]
+    # A local file (json, jsonl, csv, parquet; ASSIN 2 .xml). Built-in tasks
+    # without one read `dataset` from the Hugging Face Hub at `revision`.
+    path: str | None = None
+    file_format: Literal["auto", "json", "jsonl", "csv", "parquet", "xml"] = "auto"
+    # Few-shot examples come from here; without it they are held out of `path`.
+    fewshot_path: str | None = None
+    dataset: str | None = None
+    revision: str = "main"
+    # null: the leaderboard's count (built-in tasks) or 3 (generic tasks).
+    num_fewshot: Annotated[int, Field(ge=0)] | None = None
+    # generate: read the answer from generated text, like the leaderboard;
+    # loglikelihood (generic tasks): the likeliest choice is the answer.
+    scoring: Literal["generate", "loglikelihood"] = "generate"
+    columns: BenchmarkColumns = BenchmarkColumns()
+    # classification: the label names, as written in the file and in the prompt.
+    labels: list[str] | None = None
+    # Generic tasks: the instruction shown once before the examples.
+    description: str | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> BenchmarkTask:
+        generic = self.kind in GENERIC_TASKS
+        if generic and self.path is None:
+            raise ValueError(f"a {self.kind} task reads a local file: set path")
+        if not generic and self.path is None and self.dataset is None:
+            raise ValueError(f"{self.kind} without a path reads a Hub dataset: set dataset (and revision)")
+        if self.kind == "classification" and (not self.labels or len(set(self.labels)) < 2):
+            raise ValueError("a classification task needs at least two distinct labels")
+        if not generic and self.scoring != "generate":
+            raise ValueError(f"{self.kind} is scored as the leaderboard scores it: scoring must be generate")
+        return self
+
+
+class BenchmarkConfig(_Section):
+    """Section `benchmark`: lm-evaluation-harness tasks, base vs tuned."""
+
+    tasks: list[BenchmarkTask] = []
+    # Examples per task (null: every example).
+    limit: PositiveInt | None = None
+    # `auto`: lm-eval finds the largest batch that fits; or a fixed size.
+    batch_size: Literal["auto"] | PositiveInt = "auto"
+    # Longest generated answer, in tokens (answers are a letter, a label or a number).
+    max_gen_toks: PositiveInt = 16
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = 1234
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> BenchmarkConfig:
+        names = [task.name for task in self.tasks]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"task names must be unique: {', '.join(repeated)}")
+        return self
+
+
 SECTIONS: dict[str, type[_Section]] = {
     "base": BaseConfig,
     "fetch": FetchConfig,
@@ -265,6 +351,7 @@ SECTIONS: dict[str, type[_Section]] = {
     "tokenize": TokenizeConfig,
     "train": TrainConfig,
     "evaluate": EvaluateConfig,
+    "benchmark": BenchmarkConfig,
 }
 
 C = TypeVar("C", bound=_Section)

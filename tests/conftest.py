@@ -22,6 +22,7 @@ FAST_PARAMS = {
     "format": {"val_size": 24, "test_size": 16},
     "train": {"epochs": 1, "logging_steps": 5, "eval_steps": 10, "save_steps": 10},
     "evaluate": {"max_samples": 16, "max_new_tokens": 16, "samples_to_write": 8},
+    "benchmark": {"limit": 8},
 }
 
 

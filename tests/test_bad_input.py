@@ -46,6 +46,7 @@ OUTPUTS = {
     "train": ["models/adapter", "models/checkpoints", "metrics/curves", "metrics/train.json",
               "logs/train-timings.json"],
     "evaluate": ["data/eval/samples.jsonl", "metrics/eval.json"],
+    "benchmark": ["metrics/benchmarks.json"],
 }
 
 

@@ -19,7 +19,7 @@ def default_project(tmp_path_factory):
     """The default params, untouched: what a new user's first `dvc repro` does."""
     project = make_project(tmp_path_factory.mktemp("default") / "sabia-ift")
     result = run(["dvc", "repro"], project, timeout=1200)
-    assert ran_stages(result.stdout) == {"base", "fetch", "format", "tokenize", "train", "evaluate"}
+    assert ran_stages(result.stdout) == {"base", "fetch", "format", "tokenize", "train", "evaluate", "benchmark"}
     return project
 
 
@@ -93,10 +93,10 @@ def test_whole_pipeline_twice_gives_identical_metrics(small_project):
     assert committed_metrics(small_project) == first
 
 
-def test_changing_lr_reruns_only_train_and_evaluate(small_project):
+def test_changing_lr_reruns_only_train_and_what_reads_the_adapter(small_project):
     write_params(small_project, {"train": {"lr": 0.001}})
     result = run(["dvc", "repro"], small_project)
-    assert ran_stages(result.stdout) == {"train", "evaluate"}
+    assert ran_stages(result.stdout) == {"train", "evaluate", "benchmark"}
 
 
 def test_a_code_change_reruns_its_stage_and_stops_where_outputs_match(small_project):

@@ -1,0 +1,400 @@
+"""Benchmark data: every task's rows, from a local file or the Hub, in the shapes the task YAMLs read.
+
+The leaderboard's data sets come in their publishers' formats (ENEM JSON,
+ASSIN 2 XML, FaQuAD in SQuAD format, TweetSentBR JSON) or in the layout of
+the Hub copies the leaderboard reads; generic tasks come from any
+json/jsonl/csv/parquet file with columns named in params. Each is converted
+here to the rows sabia_ift/evaluation/tasks/utils.py documents, and split
+into test rows and the few-shot pool. A bad row is a DataError naming the
+file, the 1-based row and the key.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import random
+import re
+import xml.etree.ElementTree as ET
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..config import BenchmarkTask, is_commit_sha
+from ..errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+LETTERS = "ABCDEFGHIJ"
+YES, NO = "Sim", "Não"
+SENTIMENTS = ("Positivo", "Neutro", "Negativo")
+
+# The leaderboard's few-shot counts, and the examples it shows (by id, in
+# order) where it names them; a pool without those ids gives its first rows.
+DEFAULT_FEWSHOT = {"enem": 3, "assin2_rte": 15, "assin2_sts": 15, "faquad_nli": 15, "tweetsentbr": 25,
+                   "multiple_choice": 3, "classification": 3}
+ENEM_FEWSHOT_IDS = ("2022_21", "2022_88", "2022_143")
+ASSIN2_FEWSHOT_IDS = (1, 3251, 2, 3252, 3, 4, 5, 6, 3253, 7, 3254, 3255, 3256, 8, 9, 10, 3257, 11, 3258,
+                      12, 13, 14, 15, 3259, 3260, 3261, 3262, 3263, 16, 17, 3264, 18, 3265, 3266, 3267,
+                      19, 20, 3268, 3269, 21, 3270, 3271, 22, 3272, 3273, 23, 3274, 24, 25, 3275)
+# Hub splits of the leaderboard's copies: (test split, few-shot split).
+HUB_SPLITS = {"enem": ("train", "train"), "assin2_rte": ("test", "train"), "assin2_sts": ("test", "train"),
+              "faquad_nli": ("test", "train"), "tweetsentbr": ("test", "train")}
+
+
+@dataclass
+class TaskData:
+    test: list[dict[str, Any]]
+    fewshot: list[dict[str, Any]]
+    source: dict[str, Any]
+
+
+# Reading files -----------------------------------------------------------------
+
+def _format(path: Path, declared: str, key: str) -> str:
+    if declared != "auto":
+        return declared
+    formats = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv",
+               ".parquet": "parquet", ".xml": "xml"}
+    if path.suffix.lower() not in formats:
+        raise ConfigError(f"{key}: cannot tell the format of {path} from its suffix; set file_format")
+    return formats[path.suffix.lower()]
+
+
+def _load_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8-sig"))
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: not valid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+
+
+def read_table(path: Path, file_format: str) -> list[dict[str, Any]]:
+    """Row objects of a json (list), jsonl, csv or parquet file."""
+    if file_format == "jsonl":
+        rows = []
+        with path.open(encoding="utf-8-sig") as fh:
+            for line in fh:
+                if not line.strip():
+                    continue
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{path}: row {len(rows) + 1}: not valid JSON: {exc.msg}") from None
+    elif file_format == "json":
+        rows = _load_json(path)
+        if not isinstance(rows, list):
+            raise DataError(f"{path}: expected a JSON list of row objects, got {type(rows).__name__}")
+    elif file_format == "csv":
+        try:
+            rows = list(csv.DictReader(io.StringIO(path.read_text(encoding="utf-8-sig"), newline="")))
+        except (csv.Error, UnicodeDecodeError) as exc:
+            raise DataError(f"{path}: not a readable CSV file: {exc}") from None
+    elif file_format == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            rows = pq.read_table(path).to_pylist()
+        except Exception as exc:
+            raise DataError(f"{path}: not a readable parquet file: {exc}") from None
+    else:
+        raise DataError(f"{path}: {file_format} files hold no table of rows; use json, jsonl, csv or parquet")
+    for i, row in enumerate(rows, start=1):
+        if not isinstance(row, dict):
+            raise DataError(f"{path}: row {i}: expected an object with named fields, got {type(row).__name__}")
+    return rows
+
+
+def _field(row: dict, key: str, where: str) -> Any:
+    if key not in row or row[key] is None or (isinstance(row[key], str) and not row[key].strip()):
+        raise DataError(f"{where}: key {key}: missing or empty")
+    return row[key]
+
+
+def _text(row: dict, key: str, where: str) -> str:
+    return " ".join(str(_field(row, key, where)).split())
+
+
+# Generic tasks -----------------------------------------------------------------
+
+def _choice_list(row: dict, task: BenchmarkTask, where: str) -> list[str]:
+    cols = task.columns
+    if cols.choice_columns:
+        return [_text(row, c, where) for c in cols.choice_columns]
+    value = _field(row, cols.choices, where)
+    if isinstance(value, str) and value.lstrip().startswith("["):
+        try:
+            value = json.loads(value)  # a list column written into CSV as JSON
+        except json.JSONDecodeError:
+            raise DataError(f"{where}: key {cols.choices}: not a JSON list of choices") from None
+    if not isinstance(value, list) or not 2 <= len(value) <= len(LETTERS):
+        raise DataError(f"{where}: key {cols.choices}: expected a list of 2 to {len(LETTERS)} choices, "
+                        f"got {value!r}")
+    choices = [" ".join(str(v).split()) if v is not None else "" for v in value]
+    if not all(choices):
+        raise DataError(f"{where}: key {cols.choices}: choice {LETTERS[choices.index('')]} is missing or empty")
+    return choices
+
+
+def multiple_choice_row(row: dict, task: BenchmarkTask, where: str, index: int) -> dict[str, Any]:
+    cols = task.columns
+    choices = _choice_list(row, task, where)
+    answer = str(_field(row, cols.answer, where)).strip().upper()
+    letters = LETTERS[: len(choices)]
+    if answer not in letters:
+        raise DataError(f"{where}: key {cols.answer}: answer {answer!r} is not among the choices "
+                        f"{', '.join(letters)}")
+    ident = str(row[cols.id]) if cols.id and cols.id in row else str(index)
+    return {"id": ident, "question": _text(row, cols.question, where), "choices": choices, "answer": answer}
+
+
+def classification_row(row: dict, task: BenchmarkTask, where: str, index: int) -> dict[str, Any]:
+    cols = task.columns
+    label = str(_field(row, cols.label, where)).strip()
+    if label not in task.labels:
+        raise DataError(f"{where}: key {cols.label}: unknown label {label!r}; the task's labels are "
+                        f"{', '.join(task.labels)}")
+    ident = str(row[cols.id]) if cols.id and cols.id in row else str(index)
+    return {"id": ident, "text": _text(row, cols.text, where), "label": label, "labels": list(task.labels)}
+
+
+# The leaderboard's data sets ------------------------------------------------------
+
+def enem_rows(data: list[dict], path: str) -> list[dict[str, Any]]:
+    """ENEM questions: the publishers' JSON (options, label; IU marks questions that need an image,
+    which a text model cannot answer and the leaderboard leaves out) or the Hub copy's layout."""
+    rows = []
+    for i, row in enumerate(data, start=1):
+        where = f"{path}: row {i}"
+        if "options" in row:
+            if row.get("IU"):
+                continue
+            # Some stems sit wholly in `context`, with an empty `question`.
+            parts = [" ".join(str(row.get(k) or "").split()) for k in ("context", "question")]
+            question = "\n".join(p for p in parts if p)
+            if not question:
+                raise DataError(f"{where}: key question: missing or empty (and no context)")
+            choices = [" ".join(str(c).split()) for c in _field(row, "options", where)]
+            answer = str(_field(row, "label", where)).strip().upper()
+        else:
+            question = _text(row, "question", where)
+            choices = [" ".join(str(c).split()) for c in _field(row, "choices", where)["text"]]
+            answer = str(_field(row, "answerKey", where)).strip().upper()
+        if len(choices) < 2 or not all(choices):
+            raise DataError(f"{where}: key options: missing choices")
+        if answer not in LETTERS[: len(choices)]:
+            raise DataError(f"{where}: key label: answer {answer!r} is not among the choices "
+                            f"{', '.join(LETTERS[:len(choices)])}")
+        rows.append({"id": str(row.get("id", i)), "question": question, "choices": choices, "answer": answer})
+    return rows
+
+
+def assin2_rows(data: list[dict], path: str, *, similarity: bool) -> list[dict[str, Any]]:
+    """ASSIN 2 pairs, from the XML corpus (read_assin2_xml) or the Hub copy's layout."""
+    rows = []
+    for i, row in enumerate(data, start=1):
+        where = f"{path}: row {i}"
+        ident = row.get("sentence_pair_id", row.get("id", i))
+        doc = {"id": int(ident), "premise": _text(row, "premise", where),
+               "hypothesis": _text(row, "hypothesis", where)}
+        if similarity:
+            score = float(_field(row, "relatedness_score", where))
+            if not 1.0 <= score <= 5.0:
+                raise DataError(f"{where}: key relatedness_score: {score} is outside 1.0 to 5.0")
+            doc["score"] = score
+        else:
+            judgment = _field(row, "entailment_judgment", where)
+            if judgment not in (0, 1, "0", "1"):
+                raise DataError(f"{where}: key entailment_judgment: expected 0 or 1, got {judgment!r}")
+            doc["label"] = YES if int(judgment) == 1 else NO
+        rows.append(doc)
+    return rows
+
+
+def read_assin2_xml(path: Path) -> list[dict[str, Any]]:
+    try:
+        root = ET.parse(path).getroot()
+    except ET.ParseError as exc:
+        raise DataError(f"{path}: not valid XML: {exc}") from None
+    rows = []
+    for i, pair in enumerate(root.iter("pair"), start=1):
+        t, h = pair.find("t"), pair.find("h")
+        if t is None or h is None or "entailment" not in pair.attrib:
+            raise DataError(f"{path}: row {i}: key pair: needs <t>, <h> and an entailment attribute")
+        rows.append({"sentence_pair_id": pair.get("id", str(i)), "premise": t.text, "hypothesis": h.text,
+                     "relatedness_score": pair.get("similarity"),
+                     "entailment_judgment": 1 if pair.get("entailment") == "Entailment" else 0})
+    return rows
+
+
+# FaQuAD is partly lower-cased, so a sentence ends at . ! or ? and a space, whatever follows.
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def faquad_nli_rows(data: Any, path: str) -> list[dict[str, Any]]:
+    """FaQuAD-NLI pairs. From FaQuAD's SQuAD-format JSON they are built the way the
+    leaderboard's copy was: every question paired with every sentence of its
+    paragraph, "Sim" when the sentence holds (overlaps) one of the answer spans.
+    The Hub copy's rows (question, answer, label 0/1) are taken as they are."""
+    if isinstance(data, dict) and "data" in data:
+        rows = []
+        for d, doc in enumerate(data["data"]):
+            for p, paragraph in enumerate(doc.get("paragraphs", [])):
+                context = paragraph.get("context") or ""
+                spans, start = [], 0
+                for piece in _SENTENCE_END.split(context):
+                    begin = context.index(piece, start)
+                    spans.append((begin, begin + len(piece), piece))
+                    start = begin + len(piece)
+                for q, qa in enumerate(paragraph.get("qas", [])):
+                    where = f"{path}: document {d + 1}, paragraph {p + 1}, question {q + 1}"
+                    answers = [(a["answer_start"], a["answer_start"] + len(a["text"]))
+                               for a in qa.get("answers", []) if "answer_start" in a and "text" in a]
+                    if not answers:
+                        raise DataError(f"{where}: key answers: no answer span")
+                    question = _text(qa, "question", where)
+                    for s, (begin, end, sentence) in enumerate(spans):
+                        hit = any(a_begin < end and begin < a_end for a_begin, a_end in answers)
+                        rows.append({"id": f"{qa.get('id', q)}-{s}", "question": question,
+                                     "answer": " ".join(sentence.split()), "label": YES if hit else NO})
+        return rows
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected SQuAD-format JSON (a `data` list) or rows of question, answer, label")
+    rows = []
+    for i, row in enumerate(data, start=1):
+        where = f"{path}: row {i}"
+        label = _field(row, "label", where)
+        if label not in (0, 1, "0", "1"):
+            raise DataError(f"{where}: key label: expected 0 or 1, got {label!r}")
+        rows.append({"id": str(row.get("id", i)), "question": _text(row, "question", where),
+                     "answer": _text(row, "answer", where), "label": YES if int(label) == 1 else NO})
+    return rows
+
+
+_SENTIMENT = {"1": "Positivo", "0": "Neutro", "-1": "Negativo",
+              "Positive": "Positivo", "Neutral": "Neutro", "Negative": "Negativo"}
+
+
+def tweetsentbr_rows(data: Any, path: str) -> list[dict[str, Any]]:
+    """TweetSentBR: the publishers' JSON (id -> {text, sentiment -1/0/1, group}) or rows of
+    sentence and label (Positive/Neutral/Negative) like the leaderboard's Hub copy."""
+    items = list(data.values()) if isinstance(data, dict) else data
+    rows = []
+    for i, row in enumerate(items, start=1):
+        where = f"{path}: row {i}"
+        text_key, label_key = ("text", "sentiment") if "sentiment" in row else ("sentence", "label")
+        label = str(_field(row, label_key, where)).strip()
+        if label not in _SENTIMENT:
+            raise DataError(f"{where}: key {label_key}: unknown label {label!r}")
+        rows.append({"id": str(row.get("id", i)), "text": _text(row, text_key, where),
+                     "label": _SENTIMENT[label], "labels": list(SENTIMENTS), "group": row.get("group")})
+    return rows
+
+
+# Few-shot pools -----------------------------------------------------------------
+
+def _by_ids(pool: list[dict], ids: tuple, key: Callable[[dict], Any]) -> list[dict]:
+    found = {key(row): row for row in pool}
+    chosen = [found[i] for i in ids if i in found]
+    return chosen if len(chosen) == len(ids) else []
+
+
+def split_fewshot(kind: str, rows: list[dict], pool: list[dict] | None, n: int, seed: int) -> tuple[list, list]:
+    """(test rows, few-shot rows). Without a separate pool the few-shot examples are
+    held out of `rows`, so a test question never shows its own answer."""
+    source = rows if pool is None else pool
+    chosen: list[dict] = []
+    if kind == "enem":
+        chosen = _by_ids(source, ENEM_FEWSHOT_IDS, lambda r: r["id"].removeprefix("ENEM_"))
+    elif kind in ("assin2_rte", "assin2_sts"):
+        chosen = _by_ids(source, ASSIN2_FEWSHOT_IDS, lambda r: r["id"])
+    elif kind == "faquad_nli":
+        # Sentence pairs of one paragraph sit together; a seeded shuffle mixes "Sim" and "Não".
+        chosen = random.Random(seed).sample(source, len(source))
+    if not chosen:
+        chosen = list(source)
+    chosen = chosen[:n]
+    if len(chosen) < n:
+        raise DataError(f"{n} few-shot examples asked for, but the few-shot pool has {len(chosen)} rows")
+    if pool is None:
+        taken = {id(row) for row in chosen}
+        rows = [row for row in rows if id(row) not in taken]
+    return rows, chosen
+
+
+# Loading a task -------------------------------------------------------------------
+
+def _convert(kind: str, task: BenchmarkTask, path: Path, file_format: str) -> list[dict[str, Any]]:
+    where = str(path)
+    if kind in ("multiple_choice", "classification"):
+        table = read_table(path, file_format)
+        make = multiple_choice_row if kind == "multiple_choice" else classification_row
+        return [make(row, task, f"{where}: row {i}", i) for i, row in enumerate(table, start=1)]
+    if kind in ("assin2_rte", "assin2_sts"):
+        table = read_assin2_xml(path) if file_format == "xml" else read_table(path, file_format)
+        return assin2_rows(table, where, similarity=kind == "assin2_sts")
+    data = _load_json(path) if file_format == "json" else read_table(path, file_format)
+    return {"enem": enem_rows, "faquad_nli": faquad_nli_rows, "tweetsentbr": tweetsentbr_rows}[kind](data, where)
+
+
+def _local(task: BenchmarkTask, path_str: str, key: str, root: Path) -> list[dict[str, Any]]:
+    path = Path(path_str)
+    if not path.is_absolute():
+        path = root / path
+    if not path.is_file():
+        raise ConfigError(f"{key}: {path_str} is not a file")
+    rows = _convert(task.kind, task, path, _format(path, task.file_format, f"{key}"))
+    if not rows:
+        raise DataError(f"{path}: no rows for task {task.name}")
+    return rows
+
+
+def _hub(task: BenchmarkTask, split: str, key: str) -> list[dict[str, Any]]:
+    import datasets
+
+    if not is_commit_sha(task.revision):
+        log.warning("%s: revision %r is not a commit sha; pin one so reruns read the same rows",
+                    key, task.revision)
+    try:
+        data = datasets.load_dataset(task.dataset, revision=task.revision, split=split)
+    except Exception as exc:
+        raise DataError(f"{key}: Hub dataset {task.dataset} at revision {task.revision}, split {split}: "
+                        f"{type(exc).__name__}: {exc}; set a local file in path instead") from None
+    rows = data.to_list()
+    where = f"{task.dataset}@{task.revision}:{split}"
+    if task.kind in ("assin2_rte", "assin2_sts"):
+        return assin2_rows(rows, where, similarity=task.kind == "assin2_sts")
+    return {"enem": enem_rows, "faquad_nli": faquad_nli_rows, "tweetsentbr": tweetsentbr_rows}[task.kind](
+        rows, where)
+
+
+def load_task_data(task: BenchmarkTask, index: int, *, root: str | Path = ".", seed: int = 1234) -> TaskData:
+    """Test rows and few-shot rows of one task from params (benchmark.tasks[index])."""
+    root = Path(root)
+    key = f"benchmark.tasks.{index}"
+    n = num_fewshot(task)
+    if task.path is not None:
+        rows = _local(task, task.path, f"{key}.path", root)
+        pool = _local(task, task.fewshot_path, f"{key}.fewshot_path", root) if task.fewshot_path else None
+        if task.kind == "tweetsentbr" and pool is None and any(r.get("group") for r in rows):
+            # The publishers' file marks its own train and test rows.
+            pool = [r for r in rows if r.get("group") == "train"]
+            rows = [r for r in rows if r.get("group") != "train"]
+        source = {"path": task.path, **({"fewshot_path": task.fewshot_path} if task.fewshot_path else {})}
+    else:
+        test_split, fewshot_split = HUB_SPLITS[task.kind]
+        rows = _hub(task, test_split, key)
+        pool = _hub(task, fewshot_split, key) if fewshot_split != test_split else None
+        source = {"dataset": task.dataset, "revision": task.revision}
+    test, fewshot = split_fewshot(task.kind, rows, pool, n, seed) if n else (rows, [])
+    if not test:
+        raise DataError(f"{key}: task {task.name} has no test rows left after taking {n} few-shot examples")
+    return TaskData(test, fewshot, source)
+
+
+def num_fewshot(task: BenchmarkTask) -> int:
+    return DEFAULT_FEWSHOT[task.kind] if task.num_fewshot is None else task.num_fewshot
