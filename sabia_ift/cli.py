@@ -2,7 +2,7 @@
 
     sabia-ift check-params [params.yaml]      validate every section, as the stages will
     sabia-ift generate "instrução" [--input]  answer with the tuned model (models/adapter)
-    sabia-ift report --base REV [--head REV]  Markdown report of metrics, params and curves
+    sabia-ift report --base REV [--head REV]  what a change did to the tuned model, with significance
     sabia-ift make-sample OUT                 regenerate the bundled sample
 """
 

@@ -635,6 +635,9 @@ def other_metrics_section(metrics: dict, before: str, after: str) -> list[str]:
 
 
 def build_report(args: argparse.Namespace) -> Path:
+    if args.resamples < 1 or not 0 < args.confidence < 1:
+        raise ReportError(f"--resamples must be 1 or more and --confidence between 0 and 1, got "
+                          f"{args.resamples} and {args.confidence}")
     base, head = resolve(args.base, args.base_label), resolve(args.head, args.head_label)
     out = Path(args.out)
     images_dir = Path(args.images_dir) if args.images_dir else out.parent
