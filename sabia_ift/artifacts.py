@@ -7,6 +7,7 @@ producer and its consumers can never disagree on a file name or a key.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -107,3 +108,16 @@ def load_tokenized(folder: str | Path) -> dict[str, Any]:
         return dict(datasets.load_from_disk(str(folder)))
     except FileNotFoundError:
         raise DataError(f"{folder}: no tokenized data; run the tokenize stage first (dvc repro tokenize)") from None
+
+
+# metrics/eval_prompts.jsonl (evaluate writes, the report reads at two revisions): one record per
+# test prompt, {"source_row", "prompt_sha1", "base": {score: value}, "tuned": {score: value}}.
+# Each per-prompt score, and the metrics/eval.json key that is its mean over the prompts (chrf is
+# the exception: eval.json holds the corpus-level chrF, the records hold sentence-level chrF).
+PROMPT_SCORES = {"eos_stop": "eos_stop_rate", "rougeL": "rougeL", "chrf": "chrf", "exact_match": "exact_match",
+                 "repetition": "repetition", "new_tokens": "mean_new_tokens"}
+
+
+def prompt_sha1(prompt: str, reference: str) -> str:
+    """Identifies a test prompt's content, so two revisions pair a source_row only if it is the same prompt."""
+    return hashlib.sha1(f"{prompt}\0{reference}".encode()).hexdigest()[:16]

@@ -4,7 +4,7 @@
     sabia-ift generate "instrução" [--input]  answer with the tuned model (models/adapter)
     sabia-ift chat [--terminal]               base and tuned side by side in the browser (or the terminal)
     sabia-ift export [--merged OUT] [--push-to-hub REPO]   standalone merged model; publish to the Hub
-    sabia-ift report --base REV [--head REV]  Markdown report of metrics, params and curves
+    sabia-ift report --base REV [--head REV]  what a change did to the tuned model, with significance
     sabia-ift make-sample OUT                 regenerate the bundled sample
 """
 

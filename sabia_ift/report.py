@@ -1,10 +1,16 @@
-"""`sabia-ift report`: one Markdown report comparing two revisions, for a pull-request comment.
+"""`sabia-ift report`: what a change does to the tuned model, as one Markdown report for a pull request.
 
-The tables are `dvc metrics diff` and `dvc params diff` as DVC reports them, so
-the report cannot disagree with what a reviewer gets by running DVC by hand.
-Charts are PNG files written next to the report (matplotlib, no JavaScript or
-CDN), so the report renders offline and in a PR comment once the images are
-uploaded.
+The report compares the tuned model at two revisions ("main → this PR"), with
+the base model as a reference. Each evaluation verdict comes from a paired
+bootstrap over the test prompts both revisions scored (metrics/eval_prompts.jsonl,
+committed to git by the evaluate stage), so a change counts as better or worse
+only when its 95% interval excludes 0: on 100 prompts, one more exact match is
+noise, not progress. The other metrics and the params are `dvc metrics diff`
+and `dvc params diff` as DVC reports them, changed rows only.
+
+Charts are PNG files next to the report (matplotlib) or, with `--charts mermaid`,
+Mermaid charts inside the Markdown, which GitHub renders in comments and job
+summaries without hosting any image.
 """
 
 from __future__ import annotations
@@ -17,15 +23,18 @@ import math
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .artifacts import PROMPT_SCORES
 from .errors import SabiaError
 from .evaluation.metrics import HIGHER_IS_BETTER
 
 WORKSPACE = "workspace"
 # Must match the outputs in dvc.yaml; the report reads them at both revisions.
 EVAL_METRICS = "metrics/eval.json"
+EVAL_PROMPTS = "metrics/eval_prompts.jsonl"
 CURVES_DIR = "metrics/curves/plots/metrics"
 SAMPLES = "data/eval/samples.jsonl"
 CURVES = [("train/loss", "training loss"), ("eval/loss", "validation loss"),
@@ -34,6 +43,15 @@ CURVES_PNG = "curves.png"
 EVAL_PNG = "eval-metrics.png"
 MARKER = "<!-- sabia-ift report -->"
 MISSING = "-"
+MODELS = ("tuned", "base")
+# metrics/eval.json keys per model, in the order a reviewer reads them.
+EVAL_KEYS = ["eos_stop_rate", "rougeL", "chrf", "exact_match", "repetition", "mean_new_tokens",
+             "val_loss", "val_perplexity"]
+# Per-prompt score behind each eval.json key that has one.
+SCORE_OF = {aggregate: score for score, aggregate in PROMPT_SCORES.items()}
+# Scores in [0, 1] (chrF after /100) share one chart axis.
+UNIT_SCALE = {"eos_stop_rate": 1, "rougeL": 1, "chrf": 100, "exact_match": 1, "repetition": 1}
+COLORS = {"before": "#9e9e9e", "better": "#2e7d32", "worse": "#c62828", "same": "#1565c0", "base": "#212121"}
 
 
 class ReportError(SabiaError):
@@ -45,12 +63,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="revision to compare against: branch, tag, commit or experiment name")
     parser.add_argument("--head", default=WORKSPACE,
                         help=f"revision under review; '{WORKSPACE}' (default) is the files on disk")
+    parser.add_argument("--base-label", default=None,
+                        help="what to call --base in the report (default: its name, without 'origin/')")
+    parser.add_argument("--head-label", default=None,
+                        help="what to call --head in the report, e.g. 'this PR' (default: its name)")
     parser.add_argument("--out", default="reports/pr.md", help="Markdown file to write")
+    parser.add_argument("--charts", choices=["png", "mermaid"], default="png",
+                        help="png: PNG files linked from the report; mermaid: charts inside the Markdown "
+                             "that GitHub renders (the PNG files are written too)")
     parser.add_argument("--images-dir", default=None, help="where the PNG charts go (default: next to --out)")
     parser.add_argument("--image-url-prefix", default=None,
                         help="URL the images will be served from (default: paths relative to --out)")
     parser.add_argument("--samples", type=int, default=3,
                         help="side-by-side answers to show from the head's samples file (0: none)")
+    parser.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples (default 2000)")
+    parser.add_argument("--confidence", type=float, default=0.95, help="interval level (default 0.95)")
+    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed, so a report is reproducible")
 
 
 # --- reading a revision ------------------------------------------------------------------------
@@ -58,18 +86,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 class Revision:
     """A git revision (commit, branch, tag, experiment) or the working tree."""
 
-    def __init__(self, name: str, sha: str | None):
+    def __init__(self, name: str, sha: str | None, label: str | None = None):
         self.name = name
         self.sha = sha  # None: the working tree
+        self.label = label or default_label(name)
 
     @property
     def dvc_rev(self) -> str:
         return self.sha or WORKSPACE
 
     @property
-    def label(self) -> str:
+    def where(self) -> str:
+        """The revision exactly, for the line under the headline."""
         if self.sha is None:
-            return WORKSPACE
+            return f"the working tree on top of {_head_sha()}"
         return self.name if self.name.startswith(self.sha[:7]) else f"{self.name} ({self.sha[:7]})"
 
     def read(self, path: str) -> str | None:
@@ -84,14 +114,20 @@ class Revision:
         return result.stdout.decode("utf-8") if result.returncode == 0 else None
 
 
-def resolve(name: str) -> Revision:
+def default_label(name: str) -> str:
     if name == WORKSPACE:
-        return Revision(name, None)
+        return "working tree"
+    return name.removeprefix("origin/")
+
+
+def resolve(name: str, label: str | None = None) -> Revision:
+    if name == WORKSPACE:
+        return Revision(name, None, label)
     from dvc.scm import SCM, SCMError, resolve_rev
 
     try:
         # dvc's resolver also knows experiment names, which git alone does not.
-        return Revision(name, resolve_rev(SCM(os.getcwd()), name))
+        return Revision(name, resolve_rev(SCM(os.getcwd()), name), label)
     except SCMError as exc:
         raise ReportError(f"unknown revision '{name}': {exc}") from None
 
@@ -114,9 +150,36 @@ def check_metrics(rev: Revision, paths: list[str]) -> None:
         raise ReportError(f"the working tree has no {', '.join(missing)}: run `dvc repro` first")
     if missing:
         raise ReportError(
-            f"revision {rev.label} has no {', '.join(missing)}: run `dvc repro` there and commit "
+            f"revision {rev.where} has no {', '.join(missing)}: run `dvc repro` there and commit "
             "dvc.lock and metrics/ (metrics are committed to git, cache: false), or pick another revision"
         )
+
+
+def read_eval(rev: Revision) -> dict:
+    try:
+        return json.loads(rev.read(EVAL_METRICS) or "")
+    except json.JSONDecodeError as exc:
+        raise ReportError(f"{EVAL_METRICS} at {rev.where} is not valid JSON: {exc}") from None
+
+
+def parse_prompts(text: str | None, where: str) -> dict[int, dict] | None:
+    """metrics/eval_prompts.jsonl by source_row; None when the revision predates the file."""
+    if text is None:
+        return None
+    records = {}
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            for model in MODELS:
+                for score in PROMPT_SCORES:
+                    float(record[model][score])
+            records[int(record["source_row"])] = record
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise ReportError(f"{EVAL_PROMPTS} at {where}, row {number}: not a per-prompt record "
+                              f"({type(exc).__name__}: {exc})") from None
+    return records
 
 
 def read_curve(rev: Revision, name: str) -> list[tuple[float, float]]:
@@ -146,7 +209,153 @@ def read_samples(rev: Revision, limit: int) -> list[dict]:
     return rows[:limit]
 
 
+# --- statistics --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Interval:
+    """Mean per-prompt change (after - before) and its bootstrap percentile interval."""
+
+    change: float
+    low: float
+    high: float
+    prompts: int
+
+    @property
+    def significant(self) -> bool:
+        return self.low > 0 or self.high < 0
+
+
+def paired_bootstrap(before, after, resamples: int = 2000, confidence: float = 0.95, seed: int = 0) -> Interval:
+    """Percentile interval of the mean paired difference, resampling prompts with replacement.
+
+    Paired: a resample draws whole prompts, each with its score at both revisions,
+    so the variation between prompts (some are just hard) cancels out.
+    """
+    import numpy as np
+
+    diff = np.asarray(after, dtype=float) - np.asarray(before, dtype=float)
+    if diff.ndim != 1 or diff.size < 2:
+        raise ValueError(f"a paired bootstrap needs two or more paired scores, got {diff.size}")
+    if not 0 < confidence < 1 or resamples < 1:
+        raise ValueError(f"confidence must be in (0, 1) and resamples positive, got {confidence}, {resamples}")
+    rng = np.random.default_rng(seed)
+    means = np.empty(resamples)
+    chunk = max(1, 2_000_000 // diff.size)  # bounds the index matrix at about 16 MB
+    for start in range(0, resamples, chunk):
+        count = min(chunk, resamples - start)
+        means[start:start + count] = diff[rng.integers(0, diff.size, size=(count, diff.size))].mean(axis=1)
+    tail = (1 - confidence) / 2
+    low, high = np.quantile(means, [tail, 1 - tail])
+    return Interval(float(diff.mean()), float(low), float(high), int(diff.size))
+
+
+# --- comparing the evaluation at two revisions -------------------------------------------------
+
+@dataclass(frozen=True)
+class Row:
+    """One metric of one model, before and after the change."""
+
+    metric: str
+    before: Any
+    after: Any
+    test: Interval | None
+
+    @property
+    def verdict(self) -> str:
+        """better, worse, 'no significant change', 'changed' (no known direction), or '' (not tested)."""
+        if self.test is None:
+            return ""
+        if not self.test.significant:
+            return "no significant change"
+        direction = HIGHER_IS_BETTER.get(self.metric)
+        if direction is None:
+            return "changed"
+        return "better" if (self.test.change > 0) == direction else "worse"
+
+    @property
+    def plain_diff(self) -> float | None:
+        if _number(self.before) and _number(self.after):
+            return self.after - self.before
+        return None
+
+
+@dataclass(frozen=True)
+class Comparison:
+    tuned: list[Row]
+    base: list[Row] | None  # None: the base model's scores are the same at both revisions
+    base_reference: dict  # the base model's metrics at the head, the charts' reference line
+    shared: int  # prompts both revisions scored
+    prompts: tuple[int, int]  # prompts evaluated at each revision
+    untested: str | None  # why there is no significance test, if there is none
+
+
+def compare(before_eval: dict, after_eval: dict, before_prompts: dict[int, dict] | None,
+            after_prompts: dict[int, dict] | None, before_label: str, after_label: str,
+            resamples: int = 2000, confidence: float = 0.95, seed: int = 0) -> Comparison:
+    missing = [label for label, p in ((before_label, before_prompts), (after_label, after_prompts)) if p is None]
+    shared: list[int] = []
+    if not missing:
+        # Pairs by prompt identity: the same source row holding the same prompt and reference.
+        shared = sorted(row for row in before_prompts.keys() & after_prompts.keys()
+                        if before_prompts[row].get("prompt_sha1") == after_prompts[row].get("prompt_sha1"))
+    untested = None
+    if missing:
+        untested = f"no per-prompt scores at {' and '.join(missing)}: no significance test"
+    elif len(shared) < 2:
+        untested = f"{len(shared)} test prompts in common between {before_label} and {after_label}: no significance test"
+
+    def rows(model: str) -> list[Row]:
+        old, new = before_eval.get(model) or {}, after_eval.get(model) or {}
+        keys = [k for k in EVAL_KEYS if k in old or k in new] + sorted((old.keys() | new.keys()) - set(EVAL_KEYS))
+        out = []
+        for key in keys:
+            test = None
+            if untested is None and key in SCORE_OF:
+                score = SCORE_OF[key]
+                test = paired_bootstrap([before_prompts[r][model][score] for r in shared],
+                                        [after_prompts[r][model][score] for r in shared],
+                                        resamples=resamples, confidence=confidence, seed=seed)
+            out.append(Row(key, old.get(key), new.get(key), test))
+        return out
+
+    base_same = (before_eval.get("base") == after_eval.get("base")
+                 and before_eval.get("samples") == after_eval.get("samples"))
+    return Comparison(tuned=rows("tuned"), base=None if base_same else rows("base"),
+                      base_reference=after_eval.get("base") or {}, shared=len(shared),
+                      prompts=(_count(before_eval, before_prompts), _count(after_eval, after_prompts)),
+                      untested=untested)
+
+
+def _count(evaluation: dict, prompts: dict | None) -> int:
+    return len(prompts) if prompts is not None else int(evaluation.get("samples") or 0)
+
+
+def _join(words: list[str]) -> str:
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+
+
+def headline(cmp: Comparison, before_label: str, after_label: str, confidence: float = 0.95) -> str:
+    """One sentence: better, worse or no significant change, and on which metrics."""
+    change = f"{before_label} → {after_label}"
+    if cmp.untested:
+        return f"{change}: {cmp.untested}; the tables show the plain metrics diff."
+    tested = [r for r in cmp.tuned if r.test is not None and r.metric in HIGHER_IS_BETTER]
+    better = [r.metric for r in tested if r.verdict == "better"]
+    worse = [r.metric for r in tested if r.verdict == "worse"]
+    same = [r.metric for r in tested if r.verdict == "no significant change"]
+    how = f"paired bootstrap over {cmp.shared} test prompts, {confidence:.0%} interval"
+    if not better and not worse:
+        return f"{change}: no significant change in the tuned model on any of {len(tested)} metrics ({how})."
+    parts = ([f"better on {_join(better)}"] if better else []) + ([f"worse on {_join(worse)}"] if worse else [])
+    rest = f"; no significant change on {_join(same)}" if same else ""
+    return f"{change}: the tuned model is {' and '.join(parts)} ({how}){rest}."
+
+
 # --- formatting --------------------------------------------------------------------------------
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
 
 def fmt(value: Any) -> str:
     """A value as the metrics file holds it; 10 significant digits hide only float noise."""
@@ -163,24 +372,42 @@ def fmt(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
+def fmt_signed(value: float, decimals: int | None = None) -> str:
+    if value == 0:
+        return "0"
+    return f"{value:+.4g}" if decimals is None else f"{value:+.{decimals}f}"
+
+
+def fmt_interval(t: Interval) -> str:
+    """Change and interval with one number of decimals: three significant digits of the largest."""
+    largest = max(abs(t.change), abs(t.low), abs(t.high))
+    decimals = max(0, 2 - math.floor(math.log10(largest))) if largest > 0 else 0
+    return f"{fmt_signed(t.change, decimals)} [{fmt_signed(t.low, decimals)}, {fmt_signed(t.high, decimals)}]"
+
+
 def fmt_change(change: dict) -> str:
     diff = change.get("diff")
-    if isinstance(diff, (int, float)) and not isinstance(diff, bool):
+    if _number(diff):
         return "0" if diff == 0 else (f"{diff:+d}" if isinstance(diff, int) else f"{diff:+.10g}")
     if change.get("old") != change.get("new"):
         return "changed"
     return ""
 
 
-def verdict(path: str, key: str, change: dict) -> str:
-    """Better or worse, for the evaluation metrics whose direction is known."""
-    leaf = key.rsplit(".", 1)[-1]
-    diff = change.get("diff")
-    if Path(path).as_posix() != EVAL_METRICS or leaf not in HIGHER_IS_BETTER:
-        return ""
-    if not isinstance(diff, (int, float)) or diff == 0 or (isinstance(diff, float) and math.isnan(diff)):
-        return ""
-    return "✅ better" if (diff > 0) == HIGHER_IS_BETTER[leaf] else "❌ worse"
+VERDICT_MARK = {"better": "✅ better", "worse": "❌ worse", "no significant change": "no significant change",
+                "changed": "changed"}
+
+
+def row_cells(row: Row) -> list[str]:
+    if row.test is not None:
+        change = fmt_interval(row.test)
+        verdict = VERDICT_MARK[row.verdict]
+    else:
+        diff = row.plain_diff
+        change = fmt_signed(diff) if diff is not None else ("changed" if row.before != row.after else "")
+        verdict = "not tested"
+    arrow = {True: " ↑", False: " ↓"}.get(HIGHER_IS_BETTER.get(row.metric), "")
+    return [row.metric + arrow, fmt(row.before), fmt(row.after), change, verdict]
 
 
 def cell(text: str) -> str:
@@ -188,26 +415,141 @@ def cell(text: str) -> str:
 
 
 def table(headers: list[str], rows: list[list[str]]) -> list[str]:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines = ["| " + " | ".join(cell(h) for h in headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
     return lines
 
 
-def eval_order(key: str) -> tuple:
-    # The tuned model first: it is what the pull request changes.
-    model, _, leaf = key.rpartition(".")
-    group = {"tuned": 0, "delta": 1, "base": 2}.get(model, 3)
-    known = list(HIGHER_IS_BETTER)
-    return group, known.index(leaf) if leaf in known else len(known), key
-
-
-def metrics_rows(path: str, changes: dict) -> list[list[str]]:
-    keys = sorted(changes, key=eval_order if Path(path).as_posix() == EVAL_METRICS else str)
-    return [[path, key, fmt(changes[key].get("old")), fmt(changes[key].get("new")),
-             fmt_change(changes[key]), verdict(path, key, changes[key])] for key in keys]
+def evaluation_section(cmp: Comparison, before: str, after: str, confidence: float) -> list[str]:
+    level = f"{confidence:.0%}"
+    change_header = f"Change [{level} interval]"
+    lines = [f"### Tuned model, {before} → {after}", ""]
+    if cmp.base is None:
+        headers = ["Metric", "Base model", before, after, change_header, "Verdict"]
+        rows = [[r[0], fmt(cmp.base_reference.get(row.metric)), *r[1:]]
+                for row, r in ((row, row_cells(row)) for row in cmp.tuned)]
+    else:
+        headers = ["Metric", before, after, change_header, "Verdict"]
+        rows = [row_cells(row) for row in cmp.tuned]
+    lines += table(headers, rows)
+    lines.append("")
+    notes = []
+    if cmp.untested:
+        notes.append(f"{cmp.untested[0].upper()}{cmp.untested[1:]}; the change is the plain difference.")
+    else:
+        notes.append(f"Change: mean per-prompt difference over the {cmp.shared} test prompts both revisions "
+                     f"scored ({before}: {cmp.prompts[0]}, {after}: {cmp.prompts[1]}), with its {level} "
+                     "paired-bootstrap interval; a verdict needs the interval to exclude 0. chrf's change is "
+                     "in sentence-level chrF (each prompt's score); the columns show corpus chrF. "
+                     "val_loss and val_perplexity are measured on the validation split as a whole, so they are "
+                     "not tested.")
+    if cmp.base is None:
+        notes.append("The base model's scores are the same at both revisions, so it appears once, as the "
+                     "reference.")
+    lines += [" ".join(notes), ""]
+    if cmp.base is not None:
+        lines += [f"### Base model, {before} → {after}", "",
+                  "The base model's scores changed too: the base model, the test prompts or the decoding "
+                  "settings differ between the revisions.", ""]
+        lines += table(["Metric", before, after, change_header, "Verdict"], [row_cells(r) for r in cmp.base])
+        lines.append("")
+    return lines
 
 
 # --- charts ------------------------------------------------------------------------------------
+
+def verdict_color(row: Row) -> str:
+    return COLORS.get(row.verdict, COLORS["same"])
+
+
+def _quote(text: str) -> str:
+    return '"' + text.replace('"', "'") + '"'
+
+
+def _values(values: list[float]) -> str:
+    return "[" + ", ".join(f"{v:.4g}" for v in values) + "]"
+
+
+def mermaid_eval(cmp: Comparison, before: str, after: str) -> list[str]:
+    """The tuned model before and after, coloured by verdict, with the base model as a line.
+
+    Mermaid colours a whole series, so each colour is its own series, zero where
+    it does not apply; a bar of 0 draws nothing.
+    """
+    rows = [r for r in cmp.tuned if r.metric in UNIT_SCALE and _number(r.before) and _number(r.after)]
+    if not rows:
+        return []
+    names, grey, series = [], [], {"better": [], "worse": [], "same": []}
+    reference = []
+    for row in rows:
+        scale = UNIT_SCALE[row.metric]
+        metric = row.metric if scale == 1 else f"{row.metric}/{scale}"
+        names += [f"{metric} · {before}", f"{metric} · {after}"]
+        grey += [row.before / scale, 0]
+        for colour in series:
+            hit = (row.verdict if row.verdict in ("better", "worse") else "same") == colour
+            series[colour] += [0, row.after / scale if hit else 0]
+        base = cmp.base_reference.get(row.metric)
+        reference += [base / scale if _number(base) else 0] * 2
+    palette = ", ".join(COLORS[k] for k in ("before", "better", "worse", "same", "base"))
+    return ["```mermaid",
+            "---",
+            "config:",
+            "  xyChart:",
+            "    chartOrientation: horizontal",
+            f"    height: {120 + 40 * len(names)}",
+            "  themeVariables:",
+            "    xyChart:",
+            f'      plotColorPalette: "{palette}"',
+            "---",
+            "xychart-beta",
+            f"  title {_quote(f'Tuned model, {before} → {after}')}",
+            "  x-axis [" + ", ".join(_quote(n) for n in names) + "]",
+            '  y-axis "score" 0 --> 1',
+            f"  bar {_values(grey)}",
+            *(f"  bar {_values(series[c])}" for c in ("better", "worse", "same")),
+            f"  line {_values(reference)}",
+            "```",
+            "",
+            f"Grey: {before}. {after}: green better, red worse, blue no significant change (or not tested). "
+            "Dark line: the base model. ↓ metrics (repetition) are better lower.",
+            ""]
+
+
+def mermaid_curve(base: Revision, head: Revision, name: str, title: str, points: int = 40) -> list[str]:
+    """One DVCLive curve at both revisions, on the steps both logged (Mermaid lines have no gaps)."""
+    import numpy as np
+
+    curves = [(rev.label, read_curve(rev, name)) for rev in (base, head)]
+    curves = [(label, c) for label, c in curves if len(c) >= 2]
+    if not curves:
+        return []
+    first = max(c[0][0] for _, c in curves)
+    last = min(c[-1][0] for _, c in curves)
+    if last <= first:
+        return []
+    steps = np.linspace(first, last, points)
+    lines = [np.interp(steps, [p[0] for p in c], [p[1] for p in c]) for _, c in curves]
+    # The head is blue whether or not the base logged this curve.
+    colours = [("grey", COLORS["before"]), ("blue", COLORS["same"])][-len(curves):]
+    palette = ", ".join(hex_ for _, hex_ in colours)
+    legend = " · ".join(f"{label}: {word}" for (label, _), (word, _) in zip(curves, colours))
+    return ["```mermaid",
+            "---",
+            "config:",
+            "  themeVariables:",
+            "    xyChart:",
+            f'      plotColorPalette: "{palette}"',
+            "---",
+            "xychart-beta",
+            f"  title {_quote(title)}",
+            f'  x-axis "step" {first:.6g} --> {last:.6g}',
+            *(f"  line {_values(list(v))}" for v in lines),
+            "```",
+            "",
+            f"{legend} (steps {first:.6g}–{last:.6g}, logged at both).",
+            ""]
+
 
 def _pyplot():
     import matplotlib
@@ -225,10 +567,11 @@ def plot_curves(base: Revision, head: Revision, out: Path) -> bool:
     plt = _pyplot()
     fig, axes = plt.subplots(2, 2, figsize=(11, 7))
     for ax, (name, title) in zip(axes.flat, CURVES):
-        for points, label, style in ((curves[name][0], f"base: {base.label}", "--"),
-                                     (curves[name][1], f"head: {head.label}", "-")):
+        for points, label, style, colour in ((curves[name][0], base.label, "--", COLORS["before"]),
+                                             (curves[name][1], head.label, "-", COLORS["same"])):
             if points:
-                ax.plot([p[0] for p in points], [p[1] for p in points], style, marker=".", label=label)
+                ax.plot([p[0] for p in points], [p[1] for p in points], style, color=colour, marker=".",
+                        label=label)
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
@@ -242,26 +585,31 @@ def plot_curves(base: Revision, head: Revision, out: Path) -> bool:
     return True
 
 
-def plot_eval(head_eval: dict, head: Revision, out: Path) -> bool:
-    base_m, tuned_m = head_eval.get("base") or {}, head_eval.get("tuned") or {}
-    keys = [k for k in base_m if isinstance(base_m[k], (int, float)) and isinstance(tuned_m.get(k), (int, float))]
-    if not keys:
+def plot_eval(cmp: Comparison, before: str, after: str, out: Path) -> bool:
+    rows = [r for r in cmp.tuned if _number(r.before) and _number(r.after)]
+    if not rows:
         return False
     plt = _pyplot()
-    cols = min(4, len(keys))
-    rows = math.ceil(len(keys) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 2.8 * rows), squeeze=False)
-    for ax, key in zip(axes.flat, keys):
-        values = [base_m[key], tuned_m[key]]
-        bars = ax.bar(["base", "tuned"], values, color=["#9e9e9e", "#2e7d32"])
-        ax.bar_label(bars, labels=[fmt(v) for v in values], fontsize=8)
-        arrow = {True: " ↑", False: " ↓"}.get(HIGHER_IS_BETTER.get(key), "")
-        ax.set_title(key + arrow)
+    cols = min(4, len(rows))
+    nrows = math.ceil(len(rows) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols, 3 * nrows), squeeze=False)
+    for ax, row in zip(axes.flat, rows):
+        values = [row.before, row.after]
+        bars = ax.bar([before, after], values, color=[COLORS["before"], verdict_color(row)])
+        ax.bar_label(bars, labels=[f"{v:.4g}" for v in values], fontsize=8)
+        top = max(values)
+        base = cmp.base_reference.get(row.metric)
+        if _number(base):
+            ax.axhline(base, color=COLORS["base"], linestyle="--", linewidth=1)
+            top = max(top, base)
+        arrow = {True: " ↑", False: " ↓"}.get(HIGHER_IS_BETTER.get(row.metric), "")
+        ax.set_title(f"{row.metric}{arrow}\n{row.verdict or 'not tested'}", fontsize=9)
         # All-zero rates would otherwise get a symmetric axis around 0.
-        ax.set_ylim(min(0, *values), max(values) * 1.2 if max(values) > 0 else 1)
-    for ax in list(axes.flat)[len(keys):]:
+        ax.set_ylim(min(0, *values), top * 1.2 if top > 0 else 1)
+    for ax in list(axes.flat)[len(rows):]:
         ax.axis("off")
-    fig.suptitle(f"base model vs tuned model at {head.label}")
+    fig.suptitle(f"tuned model, {before} → {after}: green better, red worse, blue no significant change "
+                 "(or not tested); dashed line: base model", fontsize=10)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
@@ -270,21 +618,40 @@ def plot_eval(head_eval: dict, head: Revision, out: Path) -> bool:
 
 # --- the report --------------------------------------------------------------------------------
 
+def other_metrics_section(metrics: dict, before: str, after: str) -> list[str]:
+    """The pipeline's other metrics files: changed values shown, unchanged ones counted."""
+    others = [p for p in sorted(metrics) if Path(p).as_posix() != EVAL_METRICS]
+    changed = [[path, key, fmt(c.get("old")), fmt(c.get("new")), fmt_change(c)]
+               for path in others for key, c in sorted(metrics[path].items()) if c.get("old") != c.get("new")]
+    total = sum(len(metrics[p]) for p in others)
+    if not total:
+        return []
+    lines = ["<details>", f"<summary>Training and data metrics: {len(changed)} of {total} changed</summary>", ""]
+    if changed:
+        lines += table(["Path", "Metric", before, after, "Change"], changed)
+    else:
+        lines.append("None changed.")
+    return lines + ["", "</details>", ""]
+
+
 def build_report(args: argparse.Namespace) -> Path:
-    base, head = resolve(args.base), resolve(args.head)
+    if args.resamples < 1 or not 0 < args.confidence < 1:
+        raise ReportError(f"--resamples must be 1 or more and --confidence between 0 and 1, got "
+                          f"{args.resamples} and {args.confidence}")
+    base, head = resolve(args.base, args.base_label), resolve(args.head, args.head_label)
     out = Path(args.out)
     images_dir = Path(args.images_dir) if args.images_dir else out.parent
+    before, after = base.label, head.label
 
-    # --all: unchanged metrics too, so the comment shows where the PR stands, not only what moved.
+    # --all: unchanged values too, so the report can count them.
     metrics = dvc_json("metrics", "diff", "--all", base.dvc_rev, head.dvc_rev)
     files = sorted(set(metrics) | {EVAL_METRICS})
     for rev in (base, head):
         check_metrics(rev, files)
     params = dvc_json("params", "diff", base.dvc_rev, head.dvc_rev)
-    try:
-        head_eval = json.loads(head.read(EVAL_METRICS))
-    except json.JSONDecodeError as exc:
-        raise ReportError(f"{EVAL_METRICS} at {head.label} is not valid JSON: {exc}") from None
+    cmp = compare(read_eval(base), read_eval(head),
+                  parse_prompts(base.read(EVAL_PROMPTS), base.where), parse_prompts(head.read(EVAL_PROMPTS), head.where),
+                  before, after, resamples=args.resamples, confidence=args.confidence, seed=args.seed)
 
     images_dir.mkdir(parents=True, exist_ok=True)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -294,49 +661,44 @@ def build_report(args: argparse.Namespace) -> Path:
             return f"{args.image_url_prefix.rstrip('/')}/{name}"
         return Path(os.path.relpath(images_dir / name, out.parent)).as_posix()
 
-    head_desc = f"`{head.label}`"
-    if head.sha is None:
-        head_desc += f" (the working tree on top of `{_head_sha()}`)"
-    lines = [MARKER, "## Sabiá IFT: what this change does to the tuned model", "",
-             f"**Base** `{base.label}` · **Head** {head_desc}", "",
-             "Tables are `dvc metrics diff --all` and `dvc params diff`; a verdict marks an evaluation "
-             "metric whose direction is known (`HIGHER_IS_BETTER` in `sabia_ift/metrics/__init__.py`).", ""]
+    lines = [MARKER, f"## Sabiá IFT: {before} → {after}", "",
+             f"**{headline(cmp, before, after, args.confidence)}**", "",
+             f"{before}: `{base.where}` · {after}: `{head.where}`", ""]
+    lines += evaluation_section(cmp, before, after, args.confidence)
 
-    headers = ["Path", "Metric", "Base", "Head", "Change", "Verdict"]
-    eval_path = next((p for p in metrics if Path(p).as_posix() == EVAL_METRICS), EVAL_METRICS)
-    lines += ["### Evaluation: base model, tuned model and their delta", ""]
-    lines += table(headers, metrics_rows(eval_path, metrics.get(eval_path, {})))
-    lines.append("")
+    has_eval_png = plot_eval(cmp, before, after, images_dir / EVAL_PNG)
+    has_curves_png = plot_curves(base, head, images_dir / CURVES_PNG)
+    lines += ["### Charts", ""]
+    if args.charts == "mermaid":
+        lines += mermaid_eval(cmp, before, after)
+        curves = [line for name, title in CURVES[:2] for line in mermaid_curve(base, head, name, title)]
+        lines += curves or [f"No training curves under `{CURVES_DIR}` at either revision.", ""]
+        pngs = [name for name, made in ((EVAL_PNG, has_eval_png), (CURVES_PNG, has_curves_png)) if made]
+        if pngs:
+            lines += [f"Every metric and curve as PNG: {', '.join(f'`{p}`' for p in pngs)}, written beside "
+                      "this report.", ""]
+    else:
+        if has_eval_png:
+            lines += [f"![tuned model, {before} → {after}, base model as a line]({image(EVAL_PNG)})", ""]
+        if has_curves_png:
+            lines += [f"![training curves, {before} dashed, {after} solid]({image(CURVES_PNG)})", ""]
+        else:
+            lines += [f"No training curves under `{CURVES_DIR}` at either revision.", ""]
 
-    others = [p for p in sorted(metrics) if p != eval_path]
-    if others:
-        rows = [row for path in others for row in metrics_rows(path, metrics[path])]
-        changed = sum(1 for path in others for c in metrics[path].values() if c.get("old") != c.get("new"))
-        lines += ["<details>", f"<summary>Training and data metrics ({changed} of {len(rows)} changed)</summary>",
-                  ""]
-        lines += table(headers, rows)
-        lines += ["", "</details>", ""]
+    lines += other_metrics_section(metrics, before, after)
 
     lines += ["### Parameters", ""]
     param_rows = [[path, key, fmt(c.get("old")), fmt(c.get("new"))]
                   for path in sorted(params) for key, c in sorted(params[path].items())]
     if param_rows:
-        lines += table(["Path", "Param", "Base", "Head"], param_rows)
+        lines += table(["Path", "Param", before, after], param_rows)
     else:
         lines.append("No parameter changed.")
     lines.append("")
 
-    lines += ["### Charts", ""]
-    if plot_curves(base, head, images_dir / CURVES_PNG):
-        lines += [f"![training curves, base dashed, head solid]({image(CURVES_PNG)})", ""]
-    else:
-        lines += [f"No training curves under `{CURVES_DIR}` at either revision.", ""]
-    if plot_eval(head_eval, head, images_dir / EVAL_PNG):
-        lines += [f"![base model vs tuned model at head]({image(EVAL_PNG)})", ""]
-
     samples = read_samples(head, args.samples)
     if samples:
-        lines += ["<details>", f"<summary>{len(samples)} sample answers at head (from <code>{SAMPLES}</code>)"
+        lines += ["<details>", f"<summary>{len(samples)} sample answers at {after} (from <code>{SAMPLES}</code>)"
                   "</summary>", ""]
         sample_rows = [[_clip(_task(s.get("prompt", "")), 300), _clip(s.get("reference", ""), 200),
                         _clip(s.get("base", ""), 200), _clip(s.get("tuned", ""), 200)] for s in samples]

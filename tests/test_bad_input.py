@@ -45,7 +45,7 @@ OUTPUTS = {
     "tokenize": ["data/tokenized", "metrics/tokenize.json"],
     "train": ["models/adapter", "models/checkpoints", "metrics/curves", "metrics/train.json",
               "logs/train-timings.json"],
-    "evaluate": ["data/eval/samples.jsonl", "metrics/eval.json"],
+    "evaluate": ["data/eval/samples.jsonl", "metrics/eval_prompts.jsonl", "metrics/eval.json"],
     "benchmark": ["metrics/benchmarks.json"],
 }
 
@@ -401,7 +401,7 @@ TOKENIZE_ARGS = ["--base", "models/base", "--formatted", "data/formatted", "--ou
                  "--metrics", "metrics/tokenize.json"]
 EVALUATE_ARGS = ["--base", "models/base", "--adapter", "models/adapter", "--formatted", "data/formatted",
                  "--tokenized", "data/tokenized", "--samples", "data/eval/samples.jsonl",
-                 "--metrics", "metrics/eval.json"]
+                 "--prompts", "metrics/eval_prompts.jsonl", "--metrics", "metrics/eval.json"]
 
 
 def test_max_length_above_model_context(project_with_base, monkeypatch, capsys):

@@ -18,10 +18,10 @@ import pytest
 import yaml
 from conftest import FAST_PARAMS, make_project, run, write_params
 
-pytestmark = pytest.mark.slow
+from sabia_ift.artifacts import PROMPT_SCORES
+from sabia_ift.report import Interval, compare, evaluation_section, headline, paired_bootstrap
 
 DVC = str(Path(sys.executable).parent / "dvc")
-METRICS = ["metrics/format.json", "metrics/tokenize.json", "metrics/train.json", "metrics/eval.json"]
 OUTPUTS = ["models/base", "data/raw", "data/formatted", "data/tokenized", "models/adapter",
            "data/eval/samples.jsonl"]
 LR_HEAD = 0.004
@@ -57,16 +57,6 @@ def project(tmp_path_factory) -> Path:
 
 def at(project: Path, rev: str, path: str) -> str:
     return run(["git", "show", f"{rev}:{path}"], project).stdout
-
-
-def flatten(data: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def table_rows(markdown: str, width: int) -> list[list[str]]:
@@ -108,63 +98,104 @@ def check_png(path: Path) -> None:
         assert img.format == "PNG" and min(img.size) >= 300, img.size
 
 
-def test_report_numbers_are_the_metrics_files_at_each_commit(project, tmp_path):
-    result = report(project, "--base", "HEAD~1", "--head", "HEAD", "--out", str(tmp_path / "pr.md"))
+def eval_table(markdown: str, title: str) -> dict[str, list[str]]:
+    """The rows of the table under a '### title' heading, by metric name (arrows stripped)."""
+    section = markdown.split(f"### {title}\n", 1)[1].split("\n### ", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        if line.startswith("|") and not line.startswith("|---") and not line.startswith("| Metric"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            rows[cells[0].rstrip(" ↑↓")] = cells[1:]
+    return rows
+
+
+def prompt_scores(text: str) -> dict[int, dict]:
+    return {r["source_row"]: r for r in map(json.loads, text.splitlines())}
+
+
+@pytest.mark.slow
+def test_report_on_two_commits(project, tmp_path):
+    result = report(project, "--base", "HEAD~1", "--head", "HEAD", "--head-label", "this PR",
+                    "--out", str(tmp_path / "pr.md"))
     assert result.returncode == 0, result.stderr
     markdown = (tmp_path / "pr.md").read_text(encoding="utf-8")
-    rows = {(r[0], r[1]): r[2:] for r in table_rows(markdown, 6)}
+    before, after = (json.loads(at(project, rev, "metrics/eval.json")) for rev in ("HEAD~1", "HEAD"))
+    scores = [prompt_scores(at(project, rev, "metrics/eval_prompts.jsonl")) for rev in ("HEAD~1", "HEAD")]
+    assert len(scores[0]) == before["samples"] == 16 and scores[0].keys() == scores[1].keys()
 
-    for path in METRICS:
-        base = flatten(json.loads(at(project, "HEAD~1", path)))
-        head = flatten(json.loads(at(project, "HEAD", path)))
-        assert {key for p, key in rows if p == path} == set(base) | set(head), path
-        for key in set(base) | set(head):
-            old, new, change, verdict = rows[(path, key)]
-            assert same(old, base.get(key)), (path, key, old, base.get(key))
-            assert same(new, head.get(key)), (path, key, new, head.get(key))
-            if isinstance(base.get(key), (int, float)) and isinstance(head.get(key), (int, float)):
-                assert float(change) == pytest.approx(head[key] - base[key], abs=1e-9), (path, key, change)
-            leaf = key.rsplit(".", 1)[-1]
-            if path == "metrics/eval.json" and leaf in HIGHER_IS_BETTER and head[key] != base[key]:
-                expected = "better" if (head[key] > base[key]) == HIGHER_IS_BETTER[leaf] else "worse"
-                assert expected in verdict, (key, verdict)
-            else:
-                assert verdict == "", (key, verdict)
+    headline = next(line for line in markdown.splitlines() if line.startswith("**"))
+    assert headline.startswith("**HEAD~1 → this PR: ") and "16 test prompts" in headline
 
-    # Both models at both revisions, and the learning rate visibly moved the tuned one.
-    for model in ("base", "tuned"):
-        for metric in HIGHER_IS_BETTER:
-            assert ("metrics/eval.json", f"{model}.{metric}") in rows
-    assert any(float(rows[("metrics/eval.json", f"tuned.{m}")][2]) != 0 for m in ("val_loss", "val_perplexity"))
+    # A learning-rate change cannot touch the base model: it is the reference column, not rows.
+    assert before["base"] == after["base"]
+    assert "### Base model" not in markdown and "delta" not in markdown
+    rows = eval_table(markdown, "Tuned model, HEAD~1 → this PR")
+    assert list(rows) == [k for k in ("eos_stop_rate", "rougeL", "chrf", "exact_match", "repetition",
+                                      "mean_new_tokens", "val_loss", "val_perplexity")]
+    for metric, (base_model, old, new, change, verdict) in rows.items():
+        assert same(base_model, after["base"][metric]) and same(old, before["tuned"][metric])
+        assert same(new, after["tuned"][metric]), (metric, new)
+        score = {v: k for k, v in PROMPT_SCORES.items()}.get(metric)
+        if score is None:
+            assert verdict == "not tested", (metric, verdict)
+            continue
+        diffs = [scores[1][r]["tuned"][score] - scores[0][r]["tuned"][score] for r in scores[0]]
+        point, low, high = (float(x) for x in re.findall(r"[-+]?[\d.]+(?:e[-+]?\d+)?", change))
+        assert point == pytest.approx(sum(diffs) / len(diffs), abs=0.01 * max(1, abs(point))), metric
+        assert low <= point <= high, (metric, change)
+        significant = low > 0 or high < 0
+        if not significant:
+            assert verdict == "no significant change", (metric, verdict)
+        elif metric in HIGHER_IS_BETTER:
+            assert ("better" in verdict) == ((point > 0) == HIGHER_IS_BETTER[metric]), (metric, verdict)
 
     params = [r for r in table_rows(markdown, 4) if r[0] == "params.yaml"]
     lr_base = yaml.safe_load(at(project, "HEAD~1", "params.yaml"))["train"]["lr"]
     assert params == [["params.yaml", "train.lr", str(lr_base), str(LR_HEAD)]]
-
     charts = images(markdown, tmp_path)
     assert {p.name for p in charts} == {"curves.png", "eval-metrics.png"}
     for chart in charts:
         check_png(chart)
 
+    # For a pull-request comment: charts inside the Markdown, no image links; the PNGs still written.
+    result = report(project, "--base", "HEAD~1", "--head", "HEAD", "--charts", "mermaid",
+                    "--out", str(tmp_path / "comment" / "pr.md"))
+    assert result.returncode == 0, result.stderr
+    comment = (tmp_path / "comment" / "pr.md").read_text(encoding="utf-8")
+    # The evaluation chart, and the loss curves the tiny run logged at both commits.
+    assert "![" not in comment and comment.count("```mermaid") >= 2 and "xychart-beta" in comment
+    for name in ("curves.png", "eval-metrics.png"):
+        check_png(tmp_path / "comment" / name)
 
-def test_report_on_the_workspace_with_image_options(project, tmp_path):
-    result = report(project, "--base", "HEAD~1", "--out", str(tmp_path / "report.md"),
-                    "--images-dir", str(tmp_path / "img"), "--image-url-prefix", "https://example.org/run/7/")
+
+@pytest.mark.slow
+def test_report_without_per_prompt_scores_on_the_workspace(project, tmp_path):
+    # An older revision without the file: the report falls back to the plain diff and says so.
+    scores = project / "metrics" / "eval_prompts.jsonl"
+    saved = scores.read_bytes()
+    scores.unlink()
+    try:
+        result = report(project, "--base", "HEAD~1", "--out", str(tmp_path / "report.md"),
+                        "--images-dir", str(tmp_path / "img"), "--image-url-prefix", "https://example.org/run/7/")
+    finally:
+        scores.write_bytes(saved)
     assert result.returncode == 0, result.stderr
     markdown = (tmp_path / "report.md").read_text(encoding="utf-8")
+    assert "**HEAD~1 → working tree: no per-prompt scores at working tree: no significance test" in markdown
+    rows = eval_table(markdown, "Tuned model, HEAD~1 → working tree")
+    assert {r[4] for r in rows.values()} == {"not tested"}
+    head = json.loads((project / "metrics/eval.json").read_text(encoding="utf-8"))
+    for metric, row in rows.items():
+        assert same(row[2], head["tuned"][metric]), metric
     assert "https://example.org/run/7/curves.png" in markdown
     assert "https://example.org/run/7/eval-metrics.png" in markdown
     for name in ("curves.png", "eval-metrics.png"):
         check_png(tmp_path / "img" / name)
-    # The workspace holds HEAD's results, so its column is HEAD's file.
-    head = flatten(json.loads((project / "metrics/eval.json").read_text(encoding="utf-8")))
-    rows = {(r[0], r[1]): r[2:] for r in table_rows(markdown, 6)}
-    for key, value in head.items():
-        assert same(rows[("metrics/eval.json", key)][1], value), key
     # samples.jsonl is on disk here, so the excerpt is there.
-    assert "sample answers at head" in markdown
+    assert "sample answers at working tree" in markdown
 
 
+@pytest.mark.slow
 def test_report_refuses_a_revision_without_metrics(project, tmp_path):
     # HEAD~2 is the bare project copy: no `dvc repro` results committed.
     result = report(project, "--base", "HEAD~2", "--head", "HEAD", "--out", str(tmp_path / "pr.md"))
@@ -201,6 +232,7 @@ def metric(exp: dict, path: str, dotted: str):
     return value
 
 
+@pytest.mark.slow
 def test_experiment_set_param_show_and_diff(project, tmp_path):
     run([DVC, "exp", "run", "--temp", "--name", "lr-low", "-S", "train.lr=0.0005"], project)
     exp = next(e for e in exp_show(project) if e["name"] == "lr-low")
@@ -218,11 +250,12 @@ def test_experiment_set_param_show_and_diff(project, tmp_path):
     # The report takes an experiment name like any revision.
     result = report(project, "--base", "HEAD", "--head", "lr-low", "--out", str(tmp_path / "pr.md"))
     assert result.returncode == 0, result.stderr
-    rows = {(r[0], r[1]): r[2:] for r in table_rows((tmp_path / "pr.md").read_text("utf-8"), 6)}
-    assert same(rows[("metrics/eval.json", "tuned.val_loss")][1], tuned_loss)
+    rows = eval_table((tmp_path / "pr.md").read_text("utf-8"), "Tuned model, HEAD → lr-low")
+    assert same(rows["val_loss"][2], tuned_loss)
     assert run(["git", "status", "--porcelain"], project).stdout == "", "a --temp experiment touched the workspace"
 
 
+@pytest.mark.slow
 def test_queued_sweep_over_lora_rank(project):
     run([DVC, "exp", "run", "--queue", "-S", "evaluate.max_samples=8", "-S", "train.max_steps=10",
          "-S", "train.lora.r=4,8"], project)
@@ -247,6 +280,7 @@ def tree_hashes(root: Path, rel: str) -> dict[str, str]:
     return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
 
 
+@pytest.mark.slow
 def test_push_clone_pull_restores_every_output(project):
     remote = run([DVC, "remote", "list"], project).stdout.split()
     assert remote[0] == "local" and remote[-1] == "(default)", remote
@@ -268,3 +302,130 @@ def test_push_clone_pull_restores_every_output(project):
         assert tree_hashes(clone, rel) == expected, rel
     status = json.loads(run([DVC, "status", "--json"], clone).stdout or "{}")
     assert status == {}, f"a fresh clone after `dvc pull` is not up to date, so `dvc repro` would rerun: {status}"
+
+
+# --- the significance test and the evaluation section, on synthetic scores ------------------------
+
+def scores_at(values: dict[str, list[float]], base: dict[str, list[float]] | None = None, sha=str) -> dict:
+    """eval_prompts records for source rows 1..n; unnamed scores are 0."""
+    n = len(next(iter(values.values())))
+    def model(v, i):
+        return {s: v.get(s, [0] * n)[i] for s in PROMPT_SCORES}
+    return {i + 1: {"source_row": i + 1, "prompt_sha1": sha(i + 1), "tuned": model(values, i),
+                    "base": model(base or {}, i)} for i in range(n)}
+
+
+def eval_at(prompts: dict) -> dict:
+    """metrics/eval.json as evaluate writes it for these records (chrf as a plain mean here)."""
+    def means(model):
+        return {agg: sum(r[model][s] for r in prompts.values()) / len(prompts) for s, agg in PROMPT_SCORES.items()}
+    tuned, base = means("tuned"), means("base")
+    return {"samples": len(prompts), "max_new_tokens": 16, "base": {**base, "val_loss": 2.0},
+            "tuned": {**tuned, "val_loss": 1.5}, "delta": {k: tuned[k] - base[k] for k in tuned}}
+
+
+def test_bootstrap_large_effect_is_significant():
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    before = rng.uniform(0.2, 0.6, 200)
+    after = before + 0.1 + rng.normal(0, 0.05, 200)
+    t = paired_bootstrap(before, after, resamples=2000, seed=0)
+    assert t.significant and 0.08 < t.low < t.change < t.high < 0.12
+    # The width a normal approximation gives: 2 x 1.96 standard errors of the mean difference.
+    diff = after - before
+    assert t.high - t.low == pytest.approx(2 * 1.96 * diff.std() / np.sqrt(diff.size), rel=0.15)
+    assert t.prompts == 200
+    # Seeded: the same interval every time.
+    assert paired_bootstrap(before, after, resamples=2000, seed=0) == t
+
+
+def test_bootstrap_identical_and_one_prompt_in_a_hundred_are_not_significant():
+    same_scores = [0.3, 0.5, 0.9, 0.1] * 25
+    t = paired_bootstrap(same_scores, same_scores)
+    assert (t.change, t.low, t.high, t.significant) == (0, 0, 0, False)
+
+    before, after = [0] * 100, [0] * 99 + [1]  # exact_match +0.01: one more prompt answered exactly
+    t = paired_bootstrap(before, after)
+    assert t.change == pytest.approx(0.01) and t.low == 0 and not t.significant
+
+
+def test_bootstrap_refuses_fewer_than_two_pairs():
+    with pytest.raises(ValueError):
+        paired_bootstrap([1.0], [0.0])
+
+
+def test_one_more_exact_match_in_a_hundred_is_not_better():
+    before = scores_at({"exact_match": [0] * 100, "rougeL": [0.4] * 100})
+    after = scores_at({"exact_match": [0] * 99 + [1], "rougeL": [0.4] * 100})
+    cmp = compare(eval_at(before), eval_at(after), before, after, "main", "this PR")
+    row = next(r for r in cmp.tuned if r.metric == "exact_match")
+    assert row.plain_diff == pytest.approx(0.01) and row.verdict == "no significant change"
+    line = headline(cmp, "main", "this PR")
+    assert line == ("main → this PR: no significant change in the tuned model on any of 5 metrics "
+                    "(paired bootstrap over 100 test prompts, 95% interval).")
+    assert "better" not in "\n".join(evaluation_section(cmp, "main", "this PR", 0.95))
+
+
+def test_headline_names_better_and_worse_metrics():
+    n = 100
+    before = scores_at({"rougeL": [0.2 + 0.004 * i for i in range(n)], "repetition": [0.1] * n,
+                        "chrf": [30.0] * n, "new_tokens": [20] * n})
+    after = scores_at({"rougeL": [0.3 + 0.004 * i for i in range(n)], "repetition": [0.1 + 0.002 * i for i in range(n)],
+                       "chrf": [30.0 + (i % 2) - 0.5 for i in range(n)], "new_tokens": [40] * n})
+    cmp = compare(eval_at(before), eval_at(after), before, after, "main", "this PR")
+    verdicts = {r.metric: r.verdict for r in cmp.tuned}
+    assert verdicts["rougeL"] == "better" and verdicts["repetition"] == "worse"  # repetition: lower is better
+    assert verdicts["chrf"] == "no significant change" and verdicts["mean_new_tokens"] == "changed"
+    assert verdicts["val_loss"] == ""  # one number for the whole validation split: nothing to resample
+    assert headline(cmp, "main", "this PR") == (
+        "main → this PR: the tuned model is better on rougeL and worse on repetition (paired bootstrap over "
+        "100 test prompts, 95% interval); no significant change on eos_stop_rate, chrf and exact_match.")
+
+
+def test_rows_that_cannot_change_are_left_out():
+    before = scores_at({"rougeL": [0.2] * 10}, base={"rougeL": [0.1] * 10})
+    after = scores_at({"rougeL": [0.5] * 10}, base={"rougeL": [0.1] * 10})
+    cmp = compare(eval_at(before), eval_at(after), before, after, "main", "this PR")
+    assert cmp.base is None
+    text = "\n".join(evaluation_section(cmp, "main", "this PR", 0.95))
+    assert "delta" not in text and "### Base model" not in text
+    assert "| Metric | Base model | main | this PR | Change [95% interval] | Verdict |" in text
+    assert "| rougeL ↑ | 0.1 | 0.2 | 0.5 | +0.300 [+0.300, +0.300] | ✅ better |" in text
+
+    # A new base model (or other test prompts) moves the base model's scores: then they are rows too.
+    moved = scores_at({"rougeL": [0.5] * 10}, base={"rougeL": [0.3] * 10})
+    cmp = compare(eval_at(before), eval_at(moved), before, moved, "main", "this PR")
+    text = "\n".join(evaluation_section(cmp, "main", "this PR", 0.95))
+    assert "### Base model, main → this PR" in text and "| Base model |" not in text
+    assert next(r for r in cmp.base if r.metric == "rougeL").verdict == "better"
+
+
+def test_prompts_pair_by_identity_not_position():
+    before = scores_at({"rougeL": [0.1, 0.2, 0.3, 0.4]})
+    after = {row: before[row] | {"tuned": before[row]["tuned"] | {"rougeL": before[row]["tuned"]["rougeL"] + 0.1}}
+             for row in reversed(before)}  # another order, each prompt 0.1 better
+    after[5] = {**after[4], "source_row": 5}  # a prompt main never scored
+    after[3] = {**after[3], "prompt_sha1": "other prompt"}  # same row number, different prompt
+    cmp = compare(eval_at(before), eval_at(after), before, after, "main", "this PR")
+    row = next(r for r in cmp.tuned if r.metric == "rougeL")
+    assert cmp.shared == 3 and row.test.prompts == 3
+    assert row.test.change == pytest.approx(0.1) and row.verdict == "better"
+
+
+def test_without_per_prompt_scores_the_report_says_so():
+    after = scores_at({"rougeL": [0.5] * 10})
+    cmp = compare(eval_at(scores_at({"rougeL": [0.2] * 10})), eval_at(after), None, after, "main", "this PR")
+    assert cmp.untested == "no per-prompt scores at main: no significance test"
+    assert all(r.test is None and r.verdict == "" for r in cmp.tuned)
+    assert headline(cmp, "main", "this PR").startswith("main → this PR: no per-prompt scores at main: no significance test")
+    assert "| rougeL ↑ | 0 | 0.2 | 0.5 | +0.3 | not tested |" in "\n".join(
+        evaluation_section(cmp, "main", "this PR", 0.95))
+
+
+def test_interval_formatting_keeps_one_precision():
+    from sabia_ift.report import fmt_interval
+
+    assert fmt_interval(Interval(0.073, 0.0354, 0.111, 100)) == "+0.073 [+0.035, +0.111]"
+    assert fmt_interval(Interval(-5.2, -9.87, -1.02, 100)) == "-5.20 [-9.87, -1.02]"
+    assert fmt_interval(Interval(0.0, 0.0, 0.0, 100)) == "0 [0, 0]"

@@ -19,7 +19,7 @@ from ..errors import DataError
 from .generation import Generation, generate
 from ..io import read_jsonl, write_jsonl
 from .metrics import load_metric
-from ..artifacts import HF_SPLITS, load_tokenized, split_file
+from ..artifacts import HF_SPLITS, load_tokenized, prompt_sha1, split_file
 from ..modeling import load_tuned, pick_device
 from ..progress import Progress
 from ..template import IGNORE_INDEX
@@ -52,21 +52,30 @@ def token_loss(model, tokenizer, dataset, batch_size: int, device: str) -> float
     return total / count if count else float("nan")
 
 
-def score(generations: list[Generation], references: list[str], ngram: int) -> dict[str, float]:
+def score(generations: list[Generation], references: list[str], ngram: int) -> tuple[dict[str, float], list[dict]]:
+    """The model's metrics over all prompts, and each prompt's scores (artifacts.PROMPT_SCORES)."""
     predictions = [g.text for g in generations]
-    rouge = load_metric("rouge_l").compute(predictions=predictions, references=references)
-    chrf = load_metric("chrf").compute(predictions=predictions, references=references)
-    repetition = load_metric("repetition").compute(predictions=predictions, n=ngram)
+    rouge = load_metric("rouge_l").compute(predictions=predictions, references=references, per_prediction=True)
+    chrf = load_metric("chrf").compute(predictions=predictions, references=references, per_prediction=True)
+    repetition = load_metric("repetition").compute(predictions=predictions, n=ngram, per_prediction=True)
+    per_prompt = [
+        {"eos_stop": int(g.stopped), "rougeL": round(r, 4), "chrf": round(c, 4),
+         "exact_match": int(normalize_text(g.text) == normalize_text(ref)),
+         "repetition": round(rep, 4), "new_tokens": g.new_tokens}
+        for g, ref, r, c, rep in zip(generations, references, rouge["rougeL_per_prediction"],
+                                     chrf["chrf_per_prediction"], repetition["repetition_per_prediction"],
+                                     strict=True)
+    ]
     n = len(generations)
-    return {
-        "eos_stop_rate": round(sum(g.stopped for g in generations) / n, 4),
+    summary = {
+        "eos_stop_rate": round(sum(p["eos_stop"] for p in per_prompt) / n, 4),
         "repetition": round(repetition["repetition"], 4),
         "rougeL": round(rouge["rougeL"], 4),
         "chrf": round(chrf["chrf"], 4),
-        "exact_match": round(sum(normalize_text(p) == normalize_text(r)
-                                 for p, r in zip(predictions, references)) / n, 4),
-        "mean_new_tokens": round(sum(g.new_tokens for g in generations) / n, 2),
+        "exact_match": round(sum(p["exact_match"] for p in per_prompt) / n, 4),
+        "mean_new_tokens": round(sum(p["new_tokens"] for p in per_prompt) / n, 2),
     }
+    return summary, per_prompt
 
 
 def test_prompts(formatted_dir: str | Path, test_split, max_samples: int | None
@@ -97,8 +106,9 @@ def test_prompts(formatted_dir: str | Path, test_split, max_samples: int | None
 
 
 def evaluate(cfg: EvaluateConfig, base_dir: str | Path, adapter_dir: str | Path, formatted_dir: str | Path,
-             tokenized_dir: str | Path, samples_path: str | Path) -> dict[str, Any]:
-    """Run the evaluate stage; returns metrics/eval.json's content and writes the samples file.
+             tokenized_dir: str | Path, samples_path: str | Path, prompts_path: str | Path) -> dict[str, Any]:
+    """Run the evaluate stage; returns metrics/eval.json's content and writes the samples file and
+    each prompt's scores (prompts_path), which let the report test a change for significance.
 
     An empty test split (format.test_size: 0, or tokenize dropped every test
     row) skips generation; an empty validation split leaves val_loss null.
@@ -126,7 +136,7 @@ def evaluate(cfg: EvaluateConfig, base_dir: str | Path, adapter_dir: str | Path,
             log.warning("%d test prompts leave fewer than evaluate.max_new_tokens (%d) tokens of the model's "
                         "%d-token context; their answers are capped to fit", capped, cfg.max_new_tokens, context)
 
-    results, outputs = {}, {}
+    results, outputs, per_prompt = {}, {}, {}
     for name in ("base", "tuned"):
         # The base model is the same weights with the adapter switched off.
         switch = model.disable_adapter() if name == "base" else contextlib.nullcontext()
@@ -137,7 +147,8 @@ def evaluate(cfg: EvaluateConfig, base_dir: str | Path, adapter_dir: str | Path,
                                 progress=progress) if rows else []
             loss = token_loss(model, tokenizer, validation, cfg.batch_size, device) if validation else math.nan
         outputs[name] = gens
-        results[name] = {**(score(gens, references, cfg.repetition_ngram) if rows else {}),
+        summary, per_prompt[name] = score(gens, references, cfg.repetition_ngram) if rows else ({}, [])
+        results[name] = {**summary,
                          "val_loss": round(loss, 6) if math.isfinite(loss) else None,
                          "val_perplexity": round(math.exp(loss), 4) if math.isfinite(loss) else None}
 
@@ -145,6 +156,10 @@ def evaluate(cfg: EvaluateConfig, base_dir: str | Path, adapter_dir: str | Path,
         {"source_row": row["source_row"], "prompt": row["prompt"], "reference": ref,
          "base": b.text, "base_stopped": b.stopped, "tuned": t.text, "tuned_stopped": t.stopped}
         for row, ref, b, t in list(zip(rows, references, outputs["base"], outputs["tuned"]))[: cfg.samples_to_write]
+    ))
+    write_jsonl(prompts_path, (
+        {"source_row": row["source_row"], "prompt_sha1": prompt_sha1(row["prompt"], ref), "base": b, "tuned": t}
+        for row, ref, b, t in zip(rows, references, per_prompt["base"], per_prompt["tuned"], strict=True)
     ))
     delta = {k: round(results["tuned"][k] - results["base"][k], 4)
              for k in results["base"] if isinstance(results["base"][k], (int, float))

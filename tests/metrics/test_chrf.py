@@ -56,6 +56,16 @@ def test_word_order_switches_to_chrf_plus_plus(chrf: evaluate.EvaluationModule) 
     )
 
 
+def test_per_prediction_is_each_pair_alone_and_keeps_the_corpus_score(chrf: evaluate.EvaluationModule) -> None:
+    predictions = ["o gato dormiu no sofá", "um cachorro latiu", ""]
+    references = ["o gato dormiu no sofá da sala", "um cachorro latiu lá fora", "bom dia"]
+    result = chrf.compute(predictions=predictions, references=references, per_prediction=True)
+    assert result["chrf"] == chrf.compute(predictions=predictions, references=references)["chrf"]
+    assert result["chrf_per_prediction"] == [pytest.approx(_score(chrf, p, r)) for p, r in zip(predictions, references)]
+    assert result["chrf_per_prediction"][2] == 0.0
+    assert chrf.compute(predictions=[], references=[], per_prediction=True) == {"chrf": 0.0, "chrf_per_prediction": []}
+
+
 def test_mismatched_lengths_are_refused(chrf: evaluate.EvaluationModule) -> None:
     with pytest.raises(ValueError):
         chrf.compute(predictions=["a", "b"], references=["a"])

@@ -39,6 +39,13 @@ def test_mean_and_max(repetition: evaluate.EvaluationModule) -> None:
     assert repetition.compute(predictions=[]) == {"repetition": 0.0, "repetition_max": 0.0}
 
 
+def test_per_prediction_rates(repetition: evaluate.EvaluationModule) -> None:
+    predictions = ["a b c d a b c d a b c d", "uma frase sem nenhuma repetição aqui", "curto"]
+    result = repetition.compute(predictions=predictions, per_prediction=True)
+    assert result["repetition_per_prediction"] == [pytest.approx(5 / 9), 0.0, 0.0]
+    assert result["repetition"] == repetition.compute(predictions=predictions)["repetition"]
+
+
 def test_tokens_are_unicode_words(repetition: evaluate.EvaluationModule) -> None:
     # Case and punctuation ignored: 3 unigrams, 1 distinct -> 1 - 1/3.
     assert _rep(repetition, "Não, não... NÃO!", n=1) == pytest.approx(2 / 3)

@@ -44,6 +44,16 @@ def test_mean_over_examples_with_empty_prediction(rouge_l: evaluate.EvaluationMo
     assert all(type(v) is float for v in result.values())
 
 
+def test_per_prediction_f1(rouge_l: evaluate.EvaluationModule) -> None:
+    result = rouge_l.compute(
+        predictions=["o gato dormiu no tapete", "", "bom dia"],
+        references=["o gato preto dormiu no sofá", "qualquer coisa", "bom dia"],
+        per_prediction=True,
+    )
+    assert result["rougeL_per_prediction"] == [pytest.approx(8 / 11), 0.0, 1.0]
+    assert result["rougeL"] == pytest.approx(sum(result["rougeL_per_prediction"]) / 3)
+
+
 def test_identical_and_disjoint(rouge_l: evaluate.EvaluationModule) -> None:
     text = "A capital do Brasil é Brasília."
     assert _score(rouge_l, text, text) == 1.0

@@ -33,8 +33,12 @@ Args:
     predictions (list of str): generated texts.
     references (list of str): one reference text per prediction.
     word_order (int, optional): word n-gram order; 0 (default) gives chrF, 2 gives chrF++.
+    per_prediction (bool, optional): also return each pair's sentence-level score (default False).
 Returns:
     chrf (float): corpus-level score in [0, 100]; 0.0 when there are no examples.
+    chrf_per_prediction (list of float): sentence-level chrF of each pair, only with
+        per_prediction=True. Their mean is not the corpus score: the corpus score pools
+        the n-gram counts of all pairs before taking the F-score.
 Example:
     >>> metric = evaluate.load("sabia_ift/metrics/chrf")
     >>> metric.compute(predictions=["não é"], references=["não é"])["chrf"]
@@ -66,18 +70,23 @@ class Chrf(evaluate.Metric):
         predictions: list[str],
         references: list[str],
         word_order: int = 0,
-    ) -> dict[str, float]:
+        per_prediction: bool = False,
+    ) -> dict[str, float | list[float]]:
         if len(predictions) != len(references):
             raise ValueError(
                 f"chrf needs one reference per prediction, got {len(predictions)} "
                 f"predictions and {len(references)} references"
             )
         if not predictions:
-            return {"chrf": 0.0}
+            return {"chrf": 0.0, **({"chrf_per_prediction": []} if per_prediction else {})}
         chrf = CHRF(char_order=_CHAR_ORDER, word_order=word_order)
+        predictions = [p or "" for p in predictions]
+        references = [r or "" for r in references]
         # sacrebleu expects a list of reference *streams*; we have a single stream.
-        score = chrf.corpus_score(
-            [p or "" for p in predictions],
-            [[r or "" for r in references]],
-        )
-        return {"chrf": float(score.score)}
+        score = chrf.corpus_score(predictions, [references])
+        result: dict[str, float | list[float]] = {"chrf": float(score.score)}
+        if per_prediction:
+            result["chrf_per_prediction"] = [
+                float(chrf.sentence_score(p, [r]).score) for p, r in zip(predictions, references)
+            ]
+        return result

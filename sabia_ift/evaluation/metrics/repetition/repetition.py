@@ -34,10 +34,12 @@ _KWARGS_DESCRIPTION = """\
 Args:
     predictions (list of str): generated texts.
     n (int, optional): n-gram order, default 4.
+    per_prediction (bool, optional): also return each prediction's rep_n (default False).
 Returns:
     repetition (float): mean rep_n over predictions, in [0, 1).
     repetition_max (float): largest rep_n among the predictions.
     Both are 0.0 when there are no predictions.
+    repetition_per_prediction (list of float): each prediction's rep_n, only with per_prediction=True.
 Example:
     >>> metric = evaluate.load("sabia_ift/metrics/repetition")
     >>> round(metric.compute(predictions=["a b c d a b c d a b c d"], n=4)["repetition"], 4)
@@ -83,14 +85,17 @@ class Repetition(evaluate.Metric):
             reference_urls=["https://arxiv.org/abs/1908.04319"],
         )
 
-    def _compute(self, predictions: list[str], n: int = 4) -> dict[str, float]:
+    def _compute(
+        self, predictions: list[str], n: int = 4, per_prediction: bool = False
+    ) -> dict[str, float | list[float]]:
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be a positive integer, got {n!r}")
         tokenizer = UnicodeWordTokenizer()
         rates = [repetition_rate(tokenizer.tokenize(p), n) for p in predictions]
-        if not rates:
-            return {"repetition": 0.0, "repetition_max": 0.0}
-        return {
-            "repetition": float(sum(rates) / len(rates)),
-            "repetition_max": float(max(rates)),
+        result: dict[str, float | list[float]] = {
+            "repetition": float(sum(rates) / len(rates)) if rates else 0.0,
+            "repetition_max": float(max(rates)) if rates else 0.0,
         }
+        if per_prediction:
+            result["repetition_per_prediction"] = [float(r) for r in rates]
+        return result

@@ -38,10 +38,12 @@ _KWARGS_DESCRIPTION = """\
 Args:
     predictions (list of str): generated texts.
     references (list of str): one reference text per prediction.
+    per_prediction (bool, optional): also return each prediction's F1 (default False).
 Returns:
     rougeL (float): mean ROUGE-L F1 over examples, in [0, 1].
     rougeL_precision (float): mean LCS precision over examples.
     rougeL_recall (float): mean LCS recall over examples.
+    rougeL_per_prediction (list of float): each example's F1, only with per_prediction=True.
     An empty prediction or reference scores 0; no examples gives 0.0 everywhere.
 Example:
     >>> metric = evaluate.load("sabia_ift/metrics/rouge_l")
@@ -84,7 +86,9 @@ class RougeL(evaluate.Metric):
             reference_urls=["https://aclanthology.org/W04-1013/"],
         )
 
-    def _compute(self, predictions: list[str], references: list[str]) -> dict[str, float]:
+    def _compute(
+        self, predictions: list[str], references: list[str], per_prediction: bool = False
+    ) -> dict[str, float | list[float]]:
         scorer = rouge_scorer.RougeScorer(["rougeL"], tokenizer=UnicodeWordTokenizer())
         f1: list[float] = []
         precision: list[float] = []
@@ -95,11 +99,14 @@ class RougeL(evaluate.Metric):
             f1.append(score.fmeasure)
             precision.append(score.precision)
             recall.append(score.recall)
-        return {
+        result: dict[str, float | list[float]] = {
             "rougeL": _mean(f1),
             "rougeL_precision": _mean(precision),
             "rougeL_recall": _mean(recall),
         }
+        if per_prediction:
+            result["rougeL_per_prediction"] = [float(v) for v in f1]
+        return result
 
 
 def _mean(values: list[float]) -> float:
