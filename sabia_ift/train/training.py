@@ -333,7 +333,7 @@ def train(cfg: TrainConfig, base_dir: str | Path, tokenized_dir: str | Path, ada
                               world)
     fingerprint = run_fingerprint(cfg, base_dir, tokenized_dir, world.size)
     # One process clears stale checkpoints; the others wait, then read what it kept.
-    with args.main_process_first(desc="checkpoints"):
+    with args.main_process_first(local=False, desc="checkpoints"):
         resume = prepare_checkpoints(checkpoint_dir, fingerprint, world.size) if world.is_main \
             else (complete_checkpoints(checkpoint_dir) or [None])[-1]
     if resume is not None and world.is_main:

@@ -1,0 +1,87 @@
+"""The benchmark stage (lm-evaluation-harness, base and tuned) on one CUDA card, on the leaderboard's task set.
+
+    python bench/benchmark_stage.py --pt-eval ../shared/pt-eval --tokenizer .bench/tokenizer --work /tmp/bench \
+        --out DIR [--limit 250]
+
+Builds the random LLaMA-7B folder (bench/gpu_qlora.py), trains a 3-step QLoRA
+adapter with the stage script, then runs the benchmark stage script with the
+Sabiá-7B preset's tasks read from local copies of the publishers' files
+(ENEM 2022, ASSIN 2, FaQuAD, TweetSentBR), `batch_size: auto`, 4-bit base
+loaded once for base and tuned. Writes <out>/<card>-<date>-benchmark-stage.json
+with the stage's wall time and metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+from gpu_qlora import build_model, stage, write_params  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pt-eval", type=Path, required=True)
+    parser.add_argument("--tokenizer", type=Path, required=True)
+    parser.add_argument("--work", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--limit", type=int, default=None, help="examples per task (default: all)")
+    args = parser.parse_args()
+
+    import torch
+
+    work, out, pt = args.work, args.out, args.pt_eval.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "benchmark-stage.log"
+    model_dir = work / "llama-7b-random"
+    build_model(model_dir, args.tokenizer)
+    tasks = [
+        {"name": "enem", "kind": "enem", "path": str(pt / "enem2022.json")},
+        {"name": "assin2_rte", "kind": "assin2_rte", "path": str(pt / "assin2-test.xml"),
+         "fewshot_path": str(pt / "assin2-train-only.xml")},
+        {"name": "assin2_sts", "kind": "assin2_sts", "path": str(pt / "assin2-test.xml"),
+         "fewshot_path": str(pt / "assin2-train-only.xml")},
+        {"name": "faquad_nli", "kind": "faquad_nli", "path": str(pt / "faquad_dev.json"),
+         "fewshot_path": str(pt / "faquad_train.json")},
+        {"name": "tweetsentbr", "kind": "tweetsentbr", "path": str(pt / "tweetsentbr_poeta750.json")},
+    ]
+    params = write_params(work / "params-benchmark.yaml", {
+        "base": {"source": "pretrained", "name_or_path": str(model_dir)},
+        "fetch": {"source": "file", "path": str(REPO / "data/sample/instructions.jsonl"), "max_rows": 200},
+        "format": {"val_size": 8, "test_size": 8},
+        "train": {"max_steps": 3, "logging_steps": 1, "eval_steps": 100000, "save_steps": 100000,
+                  "report_to": [], "devices": 1},
+        "benchmark": {"tasks": tasks, "limit": args.limit},
+    })
+    base, raw, formatted, tokenized = (work / n for n in ("models/base", "data/raw", "data/formatted",
+                                                          "data/tokenized-bm"))
+    stage("base", params, work, "--out", str(base), log=log)
+    stage("fetch", params, work, "--out", str(raw), log=log)
+    stage("format", params, work, "--raw", str(raw), "--out", str(formatted), "--metrics", str(work / "f.json"),
+          log=log)
+    stage("tokenize", params, work, "--base", str(base), "--formatted", str(formatted), "--out", str(tokenized),
+          "--metrics", str(work / "t.json"), log=log)
+    adapter = work / "adapter-benchmark"
+    stage("train", params, work, "--base", str(base), "--data", str(tokenized), "--out", str(adapter),
+          "--checkpoints", str(work / "ckpt-bm"), "--metrics", str(work / "m.json"), "--timings",
+          str(work / "tm.json"), log=log)
+    wall = stage("benchmark", params, work, "--base", str(base), "--adapter", str(adapter), "--metrics",
+                 str(work / "benchmarks.json"), log=log)
+    card = torch.cuda.get_device_name(0)
+    result = {"card": card, "date": time.strftime("%Y-%m-%d"), "limit": args.limit, "stage_wall_s": round(wall, 1),
+              "metrics": json.loads((work / "benchmarks.json").read_text())}
+    (out / f"{card.replace(' ', '-').lower()}-{time.strftime('%Y-%m-%d')}-benchmark-stage.json").write_text(
+        json.dumps(result, indent=2))
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    main()
