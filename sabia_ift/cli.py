@@ -1,6 +1,7 @@
 """`sabia-ift`: the commands a user runs besides `dvc repro`.
 
     sabia-ift check-params [params.yaml]      validate every section, as the stages will
+    sabia-ift check-params --explain [train]  what each key means
     sabia-ift generate "instrução" [--input]  answer with the tuned model (models/adapter)
     sabia-ift report --base REV [--head REV]  Markdown report of metrics, params and curves
     sabia-ift make-sample OUT                 regenerate the bundled sample
@@ -16,8 +17,16 @@ from .errors import SabiaError
 
 
 def _check_params(args: argparse.Namespace) -> None:
-    from .config import SECTIONS, load_section
+    from .config import SECTIONS, describe_keys, load_section
 
+    if args.explain is not None:
+        if args.explain and args.explain not in SECTIONS:
+            raise SabiaError(f"no section {args.explain}; sections: {', '.join(SECTIONS)}")
+        rows = describe_keys(args.explain or None)
+        width = max(len(key) for key, _ in rows)
+        for key, text in rows:
+            print(f"{key:<{width}}  {text}")
+        return
     for section in SECTIONS:
         load_section(section, args.params)
     print(f"{args.params}: all sections valid")
@@ -58,6 +67,8 @@ def parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check-params", help="validate params.yaml")
     check.add_argument("params", nargs="?", default="params.yaml")
+    check.add_argument("--explain", nargs="?", const="", metavar="SECTION",
+                       help="print what each key (of SECTION, or all) means instead")
     check.set_defaults(func=_check_params)
 
     gen = sub.add_parser("generate", help="answer one instruction with the tuned model")

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from sabia_ift.config import merge, section_from_params
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 
@@ -26,13 +28,17 @@ FAST_PARAMS = {
 
 
 def deep_merge(base: dict, overrides: dict) -> dict:
-    merged = copy.deepcopy(base)
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = deep_merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
+    return copy.deepcopy(merge(base, overrides))
+
+
+def params_for(section: str, **overrides):
+    """A section's config as params.yaml sets it, with some values changed.
+
+    `base.tiny` names the nested tiny-model section.
+    """
+    if section == "base.tiny":
+        return section_from_params("base", {"tiny": overrides}, REPO / "params.yaml").tiny
+    return section_from_params(section, overrides, REPO / "params.yaml")
 
 
 def default_params() -> dict:
@@ -100,11 +106,10 @@ def run(cmd: list[str], cwd: Path, check: bool = True, timeout: int = 900,
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory) -> Path:
     """A tiny base model folder (as the base stage writes it), lightly pretrained."""
-    from sabia_ift.config import TinyModelConfig
     from sabia_ift.toy.tiny_model import build_tiny_model
 
     out = tmp_path_factory.mktemp("base") / "base"
-    build_tiny_model(TinyModelConfig(pretrain_documents=200, pretrain_epochs=1), out)
+    build_tiny_model(params_for("base.tiny", pretrain_documents=200, pretrain_epochs=1), out)
     return out
 
 

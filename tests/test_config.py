@@ -1,10 +1,13 @@
 """Params are validated per stage; bad keys and values are refused with their dotted name."""
 
+from typing import get_args
+
 import pytest
 import yaml
 
 from conftest import REPO, deep_merge, default_params
-from sabia_ift.config import SECTIONS, load_section, parse_section, read_params
+from sabia_ift.cli import main
+from sabia_ift.config import SECTIONS, describe_keys, load_section, parse_section, read_params, section_from_params
 from sabia_ift.errors import ConfigError
 
 
@@ -87,3 +90,45 @@ def test_missing_file_and_bad_yaml(tmp_path):
 def test_section_must_be_a_mapping():
     with pytest.raises(ConfigError, match="section train must be a mapping"):
         parse_section("train", [1, 2])
+
+
+def test_missing_key_is_named_not_defaulted(tmp_path):
+    """params.yaml is the only source of values: a key left out is refused, never filled in."""
+    params = default_params()
+    del params["train"]["lora"]["dropout"]
+    del params["tokenize"]["max_length"]
+    path = write(tmp_path, params)
+    with pytest.raises(ConfigError, match=r"train\.lora\.dropout: Field required"):
+        load_section("train", path)
+    with pytest.raises(ConfigError, match=r"tokenize\.max_length: Field required"):
+        load_section("tokenize", path)
+
+
+def test_optimizer_and_scheduler_names_are_transformers_names():
+    """config.py lists them without importing transformers (seconds per stage); they must stay valid names."""
+    from transformers.trainer_utils import SchedulerType
+    from transformers.training_args import OptimizerNames
+
+    train = SECTIONS["train"].model_fields
+    assert set(get_args(train["optim"].annotation)) <= {name.value for name in OptimizerNames}
+    assert set(get_args(train["lr_scheduler"].annotation)) <= {name.value for name in SchedulerType}
+
+
+def test_every_key_has_help_text():
+    rows = describe_keys()
+    assert {key.split(".")[0] for key, _ in rows} == set(SECTIONS)
+    assert [key for key, text in rows if not text] == []
+
+
+def test_explain_prints_each_key(capsys):
+    assert main(["check-params", "--explain", "tokenize"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in out] == ["tokenize.max_length", "tokenize.overlength"]
+    assert "drop | truncate" in out[1]
+    assert main(["check-params", "--explain", "trian"]) == 2
+
+
+def test_section_from_params_applies_overrides():
+    train = section_from_params("train", {"lr": 0.5, "lora": {"r": 2}}, REPO / "params.yaml")
+    assert (train.lr, train.lora.r) == (0.5, 2)
+    assert train.lora.alpha == default_params()["train"]["lora"]["alpha"]

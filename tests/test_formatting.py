@@ -3,7 +3,7 @@
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sabia_ift.config import TokenizeConfig
+from conftest import params_for
 from sabia_ift.data.formatting import clean_rows, split_sizes
 from sabia_ift.data.tokenization import tokenize_split
 from sabia_ift.template import IGNORE_INDEX, encode_prompt
@@ -53,7 +53,7 @@ def test_random_rows_through_format_and_tokenize(tokenizer, rows):
     for r in kept:
         assert r["instruction"] and r["response"]
         assert normalize_text(r["response"]) == r["response"]  # idempotent
-    examples, counts = tokenize_split(tokenizer, kept, TokenizeConfig(max_length=96, overlength="truncate"))
+    examples, counts = tokenize_split(tokenizer, kept, params_for("tokenize", max_length=96, overlength="truncate"))
     assert counts["rows"] + counts["dropped_prompt_too_long"] + counts["dropped_too_long"] == len(kept)
     for ids, labels in zip(examples["input_ids"], examples["labels"]):
         assert len(ids) == len(labels) <= 96

@@ -19,8 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SHARED, make_project, project_env, write_params
-from sabia_ift.config import TokenizeConfig
+from conftest import SHARED, make_project, params_for, project_env, write_params
 from sabia_ift.artifacts import HF_SPLITS, SPLITS
 from sabia_ift.text import normalize_text
 from sabia_ift.io import read_jsonl
@@ -89,7 +88,7 @@ def pipeline(request, tmp_path_factory, tokenizer, tiny_base):
     formatted = project / "data" / "formatted"
     tokenized = {}
     for mode in ("drop", "truncate"):
-        cfg = TokenizeConfig(max_length=MAX_LENGTH, overlength=mode)
+        cfg = params_for("tokenize", max_length=MAX_LENGTH, overlength=mode)
         metrics = tokenize(cfg, tokenizer, model_context_length(tiny_base), formatted, tmp / f"tok-{mode}")
         tokenized[mode] = (tmp / f"tok-{mode}", metrics)
     return {"name": request.param, "project": project, "source": source, "formatted": formatted,

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sabia_ift.config import TokenizeConfig
+from conftest import params_for
 from sabia_ift.errors import ConfigError
 from sabia_ift.template import build_prompt
 from sabia_ift.data.tokenization import build_example, tokenize, tokenize_split
@@ -34,7 +34,7 @@ def check_invariants(tokenizer, example, prompt_ids, max_length, truncated=False
 
 def test_example_layout(tokenizer):
     examples, counts = tokenize_split(tokenizer, [row("Qual é a capital do Ceará?", "A capital é Fortaleza.")],
-                                      TokenizeConfig(max_length=256))
+                                      params_for("tokenize", max_length=256))
     ex = {"input_ids": examples["input_ids"][0], "labels": examples["labels"][0]}
     prompt_ids = encode_prompt(tokenizer, build_prompt("Qual é a capital do Ceará?"))
     check_invariants(tokenizer, ex, prompt_ids, 256)
@@ -49,7 +49,7 @@ def test_eos_label_survives_dynamic_padding(tokenizer):
     from transformers import DataCollatorForSeq2Seq
 
     rows = [row("Diga sim.", "Sim."), row("Conte até cinco.", "Um, dois, três, quatro, cinco.")]
-    examples, _ = tokenize_split(tokenizer, rows, TokenizeConfig())
+    examples, _ = tokenize_split(tokenizer, rows, params_for("tokenize"))
     features = [{"input_ids": i, "labels": l} for i, l in zip(examples["input_ids"], examples["labels"])]
     batch = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=IGNORE_INDEX)(features)
     assert tokenizer.pad_token_id != tokenizer.eos_token_id
@@ -69,7 +69,7 @@ def test_eos_label_survives_dynamic_padding(tokenizer):
 def test_overlength_policy_is_counted(tokenizer, overlength):
     long_output = "palavra " * 200
     rows = [row("Curta.", "Sim."), row("Longa.", long_output)]
-    cfg = TokenizeConfig(max_length=96, overlength=overlength)
+    cfg = params_for("tokenize", max_length=96, overlength=overlength)
     examples, counts = tokenize_split(tokenizer, rows, cfg)
     assert counts["rows_in"] == 2
     if overlength == "drop":
@@ -83,13 +83,13 @@ def test_overlength_policy_is_counted(tokenizer, overlength):
 
 
 def test_prompt_longer_than_max_is_always_dropped(tokenizer):
-    _, counts = tokenize_split(tokenizer, [row("muito " * 100, "ok")], TokenizeConfig(max_length=32, overlength="truncate"))
+    _, counts = tokenize_split(tokenizer, [row("muito " * 100, "ok")], params_for("tokenize", max_length=32, overlength="truncate"))
     assert counts["rows"] == 0 and counts["dropped_prompt_too_long"] == 1
 
 
 def test_max_length_above_context_is_refused(tokenizer, tmp_path):
     with pytest.raises(ConfigError, match="tokenize.max_length: 4096 is above the base model's context of 2048"):
-        tokenize(TokenizeConfig(max_length=4096), tokenizer, 2048, tmp_path, tmp_path / "out")
+        tokenize(params_for("tokenize", max_length=4096), tokenizer, 2048, tmp_path, tmp_path / "out")
 
 
 def test_build_example_exact_arithmetic():
@@ -109,7 +109,7 @@ def test_tokenize_stage_writes_arrow_and_counts(tokenizer, tmp_path):
         with (formatted / f"{split}.jsonl").open("w") as fh:
             for i in range(n):
                 fh.write(json.dumps(row(f"Pergunta {i}?", f"Resposta número {i}.")) + "\n")
-    metrics = tokenize(TokenizeConfig(max_length=128), tokenizer, 2048, formatted, tmp_path / "tok")
+    metrics = tokenize(params_for("tokenize", max_length=128), tokenizer, 2048, formatted, tmp_path / "tok")
     data = datasets.load_from_disk(str(tmp_path / "tok"))
     assert {k: len(v) for k, v in data.items()} == {"train": 5, "validation": 2, "test": 2}
     assert metrics["train"]["rows"] == 5 and metrics["train"]["length"]["max"] <= 128
@@ -124,7 +124,7 @@ text = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",))
        max_length=st.integers(min_value=16, max_value=160), overlength=st.sampled_from(["drop", "truncate"]))
 def test_label_invariants_hold_for_any_row(tokenizer, instruction, input_, output, max_length, overlength):
     r = row(instruction, output, input_)
-    examples, counts = tokenize_split(tokenizer, [r], TokenizeConfig(max_length=max_length, overlength=overlength))
+    examples, counts = tokenize_split(tokenizer, [r], params_for("tokenize", max_length=max_length, overlength=overlength))
     assert counts["rows"] + counts["dropped_too_long"] + counts["dropped_prompt_too_long"] == 1
     if counts["rows"]:
         ex = {"input_ids": examples["input_ids"][0], "labels": examples["labels"][0]}
