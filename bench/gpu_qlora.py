@@ -33,6 +33,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from sabia_ift.config import merge  # noqa: E402
+
 LLAMA_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                 num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=2048,
                 rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
@@ -86,9 +88,10 @@ def stage(name: str, params: Path, work: Path, *args: str, log: Path) -> float:
 
 
 def write_params(path: Path, overrides: dict) -> Path:
-    params = yaml.safe_load((REPO / "presets" / "sabia-7b.yaml").read_text())
-    for section, values in overrides.items():
-        params[section].update(values)
+    # The preset holds only its differences from the embedded default.
+    params = merge(yaml.safe_load((REPO / "params.yaml").read_text()),
+                   yaml.safe_load((REPO / "presets" / "sabia-7b.yaml").read_text()))
+    params = merge(params, overrides)
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     return path
 

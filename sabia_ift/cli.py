@@ -2,6 +2,8 @@
 
     sabia-ift check-params [params.yaml]      validate every section, as the stages will
     sabia-ift check-params --explain [train]  what each key means
+    sabia-ift preset NAME                     the `-S key=value` arguments of presets/NAME.yaml
+    sabia-ift run-preset NAME [-- DVC-ARGS]   run them as a DVC experiment; params.yaml stays as it is
     sabia-ift generate "instrução" [--input]  answer with the tuned model (models/adapter)
     sabia-ift report --base REV [--head REV]  Markdown report of metrics, params and curves
     sabia-ift make-sample OUT                 regenerate the bundled sample
@@ -30,6 +32,22 @@ def _check_params(args: argparse.Namespace) -> None:
     for section in SECTIONS:
         load_section(section, args.params)
     print(f"{args.params}: all sections valid")
+
+
+def _preset(args: argparse.Namespace) -> None:
+    from .presets import load_preset, set_args
+
+    pairs = set_args(load_preset(args.name, args.params))
+    print(" ".join(pairs) if args.one_line else "\n".join(f"{a} {b}" for a, b in zip(pairs[::2], pairs[1::2])))
+
+
+def _run_preset(args: argparse.Namespace) -> None:
+    from .presets import run_preset
+
+    extra = args.dvc_args[1:] if args.dvc_args[:1] == ["--"] else args.dvc_args
+    code = run_preset(args.name, args.params, extra)
+    if code:
+        raise SystemExit(code)
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -70,6 +88,18 @@ def parser() -> argparse.ArgumentParser:
     check.add_argument("--explain", nargs="?", const="", metavar="SECTION",
                        help="print what each key (of SECTION, or all) means instead")
     check.set_defaults(func=_check_params)
+
+    preset = sub.add_parser("preset", help="print a preset's differences from params.yaml as dvc -S arguments")
+    preset.add_argument("name", help="a name under presets/ (sabia-7b) or a YAML file")
+    preset.add_argument("--params", default="params.yaml")
+    preset.add_argument("--one-line", action="store_true", help="one line, for $(...) in a shell")
+    preset.set_defaults(func=_preset)
+
+    run_p = sub.add_parser("run-preset", help="run a preset as a DVC experiment (dvc exp run --temp -S ...)")
+    run_p.add_argument("name", help="a name under presets/ (sabia-7b) or a YAML file")
+    run_p.add_argument("--params", default="params.yaml")
+    run_p.add_argument("dvc_args", nargs=argparse.REMAINDER, help="passed on to dvc exp run (after --)")
+    run_p.set_defaults(func=_run_preset)
 
     gen = sub.add_parser("generate", help="answer one instruction with the tuned model")
     gen.add_argument("instruction")

@@ -9,6 +9,7 @@ from conftest import REPO, deep_merge, default_params
 from sabia_ift.cli import main
 from sabia_ift.config import SECTIONS, describe_keys, load_section, parse_section, read_params, section_from_params
 from sabia_ift.errors import ConfigError
+from sabia_ift.presets import load_preset, set_args
 
 
 def write(tmp_path, params) -> str:
@@ -23,9 +24,29 @@ def test_default_params_validate(section):
 
 
 @pytest.mark.parametrize("preset", sorted((REPO / "presets").glob("*.yaml")), ids=lambda p: p.name)
-def test_presets_validate(preset):
-    for section in SECTIONS:
-        load_section(section, preset)
+def test_presets_validate_over_params(preset):
+    """A preset holds only differences: each must be a real key, and the merge must validate."""
+    diff = load_preset(str(preset), REPO / "params.yaml")
+    assert diff and set(diff) <= set(SECTIONS)
+    assert set_args(diff)
+
+
+def test_preset_with_a_bad_value_is_named(tmp_path):
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    (tmp_path / "presets").mkdir()
+    (tmp_path / "presets" / "bad.yaml").write_text("train:\n  lora:\n    rank: 8\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml over .*train\.lora\.rank: unknown key"):
+        load_preset("bad", tmp_path / "params.yaml")
+    with pytest.raises(ConfigError, match="no such preset; known: bad"):
+        load_preset("nope", tmp_path / "params.yaml")
+
+
+def test_preset_values_keep_their_types_in_dvc_overrides():
+    diff = {"train": {"lr": 1e-05, "lora": {"target_modules": ["q_proj"]}, "live": False},
+            "base": {"revision": "0123456789", "name_or_path": "org/it's"}, "fetch": {"max_rows": None}}
+    assert set_args(diff) == ["-S", "train.lr=1e-5", "-S", "train.lora.target_modules=['q_proj']",
+                              "-S", "train.live=false", "-S", "base.revision='0123456789'",
+                              "-S", "base.name_or_path='org/it\\'s'", "-S", "fetch.max_rows=null"]
 
 
 def test_params_file_lists_every_key():
