@@ -22,7 +22,7 @@ from typing import Any
 from ..artifacts import RAW_MANIFEST, RAW_ROWS
 from ..config import ColumnMap, FetchConfig, is_commit_sha
 from ..errors import ConfigError, DataError
-from ..io import atomic_path, sha256_file, write_json
+from ..io import atomic_path, sha256_file, write_json, write_jsonl
 
 FIELDS = ("instruction", "input", "output")
 log = logging.getLogger(__name__)
@@ -270,9 +270,7 @@ def fetch(cfg: FetchConfig, out_dir: str | Path) -> dict[str, Any]:
     else:
         rows, total, origin = read_hub(cfg)
     with atomic_path(out_dir, is_dir=True) as tmp:
-        with (tmp / RAW_ROWS).open("w", encoding="utf-8") as fh:
-            for row in rows:
-                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+        write_jsonl(tmp / RAW_ROWS, rows)
         manifest = {
             "source": cfg.source,
             **origin,
