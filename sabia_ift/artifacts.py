@@ -8,6 +8,7 @@ producer and its consumers can never disagree on a file name or a key.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -94,3 +95,29 @@ class TrainMeta:
             return cls(**json.loads(path.read_text(encoding="utf-8")))
         except (json.JSONDecodeError, TypeError) as exc:
             raise ModelError(f"{path}: corrupt ({exc}); rerun the train stage") from None
+
+
+def split_metrics(full: dict[str, Any], detail_keys: Iterable[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(compact, detail) of a stage's metrics record.
+
+    The compact part is the declared DVC metric, a column each in `dvc metrics
+    show` and `dvc exp show`: numbers only, without the keys named in
+    `detail_keys` (at any depth). The detail part is the whole record, written
+    beside it for whoever wants the distributions.
+    """
+    drop = set(detail_keys)
+
+    def compact(node: dict[str, Any]) -> dict[str, Any]:
+        kept: dict[str, Any] = {}
+        for key, value in node.items():
+            if key in drop:
+                continue
+            if isinstance(value, dict):
+                inner = compact(value)
+                if inner:
+                    kept[key] = inner
+            elif isinstance(value, int | float) and not isinstance(value, bool):
+                kept[key] = value
+        return kept
+
+    return compact(full), full

@@ -38,7 +38,7 @@ OUTPUTS = {
     "fetch": ["data/raw"],
     "format": ["data/formatted", "metrics/format.json"],
     "base": ["models/base"],
-    "tokenize": ["data/tokenized", "metrics/tokenize.json"],
+    "tokenize": ["data/tokenized", "metrics/tokenize.json", "metrics/detail/tokenize.json"],
     "train": ["models/adapter", "models/checkpoints", "metrics/curves", "metrics/train.json"],
     "evaluate": ["data/eval/samples.jsonl", "metrics/eval.json"],
 }
@@ -291,7 +291,7 @@ def check_clean(project: Path, stage_name: str) -> None:
 
 
 TOKENIZE_ARGS = ["--base", "models/base", "--formatted", "data/formatted", "--out", "data/tokenized",
-                 "--metrics", "metrics/tokenize.json"]
+                 "--metrics", "metrics/tokenize.json", "--detail", "metrics/detail/tokenize.json"]
 EVALUATE_ARGS = ["--base", "models/base", "--adapter", "models/adapter", "--formatted", "data/formatted",
                  "--tokenized", "data/tokenized", "--samples", "data/eval/samples.jsonl",
                  "--metrics", "metrics/eval.json"]

@@ -31,7 +31,8 @@ def test_default_run_writes_every_output(default_project):
                  "data/formatted/dropped.jsonl", "data/tokenized/dataset_dict.json",
                  "models/adapter/adapter_config.json", "models/adapter/adapter_model.safetensors",
                  "models/adapter/sabia_ift_train.json", "metrics/curves/plots/metrics/train/loss.tsv",
-                 "metrics/curves/plots/metrics/eval/loss.tsv", "data/eval/samples.jsonl", "dvc.lock"):
+                 "metrics/curves/plots/metrics/eval/loss.tsv", "data/eval/samples.jsonl", "dvc.lock",
+                 "metrics/detail/tokenize.json"):
         assert (p / path).is_file(), path
     assert not list(p.rglob("*.tmp-*")), "temporaries left behind"
 
@@ -43,6 +44,10 @@ def test_default_run_writes_every_output(default_project):
     assert fmt["rows_out"] == fmt["train_rows"] + fmt["val_rows"] + fmt["test_rows"] == 1193
     tok = json.loads((p / "metrics/tokenize.json").read_text())
     assert tok["train"]["rows"] == fmt["train_rows"] and tok["train"]["trained_tokens"] > 0
+    # Distributions stay out of the declared metric (dvc metrics show) and live beside it.
+    assert "length" not in tok["train"]
+    detail = json.loads((p / "metrics/detail/tokenize.json").read_text())
+    assert detail["train"]["length"]["max"] <= detail["max_length"]
 
     train = json.loads((p / "metrics/train.json").read_text())
     assert train["final_train_loss"] < train["first_train_loss"]
@@ -106,7 +111,7 @@ def test_changing_lr_reruns_only_train_and_evaluate(small_project):
 
 
 def test_a_code_change_reruns_its_stage_and_stops_where_outputs_match(small_project):
-    sources = small_project / "sabia_ift" / "sources.py"  # imported by the fetch stage alone
+    sources = small_project / "sabia_ift" / "data" / "sources.py"  # imported by the fetch stage alone
     sources.write_text(sources.read_text() + "\n# a comment is still a change to a dependency\n")
     result = run(["dvc", "repro"], small_project)
     # fetch reruns; its outputs come out byte-identical, so nothing downstream has to.
