@@ -26,6 +26,8 @@ SPLITS = ("train", "val", "test")
 DROPPED = "dropped.jsonl"
 # data/tokenized: Arrow folder; Hugging Face names for the format stage's splits.
 HF_SPLITS = {"train": "train", "val": "validation", "test": "test"}
+# models/checkpoints: what a finished run leaves there (its checkpoints are gone).
+CHECKPOINTS_NOTE = "README.txt"
 # models/adapter: how training loaded the base, so every consumer loads it the same way.
 TRAIN_META = "sabia_ift_train.json"
 

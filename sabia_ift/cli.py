@@ -125,6 +125,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .stage import quiet_libraries
+
+    quiet_libraries()
     args = parser().parse_args(argv)
     try:
         args.func(args)
