@@ -2,8 +2,10 @@
 
 import json
 import re
+import sys
 
 import pytest
+import yaml
 
 from conftest import FAST_PARAMS, make_project, run, write_params
 
@@ -95,6 +97,38 @@ def test_token_from_the_environment_is_never_written(small_project):
     for path in small_project.rglob("*"):
         if path.is_file() and ".git" not in path.parts and path.stat().st_size < 50_000_000:
             assert SECRET.encode() not in path.read_bytes(), path
+
+
+def find_experiment(node, name: str):
+    """The `dvc exp show --json` entry of the experiment called `name`."""
+    if isinstance(node, dict):
+        if node.get("name") == name and node.get("data"):
+            return node
+        node = list(node.values())
+    if isinstance(node, list):
+        for child in node:
+            found = find_experiment(child, name)
+            if found:
+                return found
+    return None
+
+
+def test_run_preset_is_an_experiment_that_leaves_the_workspace_on_the_default(small_project):
+    p = small_project
+    run(["dvc", "repro"], p)
+    (p / "presets" / "short-answers.yaml").write_text("evaluate:\n  max_new_tokens: 8\n")
+    run(["git", "add", "-A"], p)
+    run(["git", "commit", "-qm", "results and a preset"], p)
+    before = (p / "params.yaml").read_bytes()
+
+    result = run([sys.executable, "-m", "sabia_ift.cli", "run-preset", "short-answers"], p)
+    assert ran_stages(result.stdout + result.stderr) == {"evaluate"}
+    assert (p / "params.yaml").read_bytes() == before
+    assert run(["git", "status", "--porcelain"], p).stdout == ""
+    exp = find_experiment(json.loads(run(["dvc", "exp", "show", "--json"], p).stdout), "short-answers")
+    params = exp["data"]["params"]["params.yaml"]["data"]
+    assert params["evaluate"]["max_new_tokens"] == 8
+    assert params["train"] == yaml.safe_load(before)["train"]
 
 
 def test_whole_pipeline_twice_gives_identical_metrics(small_project):
