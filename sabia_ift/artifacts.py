@@ -63,6 +63,9 @@ class BaseInfo:
     @classmethod
     def read(cls, folder: str | Path) -> BaseInfo:
         path = Path(folder) / BASE_FILE
+        if not Path(folder).is_dir():
+            raise ModelError(f"{folder}: no such base model folder; run the base stage first (dvc repro base), "
+                             "or pass the folder's path")
         if not path.is_file():
             raise ModelError(f"{path}: missing; run the base stage first (dvc repro base)")
         try:

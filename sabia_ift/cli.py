@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
+from pathlib import Path
 
 from .errors import SabiaError
 
@@ -50,13 +51,24 @@ def _run_preset(args: argparse.Namespace) -> None:
         raise SystemExit(code)
 
 
+def in_repo(path: str) -> Path:
+    """A relative path that is missing here, found from the repository root above (the folder with dvc.yaml)."""
+    here = Path(path)
+    if here.is_absolute() or here.exists():
+        return here
+    for folder in Path.cwd().parents:
+        if (folder / "dvc.yaml").is_file():
+            return folder / here if (folder / here).exists() else here
+    return here
+
+
 def _generate(args: argparse.Namespace) -> None:
     from .evaluation.generation import generate
     from .modeling import load_tuned, pick_device
     from .template import build_prompt, encode_prompt
 
     device = pick_device(args.device)
-    tokenizer, model = load_tuned(args.base, args.adapter, device)
+    tokenizer, model = load_tuned(in_repo(args.base), in_repo(args.adapter), device)
     prompt = encode_prompt(tokenizer, build_prompt(args.instruction, args.input))
     switch = model.disable_adapter() if args.base_model else contextlib.nullcontext()
     with switch:
