@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -184,9 +184,6 @@ SECTIONS: dict[str, type[_Section]] = {
     "train": TrainConfig,
     "evaluate": EvaluateConfig,
 }
-
-C = TypeVar("C", bound=_Section)
-
 
 def read_params(path: str | Path = "params.yaml") -> dict[str, Any]:
     path = Path(path)

@@ -15,6 +15,7 @@ from sabia_ift.modeling import (
     load_model,
     model_folder,
     resolve_base,
+    snapshot,
 )
 from sabia_ift.base_model import prepare_base
 from sabia_ift.toy.tiny_model import build_tiny_model
@@ -171,3 +172,18 @@ def test_disable_cpu_repack_counts_layers(tiny_base):
     model = load_model(tiny_base, quantization="nf4", double_quant=True, dtype=torch.float32, device="cpu")
     # 2 layers x 7 linear projections, lm_head stays in full precision.
     assert disable_cpu_repack(model) == 14
+
+
+def test_a_bug_inside_the_hub_client_is_not_reworded_as_a_missing_model(monkeypatch):
+    import huggingface_hub
+
+    def broken(*args, **kwargs):
+        raise AttributeError("a bug, not a missing model")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", broken)
+    with pytest.raises(AttributeError):
+        snapshot("org/tiny", SHA, local_only=True)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda *a, **k: (_ for _ in ()).throw(OSError("404 Not Found")))
+    with pytest.raises(ModelError, match="org/tiny at revision"):
+        snapshot("org/tiny", SHA, local_only=True)

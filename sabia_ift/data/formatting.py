@@ -94,6 +94,6 @@ def format_rows(cfg: FormatConfig, raw_dir: str | Path, out_dir: str | Path) -> 
         "dropped_empty_output": counts["dropped_empty_output"],
         "dropped_duplicate": counts["dropped_duplicate"],
         "rows_out": len(kept),
-        "with_input_share": round(with_input / len(kept), 4) if kept else 0.0,
+        "with_input_share": round(with_input / len(kept), 4),
         **{f"{split}_rows": len(picks[split]) for split in SPLITS},
     }

@@ -21,7 +21,7 @@ from typing import Any
 
 from ..artifacts import RAW_MANIFEST, RAW_ROWS
 from ..config import ColumnMap, FetchConfig, is_commit_sha
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, hub_errors
 from ..io import atomic_path, sha256_file, write_json, write_jsonl
 
 FIELDS = ("instruction", "input", "output")
@@ -122,11 +122,12 @@ def _iter_csv(path: Path, columns: ColumnMap) -> Iterator[tuple[int, Any]]:
 
 
 def _iter_parquet(path: Path, columns: ColumnMap) -> Iterator[tuple[int, Any]]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
         table = pq.read_table(path)
-    except Exception as exc:
+    except (pa.ArrowException, OSError) as exc:
         raise DataError(f"{path}: not a readable parquet file: {exc}") from None
     _check_columns(path, table.column_names, columns)
     yield from enumerate(table.to_pylist(), start=1)
@@ -227,7 +228,7 @@ def read_hub(cfg: FetchConfig) -> tuple[list[dict[str, Any]], int, dict[str, Any
     where = f"{cfg.dataset}@{commit[:12]}:{cfg.split}"
     try:
         ds = datasets.load_dataset(cfg.dataset, revision=commit, split=cfg.split)
-    except Exception as exc:
+    except hub_errors() as exc:
         raise DataError(
             f"dataset {cfg.dataset} at revision {commit}, split {cfg.split}, could not be loaded: "
             f"{type(exc).__name__}: {exc}. Check the network or the HF cache (HF_HUB_OFFLINE), "
@@ -249,7 +250,7 @@ def resolve_dataset_revision(dataset: str, revision: str) -> str:
 
     try:
         commit = HfApi().dataset_info(dataset, revision=revision).sha
-    except Exception as exc:
+    except hub_errors() as exc:
         raise DataError(
             f"fetch.revision: {revision!r} of dataset {dataset} could not be resolved to a commit "
             f"({type(exc).__name__}: {exc}). Offline, pin the 40-character commit sha of a cached copy."

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import EvaluateConfig
-from ..errors import ModelError
+from ..errors import DataError
 from .generation import Generation, generate
 from ..io import read_jsonl, write_jsonl
 from .metrics import load_metric
@@ -79,7 +79,7 @@ def evaluate(cfg: EvaluateConfig, base_dir: str | Path, adapter_dir: str | Path,
     if cfg.max_samples is not None:
         rows = rows[: cfg.max_samples]
     if not rows:
-        raise ModelError(f"{formatted_dir}/test.jsonl: the test split is empty; raise format.test_size")
+        raise DataError(f"{formatted_dir}/test.jsonl: the test split is empty; raise format.test_size")
     prompts = [encode_prompt(tokenizer, row["prompt"]) for row in rows]
     references = [row["response"] for row in rows]
     validation = datasets.load_from_disk(str(tokenized_dir))[HF_SPLITS["val"]]

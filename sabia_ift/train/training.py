@@ -14,7 +14,7 @@ from typing import Any
 
 from ..artifacts import HF_SPLITS, TrainMeta
 from ..config import TrainConfig
-from ..errors import ModelError
+from ..errors import DataError
 from ..io import atomic_path, write_json
 from ..modeling import (
     check_target_modules,
@@ -318,9 +318,9 @@ def train(cfg: TrainConfig, base_dir: str | Path, tokenized_dir: str | Path, ada
     try:
         data = datasets.load_from_disk(str(tokenized_dir))
     except FileNotFoundError:
-        raise ModelError(f"{tokenized_dir}: no tokenized data; run the tokenize stage first") from None
+        raise DataError(f"{tokenized_dir}: no tokenized data; run the tokenize stage first") from None
     if len(data[HF_SPLITS["train"]]) == 0:
-        raise ModelError(f"{tokenized_dir}: the train split is empty; see metrics/tokenize.json")
+        raise DataError(f"{tokenized_dir}: the train split is empty; see metrics/tokenize.json")
     collator = CountingCollator(DataCollatorForSeq2Seq(
         tokenizer, padding="longest", label_pad_token_id=IGNORE_INDEX,
         pad_to_multiple_of=8 if device == "cuda" else None, return_tensors="pt",
