@@ -22,9 +22,9 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from sabia_ift.config import section_from_params  # noqa: E402
 from sabia_ift.data.formatting import clean_rows  # noqa: E402
+from sabia_ift.data.tokenization import tokenize_split  # noqa: E402
 from sabia_ift.io import read_jsonl  # noqa: E402
 from sabia_ift.modeling import load_tokenizer  # noqa: E402
-from sabia_ift.data.tokenization import tokenize_split  # noqa: E402
 
 
 def rows_from(path: Path) -> list[dict]:

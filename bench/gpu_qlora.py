@@ -115,7 +115,9 @@ def main() -> None:
     log = out / "stages.log"
     results: dict = {"card": torch.cuda.get_device_name(0), "torch": torch.__version__,
                      "date": time.strftime("%Y-%m-%d"), "runs": {}}
-    import transformers, peft, bitsandbytes  # noqa: E401 - versions for the record
+    import bitsandbytes
+    import peft
+    import transformers  # noqa: E401 - versions for the record
     results["versions"] = {m.__name__: m.__version__ for m in (transformers, peft, bitsandbytes)}
 
     def save() -> None:
@@ -134,10 +136,12 @@ def main() -> None:
         "evaluate": {"max_samples": 8, "max_new_tokens": 64, "batch_size": 8, "samples_to_write": 8},
     }
     params = write_params(work / "params.yaml", common)
-    base, raw, formatted, tokenized = (work / n for n in ("models/base", "data/raw", "data/formatted", "data/tokenized"))
+    base, raw, formatted, tokenized = (
+        work / n for n in ("models/base", "data/raw", "data/formatted", "data/tokenized"))
     stage("base", params, work, "--out", str(base), log=log)
     stage("fetch", params, work, "--out", str(raw), log=log)
-    stage("format", params, work, "--raw", str(raw), "--out", str(formatted), "--metrics", str(work / "format.json"), log=log)
+    stage("format", params, work, "--raw", str(raw), "--out", str(formatted), "--metrics", str(work / "format.json"),
+          log=log)
     stage("tokenize", params, work, "--base", str(base), "--formatted", str(formatted), "--out", str(tokenized),
           "--metrics", str(work / "tokenize.json"), log=log)
     results["tokenize"] = json.loads((work / "tokenize.json").read_text())["train"]
@@ -168,21 +172,24 @@ def main() -> None:
 
     if not only or "evaluate" in only:
         eval_params = write_params(work / "params-eval.yaml", common)
-        wall = stage("evaluate", eval_params, work, "--base", str(base), "--adapter", str(work / "adapter-realistic-mb8"),
+        wall = stage("evaluate", eval_params, work, "--base", str(base),
+                     "--adapter", str(work / "adapter-realistic-mb8"),
                      "--formatted", str(formatted), "--tokenized", str(tokenized),
                      "--samples", str(out / "samples.jsonl"), "--metrics", str(work / "eval.json"), log=log)
         results["evaluate"] = {**json.loads((work / "eval.json").read_text()), "stage_wall_s": round(wall, 1)}
         save()
 
     print(f"\n{results['card']}  torch {results['torch']}  {results['versions']}")
-    print(f"{'run':16} {'peak GiB':>9} {'rsrv GiB':>9} {'step s':>8} {'in tok/s':>9} {'trained tok/s':>14} {'params':>12} {'%':>6}")
+    print(f"{'run':16} {'peak GiB':>9} {'rsrv GiB':>9} {'step s':>8} {'in tok/s':>9} {'trained tok/s':>14} "
+          f"{'params':>12} {'%':>6}")
     for name, m in results["runs"].items():
         print(f"{name:16} {m['peak_memory_gib']:9.2f} {m['peak_reserved_gib']:9.2f} {m['step_time_s']:8.3f} "
               f"{m['steady_input_tokens_per_s']:9.0f} {m['steady_trained_tokens_per_s']:14.0f} "
               f"{m['trainable_params']:12,d} {m['trainable_percent']:6.3f}")
     if "evaluate" in results:
         e = results["evaluate"]
-        print(f"evaluate: {e['samples']} prompts, stage {e['stage_wall_s']} s, tuned eos_stop {e['tuned']['eos_stop_rate']}")
+        print(f"evaluate: {e['samples']} prompts, stage {e['stage_wall_s']} s, "
+              f"tuned eos_stop {e['tuned']['eos_stop_rate']}")
 
 
 if __name__ == "__main__":

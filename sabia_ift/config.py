@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import ErrorDetails
 
 from .errors import ConfigError
 
@@ -212,7 +213,7 @@ def read_params(path: str | Path = "params.yaml") -> dict[str, Any]:
     return data
 
 
-def _describe(error: dict[str, Any], section: str) -> str:
+def _describe(error: ErrorDetails, section: str) -> str:
     key = ".".join(str(part) for part in (section, *error["loc"]))
     if error["type"] == "extra_forbidden":
         return f"{key}: unknown key"

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .artifacts import BaseInfo, TrainMeta
+from .artifacts import BASE_FILE, BaseInfo, TrainMeta
 from .errors import ConfigError, ModelError, hub_errors
 
 # Weights are loaded from safetensors only: pickle-based .bin files can run code.
@@ -46,7 +46,7 @@ def _hub_error(repo_id: str, revision: str | None, exc: Exception) -> ModelError
     )
 
 
-def snapshot(repo_id: str, revision: str, *, local_only: bool) -> Path:
+def snapshot(repo_id: str, revision: str | None, *, local_only: bool) -> Path:
     """The cached folder of a Hub model at a revision, downloading it unless `local_only`."""
     from huggingface_hub import snapshot_download
 
@@ -76,6 +76,8 @@ def resolve_base(base_dir: str | Path) -> BaseRef:
     info = BaseInfo.read(base_dir)
     if info.source in ("tiny", "local_copy"):
         return BaseRef(str(base_dir), None, "local")
+    if not info.name_or_path:
+        raise ModelError(f"{Path(base_dir) / BASE_FILE}: no name_or_path for source {info.source}; rerun the base stage")
     if info.source == "local":
         return BaseRef(info.name_or_path, None, "local")
     return BaseRef(info.name_or_path, info.revision, "hub")
@@ -108,7 +110,7 @@ def load_tokenizer(folder: str | Path):
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
-    except (*hub_errors(), RuntimeError) as exc:  # sentencepiece raises RuntimeError for a damaged model file
+    except hub_errors(RuntimeError) as exc:  # sentencepiece raises RuntimeError for a damaged model file
         raise ModelError(f"{folder}: tokenizer could not be loaded: {type(exc).__name__}: {exc}") from None
     if tokenizer.bos_token_id is None or tokenizer.eos_token_id is None:
         raise ModelError(f"{folder}: tokenizer has no BOS or EOS token; a LLaMA-family tokenizer is expected")
@@ -185,7 +187,7 @@ def load_model(folder: str | Path, *, quantization: str, double_quant: bool, dty
         kwargs["device_map"] = {"": torch.cuda.current_device()}
     try:
         model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
-    except (*hub_errors(), RuntimeError, SafetensorError) as exc:  # RuntimeError: shapes that do not fit
+    except hub_errors(RuntimeError, SafetensorError) as exc:  # RuntimeError: shapes that do not fit
         raise ModelError(f"{folder}: base model could not be loaded: {type(exc).__name__}: {exc}") from None
     if quantization == "nf4" and device == "cpu":
         disable_cpu_repack(model)
@@ -233,7 +235,7 @@ def load_tuned(base_dir: str | Path, adapter_dir: str | Path, device: str):
                       dtype=dtype, device=device)
     try:
         model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
-    except (*hub_errors(), RuntimeError, KeyError, TypeError, SafetensorError) as exc:
+    except hub_errors(RuntimeError, KeyError, TypeError, SafetensorError) as exc:
         # KeyError/TypeError: an adapter_config.json with missing or unknown fields
         raise ModelError(
             f"{adapter_dir}: not a loadable PEFT adapter for this base model: {type(exc).__name__}: {exc}"

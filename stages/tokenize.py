@@ -4,7 +4,7 @@ import argparse
 import sys
 
 from sabia_ift import stage
-from sabia_ift.artifacts import split_metrics
+from sabia_ift.artifacts import SPLITS, split_metrics
 from sabia_ift.config import load_section
 from sabia_ift.data.tokenization import tokenize
 from sabia_ift.io import write_json
@@ -23,7 +23,7 @@ def main(args: argparse.Namespace) -> None:
     if args.detail:
         write_json(args.detail, detail)
     write_json(args.metrics, compact)
-    print(f"tokenized: train {metrics['train']['rows']}, val {metrics['val']['rows']}, test {metrics['test']['rows']} rows")
+    print("tokenized: " + ", ".join(f"{split} {metrics[split]['rows']}" for split in SPLITS) + " rows")
 
 
 if __name__ == "__main__":

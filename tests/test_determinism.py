@@ -19,8 +19,8 @@ import yaml
 from conftest import FAST_PARAMS, REPO, make_project, params_for, project_env
 from sabia_ift.artifacts import SPLITS
 from sabia_ift.data.formatting import format_rows
-from sabia_ift.io import read_jsonl
 from sabia_ift.data.sources import fetch
+from sabia_ift.io import read_jsonl
 
 SAMPLE = REPO / "data" / "sample" / "instructions.jsonl"
 DATA_STAGES = ("base", "fetch", "format", "tokenize")

@@ -63,5 +63,5 @@ def test_random_rows_through_format_and_tokenize(tokenizer, rows):
         if ids[-1] == tokenizer.eos_token_id:
             assert labels[-1] == tokenizer.eos_token_id
     if counts["truncated"] == 0 and counts["boundary_fallback"] == 0:
-        for r, ids in zip([r for r in kept if len(encode_prompt(tokenizer, r["prompt"])) < 95], examples["input_ids"]):
+        for _, ids in zip([r for r in kept if len(encode_prompt(tokenizer, r["prompt"])) < 95], examples["input_ids"]):
             assert ids[-1] == tokenizer.eos_token_id

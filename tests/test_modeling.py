@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import params_for
+from sabia_ift.base_model import prepare_base
 from sabia_ift.errors import ConfigError, ModelError
 from sabia_ift.modeling import (
     check_target_modules,
@@ -17,7 +18,6 @@ from sabia_ift.modeling import (
     resolve_base,
     snapshot,
 )
-from sabia_ift.base_model import prepare_base
 from sabia_ift.toy.tiny_model import build_tiny_model
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
@@ -65,7 +65,8 @@ def hf_cache(tmp_path, monkeypatch, tiny_base):
 
 
 def test_pinned_hub_model_loads_from_cache_offline(hf_cache, tmp_path):
-    info = prepare_base(params_for("base", source="pretrained", name_or_path="org/tiny", revision=SHA), tmp_path / "base")
+    cfg = params_for("base", source="pretrained", name_or_path="org/tiny", revision=SHA)
+    info = prepare_base(cfg, tmp_path / "base")
     assert info == {"source": "hub", "name_or_path": "org/tiny", "revision": SHA, "requested_revision": SHA}
     ref = resolve_base(tmp_path / "base")
     folder = model_folder(ref)
@@ -75,7 +76,8 @@ def test_pinned_hub_model_loads_from_cache_offline(hf_cache, tmp_path):
 
 
 def test_branch_revision_is_resolved_to_its_commit(hf_cache, tmp_path, caplog):
-    info = prepare_base(params_for("base", source="pretrained", name_or_path="org/tiny", revision="main"), tmp_path / "b")
+    cfg = params_for("base", source="pretrained", name_or_path="org/tiny", revision="main")
+    info = prepare_base(cfg, tmp_path / "b")
     assert info["revision"] == SHA and info["requested_revision"] == "main"
     assert "Pin that sha" in caplog.text
 
@@ -126,7 +128,8 @@ def _lora_grad_norms_around_an_eval(tiny_base, tokenizer, fix: bool) -> tuple[li
     """Train 3 steps, run one eval-mode no-grad forward, train 3 more; return losses and LoRA grad norms."""
     from sabia_ift.train.training import build_model
 
-    cfg = params_for("train", quantization="nf4", lora={"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]})
+    cfg = params_for("train", quantization="nf4",
+                     lora={"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]})
     torch.manual_seed(0)
     model = build_model(cfg, tiny_base, "cpu", torch.float32)
     if not fix:

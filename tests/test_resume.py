@@ -9,9 +9,8 @@ import time
 import pytest
 from safetensors.torch import load_file
 
-from sabia_ift.artifacts import CHECKPOINTS_NOTE
-
 from conftest import FAST_PARAMS, deep_merge, make_project, project_env, run
+from sabia_ift.artifacts import CHECKPOINTS_NOTE
 
 pytestmark = pytest.mark.slow
 

@@ -6,13 +6,13 @@ import json
 from pathlib import Path
 
 import pytest
-
 from sample_verifier import check_row, family_of, parse
+
 from sabia_ift.toy import sample
 from sabia_ift.toy.sample import (
+    BLANK_INSTRUCTION_ROWS,
     DUPLICATE_SOURCES,
     EMPTY_OUTPUT_ROWS,
-    BLANK_INSTRUCTION_ROWS,
     FAMILIES,
     KEYS,
     N_ROWS,
@@ -134,7 +134,8 @@ def test_checker_rejects_wrong_answers(row: dict[str, str]) -> None:
         _row("Quanto é 697 mais 777?", "A soma de 697 e 777 é 1.474."),
         _row("Resolva a divisão abaixo.", "O resultado de 84 dividido por 7 é 12.", "84 ÷ 7"),
         _row("Escreva o número 1.999 por extenso.", "Por extenso, 1.999 se escreve mil novecentos e noventa e nove."),
-        _row("Escreva em algarismos o número dois mil e quinze.", "Em algarismos, “dois mil e quinze” se escreve 2.015."),
+        _row("Escreva em algarismos o número dois mil e quinze.",
+             "Em algarismos, “dois mil e quinze” se escreve 2.015."),
         _row("Qual é a capital da Bahia?", "A capital da Bahia é Salvador."),
         _row("Escreva a sigla da unidade federativa abaixo.", "SC é a sigla de Santa Catarina.", "Santa Catarina"),
         _row("Qual é o plural de “pão”?", "O plural de “pão” é “pães”."),

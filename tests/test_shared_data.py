@@ -21,11 +21,11 @@ import pytest
 
 from conftest import SHARED, make_project, params_for, project_env, write_params
 from sabia_ift.artifacts import HF_SPLITS, SPLITS
-from sabia_ift.text import normalize_text
+from sabia_ift.data.tokenization import tokenize
 from sabia_ift.io import read_jsonl
 from sabia_ift.modeling import model_context_length
-from sabia_ift.data.tokenization import tokenize
 from sabia_ift.template import IGNORE_INDEX, encode_prompt
+from sabia_ift.text import normalize_text
 
 PT_EVAL = SHARED / "pt-eval"
 MAX_LENGTH = 512

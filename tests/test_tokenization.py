@@ -7,10 +7,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import params_for
-from sabia_ift.errors import ConfigError
-from sabia_ift.template import build_prompt
 from sabia_ift.data.tokenization import build_example, tokenize, tokenize_split
-from sabia_ift.template import IGNORE_INDEX, encode_prompt
+from sabia_ift.errors import ConfigError
+from sabia_ift.template import IGNORE_INDEX, build_prompt, encode_prompt
 
 
 def row(instruction, output, input_=""):
@@ -50,7 +49,7 @@ def test_eos_label_survives_dynamic_padding(tokenizer):
 
     rows = [row("Diga sim.", "Sim."), row("Conte até cinco.", "Um, dois, três, quatro, cinco.")]
     examples, _ = tokenize_split(tokenizer, rows, params_for("tokenize"))
-    features = [{"input_ids": i, "labels": l} for i, l in zip(examples["input_ids"], examples["labels"])]
+    features = [{"input_ids": ids, "labels": labels} for ids, labels in zip(examples["input_ids"], examples["labels"])]
     batch = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=IGNORE_INDEX)(features)
     assert tokenizer.pad_token_id != tokenizer.eos_token_id
     for ids, labels, mask in zip(batch["input_ids"], batch["labels"], batch["attention_mask"]):
@@ -83,7 +82,8 @@ def test_overlength_policy_is_counted(tokenizer, overlength):
 
 
 def test_prompt_longer_than_max_is_always_dropped(tokenizer):
-    _, counts = tokenize_split(tokenizer, [row("muito " * 100, "ok")], params_for("tokenize", max_length=32, overlength="truncate"))
+    cfg = params_for("tokenize", max_length=32, overlength="truncate")
+    _, counts = tokenize_split(tokenizer, [row("muito " * 100, "ok")], cfg)
     assert counts["rows"] == 0 and counts["dropped_prompt_too_long"] == 1
 
 
@@ -124,7 +124,8 @@ text = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",))
        max_length=st.integers(min_value=16, max_value=160), overlength=st.sampled_from(["drop", "truncate"]))
 def test_label_invariants_hold_for_any_row(tokenizer, instruction, input_, output, max_length, overlength):
     r = row(instruction, output, input_)
-    examples, counts = tokenize_split(tokenizer, [r], params_for("tokenize", max_length=max_length, overlength=overlength))
+    cfg = params_for("tokenize", max_length=max_length, overlength=overlength)
+    examples, counts = tokenize_split(tokenizer, [r], cfg)
     assert counts["rows"] + counts["dropped_too_long"] + counts["dropped_prompt_too_long"] == 1
     if counts["rows"]:
         ex = {"input_ids": examples["input_ids"][0], "labels": examples["labels"][0]}

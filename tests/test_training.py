@@ -6,9 +6,9 @@ import pytest
 
 from conftest import params_for
 from sabia_ift.data.formatting import clean_rows
+from sabia_ift.data.tokenization import tokenize
 from sabia_ift.io import write_jsonl
 from sabia_ift.toy.sample import generate_rows
-from sabia_ift.data.tokenization import tokenize
 from sabia_ift.train.training import CHECKPOINT_PREFIX, complete_checkpoints, prepare_checkpoints, train
 
 

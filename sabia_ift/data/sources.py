@@ -199,18 +199,18 @@ def read_file(path: str | Path, file_format: str, columns: ColumnMap) -> list[di
         records = _iter_csv(path, columns)
     else:
         records = _iter_parquet(path, columns)
-    records = list(records)
-    if not records:
+    rows = list(records)
+    if not rows:
         raise DataError(f"{path}: the data file holds no rows")
     name = columns.input
     if fmt in ("json", "jsonl") and name is not None:
         # A mapping that matches no row at all is a typo, not rows without input.
-        if not any(isinstance(r, dict) and name in r for _, r in records):
+        if not any(isinstance(r, dict) and name in r for _, r in rows):
             raise DataError(
                 f"{path}: fetch.columns.input names column {name!r}, which no row has; "
                 "set it to the right name, or to null for data without inputs"
             )
-    return [normalize_record(record, row, columns, str(path)) for row, record in records]
+    return [normalize_record(record, row, columns, str(path)) for row, record in rows]
 
 
 def subsample(n: int, max_rows: int | None, seed: int) -> list[int]:
@@ -255,6 +255,8 @@ def resolve_dataset_revision(dataset: str, revision: str) -> str:
             f"fetch.revision: {revision!r} of dataset {dataset} could not be resolved to a commit "
             f"({type(exc).__name__}: {exc}). Offline, pin the 40-character commit sha of a cached copy."
         ) from None
+    if not commit:
+        raise DataError(f"fetch.revision: the Hub gave no commit for {revision!r} of dataset {dataset}")
     log.warning("fetch.revision %r is a branch; it resolved to commit %s. Pin that sha in params.yaml "
                 "so later runs read the same rows.", revision, commit)
     return commit
