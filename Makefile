@@ -20,6 +20,9 @@ setup: $(STAMP)
 repro: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
+# Two workers (pytest-xdist); each test module stays on one worker, so a module's
+# pipeline project is built once. PYTEST_ARGS= runs serially.
+PYTEST_ARGS ?= -n 2 --dist loadscope
 # pytest exits 5 when it collects nothing (e.g. a filtered run); that is not a failure.
 test: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \

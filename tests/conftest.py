@@ -105,11 +105,22 @@ def run(cmd: list[str], cwd: Path, check: bool = True, timeout: int = 900,
 
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory) -> Path:
-    """A tiny base model folder (as the base stage writes it), lightly pretrained."""
+    """A tiny base model folder (as the base stage writes it), lightly pretrained.
+
+    Built once per test run: under pytest-xdist the workers share it through
+    the run's common temporary folder, the first one building it under a lock.
+    """
+    from filelock import FileLock
+
     from sabia_ift.toy.tiny_model import build_tiny_model
 
-    out = tmp_path_factory.mktemp("base") / "base"
-    build_tiny_model(params_for("base.tiny", pretrain_documents=200, pretrain_epochs=1), out)
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # every worker's basetemp sits in one folder of this run
+    out = shared / "tiny-base"
+    with FileLock(str(shared / "tiny-base.lock")):
+        if not out.is_dir():
+            build_tiny_model(params_for("base.tiny", pretrain_documents=200, pretrain_epochs=1), out)
     return out
 
 
