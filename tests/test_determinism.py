@@ -61,7 +61,7 @@ def test_repro_twice_gives_identical_outputs(two_runs):
         "base": {"models/base"},
         "fetch": {"data/raw"},
         "format": {"data/formatted", "metrics/format.json"},
-        "tokenize": {"data/tokenized", "metrics/tokenize.json"},
+        "tokenize": {"data/tokenized", "metrics/tokenize.json", "metrics/detail/tokenize.json"},
     }
     for stage in DATA_STAGES:
         outs_a = {o["path"]: o for o in lock_a["stages"][stage]["outs"]}
