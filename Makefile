@@ -21,11 +21,11 @@ repro: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
 # Two workers (pytest-xdist); each test module stays on one worker, so a module's
-# pipeline project is built once. PYTEST_ARGS= runs serially.
-PYTEST_ARGS ?= -n 2 --dist loadscope
+# pipeline project is built once. XDIST= runs serially; PYTEST_ARGS adds options.
+XDIST ?= -n 2 --dist loadscope
 # pytest exits 5 when it collects nothing (e.g. a filtered run); that is not a failure.
 test: $(STAMP)
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest $(XDIST) $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
 
 lint: $(STAMP)
