@@ -20,11 +20,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from sabia_ift.config import TokenizeConfig  # noqa: E402
+from sabia_ift.config import section_from_params  # noqa: E402
 from sabia_ift.data.formatting import clean_rows  # noqa: E402
+from sabia_ift.data.tokenization import tokenize_split  # noqa: E402
 from sabia_ift.io import read_jsonl  # noqa: E402
 from sabia_ift.modeling import load_tokenizer  # noqa: E402
-from sabia_ift.data.tokenization import tokenize_split  # noqa: E402
 
 
 def rows_from(path: Path) -> list[dict]:
@@ -49,7 +49,7 @@ def main() -> None:
             pt_eval_rows.main([str(shared), str(path)])
             sets["FaQuAD + ENEM rows"] = rows_from(path)
 
-    cfg = TokenizeConfig(max_length=2048)
+    cfg = section_from_params("tokenize", {"max_length": 2048}, REPO / "params.yaml")
     print(f"{'data':20} {'rows':>6} {'mean tokens':>12} {'rows/s':>9} {'tokens/s':>10}")
     for name, rows in sets.items():
         times = []

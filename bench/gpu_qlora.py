@@ -33,6 +33,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from sabia_ift.config import merge  # noqa: E402
+
 LLAMA_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                 num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=2048,
                 rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
@@ -86,9 +88,10 @@ def stage(name: str, params: Path, work: Path, *args: str, log: Path) -> float:
 
 
 def write_params(path: Path, overrides: dict) -> Path:
-    params = yaml.safe_load((REPO / "presets" / "sabia-7b.yaml").read_text())
-    for section, values in overrides.items():
-        params[section].update(values)
+    # The preset holds only its differences from the embedded default.
+    params = merge(yaml.safe_load((REPO / "params.yaml").read_text()),
+                   yaml.safe_load((REPO / "presets" / "sabia-7b.yaml").read_text()))
+    params = merge(params, overrides)
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     return path
 
@@ -112,7 +115,9 @@ def main() -> None:
     log = out / "stages.log"
     results: dict = {"card": torch.cuda.get_device_name(0), "torch": torch.__version__,
                      "date": time.strftime("%Y-%m-%d"), "runs": {}}
-    import transformers, peft, bitsandbytes  # noqa: E401 - versions for the record
+    import bitsandbytes
+    import peft
+    import transformers  # noqa: E401 - versions for the record
     results["versions"] = {m.__name__: m.__version__ for m in (transformers, peft, bitsandbytes)}
 
     def save() -> None:
@@ -131,10 +136,12 @@ def main() -> None:
         "evaluate": {"max_samples": 8, "max_new_tokens": 64, "batch_size": 8, "samples_to_write": 8},
     }
     params = write_params(work / "params.yaml", common)
-    base, raw, formatted, tokenized = (work / n for n in ("models/base", "data/raw", "data/formatted", "data/tokenized"))
+    base, raw, formatted, tokenized = (
+        work / n for n in ("models/base", "data/raw", "data/formatted", "data/tokenized"))
     stage("base", params, work, "--out", str(base), log=log)
     stage("fetch", params, work, "--out", str(raw), log=log)
-    stage("format", params, work, "--raw", str(raw), "--out", str(formatted), "--metrics", str(work / "format.json"), log=log)
+    stage("format", params, work, "--raw", str(raw), "--out", str(formatted), "--metrics", str(work / "format.json"),
+          log=log)
     stage("tokenize", params, work, "--base", str(base), "--formatted", str(formatted), "--out", str(tokenized),
           "--metrics", str(work / "tokenize.json"), log=log)
     results["tokenize"] = json.loads((work / "tokenize.json").read_text())["train"]
@@ -166,21 +173,24 @@ def main() -> None:
 
     if not only or "evaluate" in only:
         eval_params = write_params(work / "params-eval.yaml", common)
-        wall = stage("evaluate", eval_params, work, "--base", str(base), "--adapter", str(work / "adapter-realistic-mb8"),
+        wall = stage("evaluate", eval_params, work, "--base", str(base),
+                     "--adapter", str(work / "adapter-realistic-mb8"),
                      "--formatted", str(formatted), "--tokenized", str(tokenized),
                      "--samples", str(out / "samples.jsonl"), "--metrics", str(work / "eval.json"), log=log)
         results["evaluate"] = {**json.loads((work / "eval.json").read_text()), "stage_wall_s": round(wall, 1)}
         save()
 
     print(f"\n{results['card']}  torch {results['torch']}  {results['versions']}")
-    print(f"{'run':16} {'peak GiB':>9} {'rsrv GiB':>9} {'step s':>8} {'in tok/s':>9} {'trained tok/s':>14} {'params':>12} {'%':>6}")
+    print(f"{'run':16} {'peak GiB':>9} {'rsrv GiB':>9} {'step s':>8} {'in tok/s':>9} {'trained tok/s':>14} "
+          f"{'params':>12} {'%':>6}")
     for name, m in results["runs"].items():
         print(f"{name:16} {m['peak_memory_gib']:9.2f} {m['peak_reserved_gib']:9.2f} {m['step_time_s']:8.3f} "
               f"{m['steady_input_tokens_per_s']:9.0f} {m['steady_trained_tokens_per_s']:14.0f} "
               f"{m['trainable_params']:12,d} {100 * m['trainable_params'] / m['total_params']:6.3f}")
     if "evaluate" in results:
         e = results["evaluate"]
-        print(f"evaluate: {e['samples']} prompts, stage {e['stage_wall_s']} s, tuned eos_stop {e['tuned']['eos_stop_rate']}")
+        print(f"evaluate: {e['samples']} prompts, stage {e['stage_wall_s']} s, "
+              f"tuned eos_stop {e['tuned']['eos_stop_rate']}")
 
 
 if __name__ == "__main__":

@@ -59,13 +59,14 @@ def ours(folder: str, checkpointing: str, kernels: str, micro_batch: int):
     import torch
 
     sys.path.insert(0, str(REPO))
-    from sabia_ift.config import TrainConfig
+    from sabia_ift.config import section_from_params
     from sabia_ift.train.kernels import attention_implementation
     from sabia_ift.train.training import build_model
 
-    cfg = TrainConfig(quantization="nf4", gradient_checkpointing=checkpointing, kernels=kernels, packing=True,
-                      micro_batch_tokens=micro_batch * SEQ,
-                      lora={"r": 32, "alpha": 64, "dropout": 0.0, "target_modules": TARGETS})
+    cfg = section_from_params("train", {
+        "quantization": "nf4", "gradient_checkpointing": checkpointing, "kernels": kernels, "packing": True,
+        "micro_batch_tokens": micro_batch * SEQ,
+        "lora": {"r": 32, "alpha": 64, "dropout": 0.0, "target_modules": TARGETS}}, REPO / "params.yaml")
     attn = attention_implementation("auto", True, "cuda")
     return build_model(cfg, Path(folder), "cuda", torch.bfloat16, attn)
 

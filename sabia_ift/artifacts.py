@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -26,6 +27,8 @@ SPLITS = ("train", "val", "test")
 DROPPED = "dropped.jsonl"
 # data/tokenized: Arrow folder; Hugging Face names for the format stage's splits.
 HF_SPLITS = {"train": "train", "val": "validation", "test": "test"}
+# models/checkpoints: what a finished run leaves there (its checkpoints are gone).
+CHECKPOINTS_NOTE = "README.txt"
 # models/adapter: how training loaded the base, so every consumer loads it the same way.
 TRAIN_META = "sabia_ift_train.json"
 
@@ -61,6 +64,9 @@ class BaseInfo:
     @classmethod
     def read(cls, folder: str | Path) -> BaseInfo:
         path = Path(folder) / BASE_FILE
+        if not Path(folder).is_dir():
+            raise ModelError(f"{folder}: no such base model folder; run the base stage first (dvc repro base), "
+                             "or pass the folder's path")
         if not path.is_file():
             raise ModelError(f"{path}: missing; run the base stage first (dvc repro base)")
         try:
@@ -121,3 +127,29 @@ PROMPT_SCORES = {"eos_stop": "eos_stop_rate", "rougeL": "rougeL", "chrf": "chrf"
 def prompt_sha1(prompt: str, reference: str) -> str:
     """Identifies a test prompt's content, so two revisions pair a source_row only if it is the same prompt."""
     return hashlib.sha1(f"{prompt}\0{reference}".encode()).hexdigest()[:16]
+
+
+def split_metrics(full: dict[str, Any], detail_keys: Iterable[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(compact, detail) of a stage's metrics record.
+
+    The compact part is the declared DVC metric, a column each in `dvc metrics
+    show` and `dvc exp show`: numbers only, without the keys named in
+    `detail_keys` (at any depth). The detail part is the whole record, written
+    beside it for whoever wants the distributions.
+    """
+    drop = set(detail_keys)
+
+    def compact(node: dict[str, Any]) -> dict[str, Any]:
+        kept: dict[str, Any] = {}
+        for key, value in node.items():
+            if key in drop:
+                continue
+            if isinstance(value, dict):
+                inner = compact(value)
+                if inner:
+                    kept[key] = inner
+            elif isinstance(value, int | float) and not isinstance(value, bool):
+                kept[key] = value
+        return kept
+
+    return compact(full), full

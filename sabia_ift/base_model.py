@@ -12,9 +12,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from .artifacts import BaseInfo
 from .config import BaseConfig, is_commit_sha
 from .errors import ConfigError
-from .artifacts import BaseInfo
 from .io import atomic_path
 from .modeling import check_model_folder, snapshot
 from .toy.tiny_model import build_tiny_model

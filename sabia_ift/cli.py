@@ -1,6 +1,9 @@
 """`sabia-ift`: the commands a user runs besides `dvc repro`.
 
     sabia-ift check-params [params.yaml]      validate every section, as the stages will
+    sabia-ift check-params --explain [train]  what each key means
+    sabia-ift preset NAME                     the `-S key=value` arguments of presets/NAME.yaml
+    sabia-ift run-preset NAME [-- DVC-ARGS]   run them as a DVC experiment; params.yaml stays as it is
     sabia-ift generate "instrução" [--input]  answer with the tuned model (models/adapter)
     sabia-ift chat [--terminal]               base and tuned side by side in the browser (or the terminal)
     sabia-ift export [--merged OUT] [--push-to-hub REPO]   standalone merged model; publish to the Hub
@@ -13,16 +16,52 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
+from pathlib import Path
 
 from .errors import SabiaError
 
 
 def _check_params(args: argparse.Namespace) -> None:
-    from .config import SECTIONS, load_section
+    from .config import SECTIONS, describe_keys, load_section
 
+    if args.explain is not None:
+        if args.explain and args.explain not in SECTIONS:
+            raise SabiaError(f"no section {args.explain}; sections: {', '.join(SECTIONS)}")
+        rows = describe_keys(args.explain or None)
+        width = max(len(key) for key, _ in rows)
+        for key, text in rows:
+            print(f"{key:<{width}}  {text}")
+        return
     for section in SECTIONS:
         load_section(section, args.params)
     print(f"{args.params}: all sections valid")
+
+
+def _preset(args: argparse.Namespace) -> None:
+    from .presets import load_preset, set_args
+
+    pairs = set_args(load_preset(args.name, args.params))
+    print(" ".join(pairs) if args.one_line else "\n".join(f"{a} {b}" for a, b in zip(pairs[::2], pairs[1::2])))
+
+
+def _run_preset(args: argparse.Namespace) -> None:
+    from .presets import run_preset
+
+    extra = args.dvc_args[1:] if args.dvc_args[:1] == ["--"] else args.dvc_args
+    code = run_preset(args.name, args.params, extra)
+    if code:
+        raise SystemExit(code)
+
+
+def in_repo(path: str) -> Path:
+    """A relative path that is missing here, found from the repository root above (the folder with dvc.yaml)."""
+    here = Path(path)
+    if here.is_absolute() or here.exists():
+        return here
+    for folder in Path.cwd().parents:
+        if (folder / "dvc.yaml").is_file():
+            return folder / here if (folder / here).exists() else here
+    return here
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -31,7 +70,7 @@ def _generate(args: argparse.Namespace) -> None:
     from .template import build_prompt, encode_prompt
 
     device = pick_device(args.device)
-    tokenizer, model = load_tuned(args.base, args.adapter, device)
+    tokenizer, model = load_tuned(in_repo(args.base), in_repo(args.adapter), device)
     prompt = encode_prompt(tokenizer, build_prompt(args.instruction, args.input))
     switch = model.disable_adapter() if args.base_model else contextlib.nullcontext()
     with switch:
@@ -112,7 +151,21 @@ def parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check-params", help="validate params.yaml")
     check.add_argument("params", nargs="?", default="params.yaml")
+    check.add_argument("--explain", nargs="?", const="", metavar="SECTION",
+                       help="print what each key (of SECTION, or all) means instead")
     check.set_defaults(func=_check_params)
+
+    preset = sub.add_parser("preset", help="print a preset's differences from params.yaml as dvc -S arguments")
+    preset.add_argument("name", help="a name under presets/ (sabia-7b) or a YAML file")
+    preset.add_argument("--params", default="params.yaml")
+    preset.add_argument("--one-line", action="store_true", help="one line, for $(...) in a shell")
+    preset.set_defaults(func=_preset)
+
+    run_p = sub.add_parser("run-preset", help="run a preset as a DVC experiment (dvc exp run --temp -S ...)")
+    run_p.add_argument("name", help="a name under presets/ (sabia-7b) or a YAML file")
+    run_p.add_argument("--params", default="params.yaml")
+    run_p.add_argument("dvc_args", nargs=argparse.REMAINDER, help="passed on to dvc exp run (after --)")
+    run_p.set_defaults(func=_run_preset)
 
     gen = sub.add_parser("generate", help="answer one instruction with the tuned model")
     gen.add_argument("instruction")
@@ -171,6 +224,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .stage import quiet_libraries
+
+    quiet_libraries()
     args = parser().parse_args(argv)
     try:
         args.func(args)

@@ -11,10 +11,11 @@ import math
 import re
 import typing
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import ErrorDetails
 
 from .errors import ConfigError
 
@@ -43,7 +44,20 @@ def _split_size(value: Any) -> int | float:
 
 SplitSize = Annotated[int | float, BeforeValidator(_split_size)]
 
+
+Device = Literal["auto", "cpu", "cuda"]
+# Names as transformers spells them (OptimizerNames, SchedulerType), limited to those
+# this project runs. Importing transformers here would cost seconds in every stage
+# that never trains (fetch, format), so tests/test_config.py checks them against the enums.
+Optimizer = Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"]
+Scheduler = Literal["cosine", "linear", "constant", "constant_with_warmup"]
+
 _SHA = re.compile(r"^[0-9a-f]{40}$")
+
+
+def _key(description: str, **constraints: Any) -> Any:
+    """A required field: its value lives in params.yaml only, never in a default here."""
+    return Field(description=description, **constraints)
 
 
 class _Section(BaseModel):
@@ -81,21 +95,20 @@ class TinyModelConfig(_Section):
     multiple of 64, hence the checks.
     """
 
-    hidden_size: PositiveInt = 128
-    intermediate_size: PositiveInt = 384
-    num_layers: PositiveInt = 2
-    num_heads: PositiveInt = 4
-    max_position_embeddings: PositiveInt = 2048
-    seed: int = 0
-    # Plain-text pretraining that makes it a language model (sabia_ift/tiny_model.py).
+    hidden_size: PositiveInt = _key("width of the tiny model (a multiple of 64)")
+    intermediate_size: PositiveInt = _key("MLP width (a multiple of 64)")
+    num_layers: PositiveInt = _key("decoder layers")
+    num_heads: PositiveInt = _key("attention heads (must divide hidden_size)")
+    max_position_embeddings: PositiveInt = _key("context length the model accepts")
+    seed: int = _key("seed of the random initial weights")
     # The corpus comes from sample-generator seeds from corpus_seed up, never seed 0,
     # which made the bundled sample.
-    corpus_seed: Annotated[int, Field(ge=1)] = 1
-    pretrain_documents: PositiveInt = 3000
-    pretrain_epochs: Annotated[int, Field(ge=0)] = 2
-    pretrain_block: Annotated[int, Field(ge=16)] = 128
-    pretrain_batch: PositiveInt = 16
-    pretrain_lr: PositiveFloat = 3e-3
+    corpus_seed: Annotated[int, Field(ge=1)] = _key("first sample-generator seed of the pretraining corpus (>= 1)")
+    pretrain_documents: PositiveInt = _key("plain-text documents it is pretrained on")
+    pretrain_epochs: Annotated[int, Field(ge=0)] = _key("pretraining epochs (0: random weights)")
+    pretrain_block: Annotated[int, Field(ge=16)] = _key("tokens per pretraining block")
+    pretrain_batch: PositiveInt = _key("blocks per pretraining step")
+    pretrain_lr: PositiveFloat = _key("pretraining learning rate")
 
     @model_validator(mode="after")
     def _shapes(self) -> TinyModelConfig:
@@ -110,43 +123,36 @@ class TinyModelConfig(_Section):
 class BaseConfig(_Section):
     """Section `base`: which base model the pipeline tunes and compares against."""
 
-    source: Literal["tiny", "pretrained"] = "tiny"
-    # A Hub id (org/name) or a local folder; used when source is `pretrained`.
-    name_or_path: str = "maritaca-ai/sabia-7b"
-    # For Hub ids: a commit sha, or a branch that is resolved to one and recorded
-    # in models/base/base.json. Ignored for local folders.
-    revision: str = "main"
-    # Copy the weights into models/base so DVC tracks them (see README).
-    copy_weights: bool = False
-    tiny: TinyModelConfig = TinyModelConfig()
+    source: Literal["tiny", "pretrained"] = _key("tiny: build a small LLaMA here; pretrained: load name_or_path")
+    name_or_path: str = _key("Hub id (org/name) or local folder, for source pretrained")
+    revision: str = _key("Hub commit sha, or a branch resolved to one and recorded in base.json; "
+                         "ignored for local folders")
+    copy_weights: bool = _key("copy the weights into models/base so DVC tracks them")
+    tiny: TinyModelConfig = _key("the tiny model, for source tiny")
 
 
 class ColumnMap(_Section):
     """Which source columns hold instruction, input (optional) and output."""
 
-    instruction: str = "instruction"
-    input: str | None = "input"
-    output: str = "output"
+    instruction: str = _key("column holding the instruction")
+    input: str | None = _key("column holding the optional input (null: none)")
+    output: str = _key("column holding the expected answer")
 
 
 class FetchConfig(_Section):
     """Section `fetch`: where the raw instruction rows come from."""
 
-    source: Literal["file", "hub"] = "file"
-    # For source `file`: a json, jsonl, csv or parquet file, optionally gzipped
-    # (.jsonl.gz, .json.gz, .csv.gz). Required: a missing path is an error, never
-    # a silent fallback to the bundled sample.
-    path: Annotated[str, Field(min_length=1)] | None = None
-    file_format: Literal["auto", "json", "jsonl", "csv", "parquet"] = "auto"
-    columns: ColumnMap = ColumnMap()
-    # For source `hub`: a Hugging Face dataset id at a commit sha, or a branch that
-    # is resolved to one and recorded in data/raw/manifest.json.
-    dataset: str = "dominguesm/Canarim-Instruct-PTBR-Dataset"
-    revision: str = "main"
-    split: str = "train"
-    # Keep a random subset of this many rows (null: all), drawn with `seed`.
-    max_rows: PositiveInt | None = None
-    seed: int = 42
+    source: Literal["file", "hub"] = _key("file: read path; hub: download dataset")
+    # Required for files: a missing path is an error, never a silent fallback to the sample.
+    path: Annotated[str, Field(min_length=1)] | None = _key("json, jsonl or csv (each may be .gz) or parquet file, "
+                                                            "for source file")
+    file_format: Literal["auto", "json", "jsonl", "csv", "parquet"] = _key("format of path (auto: from its suffix)")
+    columns: ColumnMap = _key("source column names")
+    dataset: str = _key("Hugging Face dataset id, for source hub")
+    revision: str = _key("dataset commit sha, or a branch resolved to one and recorded in data/raw/manifest.json")
+    split: str = _key("dataset split to read")
+    max_rows: PositiveInt | None = _key("keep a random subset of this many rows (null: all)")
+    seed: int = _key("seed of the max_rows subset")
 
     @model_validator(mode="after")
     def _path_for_files(self) -> FetchConfig:
@@ -159,78 +165,71 @@ class FetchConfig(_Section):
 class FormatConfig(_Section):
     """Section `format`: template, cleaning and the train/val/test split."""
 
-    val_size: SplitSize = 100
-    test_size: SplitSize = 100
-    seed: int = 42
+    val_size: SplitSize = _key("validation rows (int) or share (0 < float < 1)")
+    test_size: SplitSize = _key("test rows (int) or share (0 < float < 1)")
+    seed: int = _key("seed of the split")
 
 
 class TokenizeConfig(_Section):
     """Section `tokenize`: token ids and loss labels."""
 
-    max_length: Annotated[int, Field(ge=16)] = 512
-    # Rows longer than max_length: `drop` them, or `truncate` the response
-    # (a truncated response gets no EOS, so the model is never taught to stop
-    # mid-sentence). Either way they are counted in metrics/tokenize.json.
-    overlength: Literal["drop", "truncate"] = "drop"
-    # The stage fails when more than this share of all rows is dropped (too
-    # long for max_length), naming the max_length that would keep 95% of them.
-    max_drop_share: Annotated[float, Field(ge=0, le=1)] = 0.05
+    max_length: Annotated[int, Field(ge=16)] = _key("longest row in tokens, prompt and answer together")
+    # A truncated response gets no EOS, so the model is never taught to stop mid-sentence.
+    overlength: Literal["drop", "truncate"] = _key("rows over max_length: drop them, or truncate the answer "
+                                                   "(no EOS then); counted in the metrics")
+    max_drop_share: Annotated[float, Field(ge=0, le=1)] = _key(
+        "fail when a larger share of rows is too long for max_length (the error names the max_length "
+        "that keeps 95%)")
 
 
 class LoraConfigSection(_Section):
-    r: PositiveInt = 16
-    alpha: PositiveFloat = 32
-    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.05
-    target_modules: Annotated[list[str], Field(min_length=1)] = ["q_proj", "k_proj", "v_proj"]
+    """LoRA adapter shape."""
+
+    r: PositiveInt = _key("LoRA rank")
+    alpha: PositiveFloat = _key("LoRA scaling numerator (scale = alpha / r)")
+    dropout: Annotated[float, Field(ge=0, lt=1)] = _key("dropout on the LoRA input")
+    target_modules: Annotated[list[str], Field(min_length=1)] = _key("linear layers that get an adapter")
 
 
 class TrainConfig(_Section):
     """Section `train`: LoRA/QLoRA hyperparameters; every one is here."""
 
-    seed: int = 42
-    epochs: PositiveFloat = 3
-    # -1: run for `epochs`; a positive number stops after that many optimizer steps.
-    max_steps: int = Field(default=-1, ge=-1)
-    micro_batch_size: PositiveInt = 8
-    grad_accum: PositiveInt = 1
-    lr: PositiveFloat = 2e-4
-    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
-    # A share of the steps below 1, a step count from 1.
-    warmup: Annotated[float, Field(ge=0)] = 0.03
-    weight_decay: Annotated[float, Field(ge=0)] = 0.0
-    max_grad_norm: PositiveFloat = 1.0
-    optim: Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = "adamw_torch"
-    # `nf4`: QLoRA (bitsandbytes NF4 4-bit base weights); `none`: LoRA on full-precision weights.
-    quantization: Literal["none", "nf4"] = "none"
-    double_quant: bool = True
-    # `auto`: bf16 where the GPU supports it, else fp16 with loss scaling; fp32 on CPU.
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    # Activation memory: `off` keeps every activation (fastest, most memory); `on`
-    # recomputes each decoder layer in the backward pass; `offload` also moves the
-    # layer inputs it keeps to CPU memory (least GPU memory, for small cards).
-    gradient_checkpointing: Literal["off", "on", "offload"] = "off"
-    # Padding-free packing: rows concatenated into micro-batches of at most
-    # micro_batch_tokens tokens; attention never crosses a row boundary.
-    packing: bool = False
-    micro_batch_tokens: Annotated[int, Field(ge=16)] = 4096
-    # `auto`: varlen flash attention for packed rows on CUDA, SDPA otherwise.
-    attention: Literal["auto", "sdpa", "varlen"] = "auto"
-    # Fused kernels: `liger` (Liger Kernel: RMSNorm, RoPE, SwiGLU, linear cross-entropy; CUDA only).
-    kernels: Literal["none", "liger"] = "none"
-    # Group rows of similar length into batches so dynamic padding wastes little (unpacked only).
-    group_by_length: bool = True
-    lora: LoraConfigSection = LoraConfigSection()
-    logging_steps: PositiveInt = 10
-    eval_steps: PositiveInt = 50
-    # Checkpoints for resuming an interrupted run (models/checkpoints, persisted by DVC).
-    save_steps: PositiveInt = 50
-    save_total_limit: PositiveInt = 2
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    # Processes that train together (DDP): `auto` = every visible GPU (1 on CPU), or a number.
-    devices: Literal["auto"] | PositiveInt = "auto"
-    # Experiment trackers: `dvclive` (the project's curves in metrics/curves), plus any of the
-    # Trainer's integrations wandb, mlflow, tensorboard (each must be installed). [] reports nowhere.
-    report_to: list[Literal["dvclive", "wandb", "mlflow", "tensorboard"]] = ["dvclive"]
+    seed: int = _key("seed of weights init, shuffling and dropout")
+    epochs: PositiveFloat = _key("passes over the train split")
+    max_steps: int = _key("-1: run for epochs; n > 0: stop after n optimizer steps", ge=-1)
+    micro_batch_size: PositiveInt = _key("rows per forward pass")
+    grad_accum: PositiveInt = _key("micro-batches per optimizer step")
+    lr: PositiveFloat = _key("peak learning rate")
+    lr_scheduler: Scheduler = _key("transformers SchedulerType name")
+    warmup: Annotated[float, Field(ge=0)] = _key("warm-up: a share of the steps below 1, a step count from 1")
+    weight_decay: Annotated[float, Field(ge=0)] = _key("AdamW weight decay")
+    max_grad_norm: PositiveFloat = _key("gradient clipping norm")
+    optim: Optimizer = _key("transformers OptimizerNames name")
+    quantization: Literal["none", "nf4"] = _key("nf4: QLoRA on 4-bit base weights; none: full-precision LoRA")
+    double_quant: bool = _key("also quantize the 4-bit quantization constants (nf4 only)")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = _key("auto: bf16 where the GPU has it, else fp16; "
+                                                              "fp32 on CPU")
+    gradient_checkpointing: Literal["off", "on", "offload"] = _key(
+        "off: keep every activation (fastest); on: recompute each decoder layer in backward; "
+        "offload: also keep the layer inputs in CPU memory (least GPU memory)")
+    packing: bool = _key("concatenate rows into micro-batches of micro_batch_tokens, no padding; "
+                         "attention never crosses a row")
+    micro_batch_tokens: Annotated[int, Field(ge=16)] = _key("token budget of a packed micro-batch")
+    attention: Literal["auto", "sdpa", "varlen"] = _key("auto: varlen flash attention for packed rows on CUDA, "
+                                                         "SDPA otherwise")
+    kernels: Literal["none", "liger"] = _key("liger: Liger Kernel's fused RMSNorm, RoPE, SwiGLU and linear "
+                                             "cross-entropy (CUDA only)")
+    group_by_length: bool = _key("batch rows of similar length so padding wastes little (unpacked only)")
+    lora: LoraConfigSection = _key("LoRA adapter shape")
+    logging_steps: PositiveInt = _key("optimizer steps between train-loss logs")
+    eval_steps: PositiveInt = _key("optimizer steps between validation losses")
+    save_steps: PositiveInt = _key("optimizer steps between resumable checkpoints")
+    save_total_limit: PositiveInt = _key("checkpoints kept")
+    device: Device = _key("auto: cuda if present, else cpu")
+    devices: Literal["auto"] | PositiveInt = _key("processes training together (DDP under torchrun): auto = "
+                                                  "every visible GPU (1 on CPU), or a number")
+    report_to: list[Literal["dvclive", "wandb", "mlflow", "tensorboard"]] = _key(
+        "trackers: dvclive (the curves in metrics/curves), wandb, mlflow, tensorboard (installed); [] for none")
 
     @field_validator("gradient_checkpointing", mode="before")
     @classmethod
@@ -248,14 +247,12 @@ class TrainConfig(_Section):
 class EvaluateConfig(_Section):
     """Section `evaluate`: base vs tuned generation on the test split."""
 
-    max_new_tokens: PositiveInt = 64
-    batch_size: PositiveInt = 16
-    # Generate for the first N test rows (null: all of them).
-    max_samples: PositiveInt | None = None
-    repetition_ngram: PositiveInt = 4
-    # Rows written to the side-by-side samples file.
-    samples_to_write: Annotated[int, Field(ge=0)] = 50
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    max_new_tokens: PositiveInt = _key("longest generated answer in tokens")
+    batch_size: PositiveInt = _key("prompts generated together")
+    max_samples: PositiveInt | None = _key("generate for the first N test rows (null: all)")
+    repetition_ngram: PositiveInt = _key("n-gram length of the repetition metric")
+    samples_to_write: Annotated[int, Field(ge=0)] = _key("rows written to the side-by-side samples file")
+    device: Device = _key("auto: cuda if present, else cpu")
 
 
 GENERIC_TASKS = ("multiple_choice", "classification")
@@ -325,15 +322,12 @@ class BenchmarkTask(_Section):
 class BenchmarkConfig(_Section):
     """Section `benchmark`: lm-evaluation-harness tasks, base vs tuned."""
 
-    tasks: list[BenchmarkTask] = []
-    # Examples per task (null: every example).
-    limit: PositiveInt | None = None
-    # `auto`: lm-eval finds the largest batch that fits; or a fixed size.
-    batch_size: Literal["auto"] | PositiveInt = "auto"
-    # Longest generated answer, in tokens (answers are a letter, a label or a number).
-    max_gen_toks: PositiveInt = 16
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    seed: int = 1234
+    tasks: list[BenchmarkTask] = _key("lm-eval tasks: built-in leaderboard kinds or generic ones from a file")
+    limit: PositiveInt | None = _key("examples per task (null: every example)")
+    batch_size: Literal["auto"] | PositiveInt = _key("auto: lm-eval finds the largest batch that fits; or a size")
+    max_gen_toks: PositiveInt = _key("longest generated answer in tokens (a letter, a label or a number)")
+    device: Device = _key("auto: cuda if present, else cpu")
+    seed: int = _key("seed of lm-eval's sampling of few-shot examples")
 
     @model_validator(mode="after")
     def _unique_names(self) -> BenchmarkConfig:
@@ -353,9 +347,6 @@ SECTIONS: dict[str, type[_Section]] = {
     "evaluate": EvaluateConfig,
     "benchmark": BenchmarkConfig,
 }
-
-C = TypeVar("C", bound=_Section)
-
 
 def read_params(path: str | Path = "params.yaml") -> dict[str, Any]:
     path = Path(path)
@@ -384,7 +375,7 @@ def read_params(path: str | Path = "params.yaml") -> dict[str, Any]:
     return data
 
 
-def _describe(error: dict[str, Any], section: str) -> str:
+def _describe(error: ErrorDetails, section: str) -> str:
     key = ".".join(str(part) for part in (section, *error["loc"]))
     if error["type"] == "extra_forbidden":
         return f"{key}: unknown key"
@@ -416,6 +407,44 @@ def load_section(section: str, path: str | Path = "params.yaml") -> Any:
     if section not in params:
         raise ConfigError(f"{path}: missing section {section}")
     return parse_section(section, params[section], str(path))
+
+
+def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `overrides` applied; nested mappings merge key by key."""
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def section_from_params(section: str, overrides: dict[str, Any] | None = None,
+                        path: str | Path = "params.yaml") -> Any:
+    """One section of params.yaml with some values changed (tests, benchmarks)."""
+    params = read_params(path)
+    return parse_section(section, merge(params.get(section) or {}, overrides or {}), str(path))
+
+
+def describe_keys(section: str | None = None) -> list[tuple[str, str]]:
+    """(dotted key, help text) for every key of one section, or of all of them."""
+
+    def walk(cls: type[BaseModel], prefix: str) -> list[tuple[str, str]]:
+        rows = []
+        for name, field in cls.model_fields.items():
+            annotation = field.annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                rows.extend(walk(annotation, f"{prefix}{name}."))
+            else:
+                text = field.description or ""
+                if get_origin(annotation) is Literal:
+                    text += f" ({' | '.join(map(str, get_args(annotation)))})"
+                rows.append((f"{prefix}{name}", text))
+        return rows
+
+    sections = [section] if section else list(SECTIONS)
+    return [row for name in sections for row in walk(SECTIONS[name], f"{name}.")]
 
 
 def is_commit_sha(revision: str | None) -> bool:

@@ -22,3 +22,16 @@ class DataError(SabiaError):
 
 class ModelError(SabiaError):
     """A model, tokenizer or adapter cannot be loaded as configured."""
+
+
+def hub_errors(*extra: type[Exception]) -> tuple[type[Exception], ...]:
+    """What the Hugging Face libraries raise for a missing, gated or unreachable repo, a bad id or files.
+
+    Missing files, HTTP errors and offline misses are OSError subclasses, bad ids
+    ValueError; network failures come from the HTTP client huggingface_hub uses.
+    Anything else is a bug and must not be reworded as the user's mistake;
+    `extra` adds what one particular loader raises for bad files.
+    """
+    import httpx2
+
+    return (OSError, ValueError, httpx2.HTTPError, *extra)

@@ -111,7 +111,7 @@ def write_json(path: str | Path, obj: Any) -> None:
 
 def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> int:
     count = 0
-    with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as fh:
+    with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8", newline="\n") as fh:
         for row in rows:
             fh.write(dumps(row) + "\n")
             count += 1

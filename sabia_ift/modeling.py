@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .artifacts import BaseInfo, TrainMeta
-from .errors import ConfigError, ModelError
+from .artifacts import BASE_FILE, BaseInfo, TrainMeta
+from .errors import ConfigError, ModelError, hub_errors
 
 # Weights are loaded from safetensors only: pickle-based .bin files can run code.
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.txt"]
@@ -46,7 +46,7 @@ def _hub_error(repo_id: str, revision: str | None, exc: Exception) -> ModelError
     )
 
 
-def snapshot(repo_id: str, revision: str, *, local_only: bool) -> Path:
+def snapshot(repo_id: str, revision: str | None, *, local_only: bool) -> Path:
     """The cached folder of a Hub model at a revision, downloading it unless `local_only`."""
     from huggingface_hub import snapshot_download
 
@@ -55,7 +55,7 @@ def snapshot(repo_id: str, revision: str, *, local_only: bool) -> Path:
         path = snapshot_download(
             repo_id, revision=revision, allow_patterns=HUB_PATTERNS, local_files_only=local_only
         )
-    except Exception as exc:
+    except hub_errors() as exc:
         raise _hub_error(repo_id, revision, exc) from None
     return Path(path)
 
@@ -76,6 +76,8 @@ def resolve_base(base_dir: str | Path) -> BaseRef:
     info = BaseInfo.read(base_dir)
     if info.source in ("tiny", "local_copy"):
         return BaseRef(str(base_dir), None, "local")
+    if not info.name_or_path:
+        raise ModelError(f"{Path(base_dir) / BASE_FILE}: no name_or_path for source {info.source}; rerun the base stage")
     if info.source == "local":
         return BaseRef(info.name_or_path, None, "local")
     return BaseRef(info.name_or_path, info.revision, "hub")
@@ -108,7 +110,7 @@ def load_tokenizer(folder: str | Path):
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
-    except Exception as exc:
+    except hub_errors(RuntimeError) as exc:  # sentencepiece raises RuntimeError for a damaged model file
         raise ModelError(f"{folder}: tokenizer could not be loaded: {type(exc).__name__}: {exc}") from None
     if tokenizer.bos_token_id is None or tokenizer.eos_token_id is None:
         raise ModelError(f"{folder}: tokenizer has no BOS or EOS token; a LLaMA-family tokenizer is expected")
@@ -168,6 +170,7 @@ def load_model(folder: str | Path, *, quantization: str, double_quant: bool, dty
                attn_implementation: str = "sdpa"):
     """The base model for training or evaluation, 4-bit NF4 when asked."""
     import torch
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": False, "use_safetensors": True,
@@ -186,7 +189,7 @@ def load_model(folder: str | Path, *, quantization: str, double_quant: bool, dty
         kwargs["device_map"] = {"": torch.cuda.current_device()}
     try:
         model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
-    except Exception as exc:
+    except hub_errors(RuntimeError, SafetensorError) as exc:  # RuntimeError: shapes that do not fit
         raise ModelError(f"{folder}: base model could not be loaded: {type(exc).__name__}: {exc}") from None
     if quantization == "nf4" and device == "cpu":
         disable_cpu_repack(model)
@@ -195,16 +198,11 @@ def load_model(folder: str | Path, *, quantization: str, double_quant: bool, dty
 
 def linear_layer_names(model) -> set[str]:
     """Short names (q_proj, ...) of the linear layers LoRA can target."""
+    import bitsandbytes as bnb
     import torch
 
     names = set()
-    linear_types: tuple[type, ...] = (torch.nn.Linear,)
-    try:
-        import bitsandbytes as bnb
-
-        linear_types += (bnb.nn.Linear4bit,)
-    except ImportError:  # pragma: no cover - bitsandbytes is a hard dependency
-        pass
+    linear_types = (torch.nn.Linear, bnb.nn.Linear4bit)
     for name, module in model.named_modules():
         if isinstance(module, linear_types) and not name.endswith("lm_head"):
             names.add(name.rsplit(".", 1)[-1])
@@ -229,6 +227,7 @@ def model_context_length(folder: str | Path) -> int | None:
 def load_tuned(base_dir: str | Path, adapter_dir: str | Path, device: str):
     """Tokenizer and a PeftModel on the base, loaded the way training loaded it."""
     from peft import PeftModel
+    from safetensors import SafetensorError
 
     meta = TrainMeta.read(adapter_dir)
     folder = model_folder(resolve_base(base_dir))
@@ -238,7 +237,8 @@ def load_tuned(base_dir: str | Path, adapter_dir: str | Path, device: str):
                       dtype=dtype, device=device)
     try:
         model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
-    except Exception as exc:
+    except hub_errors(RuntimeError, KeyError, TypeError, SafetensorError) as exc:
+        # KeyError/TypeError: an adapter_config.json with missing or unknown fields
         raise ModelError(
             f"{adapter_dir}: not a loadable PEFT adapter for this base model: {type(exc).__name__}: {exc}"
         ) from None

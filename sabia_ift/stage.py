@@ -6,16 +6,30 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Callable
 
 from .errors import SabiaError
 
 
+def quiet_libraries() -> None:
+    """Silence library notices about the libraries themselves, which nobody running the pipeline can act on.
+
+    Called when this module is imported: stage scripts import it before anything
+    that imports bitsandbytes, whose notice comes at import time.
+    """
+    # bitsandbytes, on CPUs with AVX512-BF16, warns that the optional `kernels`
+    # package (a faster CPU 4-bit kernel from the Hub) is missing; the CPU path works without it.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # peft's get_peft_model reads a transformers attribute deprecated in transformers 5.
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
+
+quiet_libraries()
+
+
 def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    # bitsandbytes warns on every import that the optional `kernels` package (a
-    # faster CPU 4-bit kernel) is missing; the CPU path works without it.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     # The pipeline runs offline by default; a telemetry ping or Hub check would only time out.
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")

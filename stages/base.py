@@ -4,8 +4,8 @@ import argparse
 import sys
 
 from sabia_ift import stage
-from sabia_ift.config import load_section
 from sabia_ift.base_model import prepare_base
+from sabia_ift.config import load_section
 
 
 def main(args: argparse.Namespace) -> None:

@@ -2,10 +2,12 @@
 
 import argparse
 import sys
+from pathlib import Path
 
 from sabia_ift import stage
+from sabia_ift.artifacts import CHECKPOINTS_NOTE
 from sabia_ift.config import load_section
-from sabia_ift.io import write_json
+from sabia_ift.io import write_json, write_text
 from sabia_ift.train import distributed
 from sabia_ift.train.training import train
 
@@ -19,11 +21,16 @@ def main(args: argparse.Namespace) -> None:
             raise SystemExit(code)
         return
     done = train(cfg, args.base, args.data, args.out, args.checkpoints, args.live)
-    if done is not None:  # the main process writes; the others only trained
-        results, timings = done
-        write_json(args.metrics, results)
-        write_json(args.timings, timings)
-        print(f"trained: {results}\ntimings: {timings}")
+    if done is None:  # the main process writes; the others only trained
+        return
+    results, timings = done
+    # A finished run empties the checkpoints; a note keeps the folder from being an empty
+    # DVC output, which DVC warns about on every run.
+    write_text(Path(args.checkpoints, CHECKPOINTS_NOTE),
+               "Checkpoints of an interrupted train stage appear here; `dvc repro` resumes from the last one.\n")
+    write_json(args.metrics, results)
+    write_json(args.timings, timings)
+    print(f"trained: {results}\ntimings: {timings}")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from sabia_ift.config import merge, section_from_params
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 
@@ -27,13 +29,17 @@ FAST_PARAMS = {
 
 
 def deep_merge(base: dict, overrides: dict) -> dict:
-    merged = copy.deepcopy(base)
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = deep_merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
+    return copy.deepcopy(merge(base, overrides))
+
+
+def params_for(section: str, **overrides):
+    """A section's config as params.yaml sets it, with some values changed.
+
+    `base.tiny` names the nested tiny-model section.
+    """
+    if section == "base.tiny":
+        return section_from_params("base", {"tiny": overrides}, REPO / "params.yaml").tiny
+    return section_from_params(section, overrides, REPO / "params.yaml")
 
 
 def default_params() -> dict:
@@ -100,12 +106,22 @@ def run(cmd: list[str], cwd: Path, check: bool = True, timeout: int = 900,
 
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory) -> Path:
-    """A tiny base model folder (as the base stage writes it), lightly pretrained."""
-    from sabia_ift.config import TinyModelConfig
+    """A tiny base model folder (as the base stage writes it), lightly pretrained.
+
+    Built once per test run: under pytest-xdist the workers share it through
+    the run's common temporary folder, the first one building it under a lock.
+    """
+    from filelock import FileLock
+
     from sabia_ift.toy.tiny_model import build_tiny_model
 
-    out = tmp_path_factory.mktemp("base") / "base"
-    build_tiny_model(TinyModelConfig(pretrain_documents=200, pretrain_epochs=1), out)
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # every worker's basetemp sits in one folder of this run
+    out = shared / "tiny-base"
+    with FileLock(str(shared / "tiny-base.lock")):
+        if not out.is_dir():
+            build_tiny_model(params_for("base.tiny", pretrain_documents=200, pretrain_epochs=1), out)
     return out
 
 
@@ -171,8 +187,8 @@ def tuned_adapter(tiny_base, tokenizer, tmp_path_factory) -> Path:
     kept, _ = clean_rows([{**r, "source_row": i + 1} for i, r in enumerate(generate_rows(0)[:300])])
     for split, rows in (("train", kept[:256]), ("val", kept[256:272]), ("test", kept[272:288])):
         write_jsonl(root / f"{split}.jsonl", rows)
-    tokenize(TokenizeConfig(max_length=256), tokenizer, 2048, root, root / "tokenized")
-    cfg = TrainConfig(epochs=1, lr=3e-3, logging_steps=10, eval_steps=1000, save_steps=1000, report_to=[],
+    tokenize(params_for("tokenize", max_length=256), tokenizer, 2048, root, root / "tokenized")
+    cfg = params_for("train", epochs=1, lr=3e-3, logging_steps=10, eval_steps=1000, save_steps=1000, report_to=[],
                       lora={"r": 8, "alpha": 16, "dropout": 0.0,
                             "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                                "down_proj"]})

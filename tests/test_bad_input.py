@@ -24,7 +24,7 @@ import pytest
 
 import yaml
 
-from conftest import REPO, default_params, make_project, project_env, write_params
+from conftest import REPO, default_params, make_project, params_for, project_env, write_params
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
 
@@ -42,7 +42,7 @@ OUTPUTS = {
     "fetch": ["data/raw"],
     "format": ["data/formatted", "metrics/format.json"],
     "base": ["models/base"],
-    "tokenize": ["data/tokenized", "metrics/tokenize.json"],
+    "tokenize": ["data/tokenized", "metrics/tokenize.json", "metrics/detail/tokenize.json"],
     "train": ["models/adapter", "models/checkpoints", "metrics/curves", "metrics/train.json",
               "logs/train-timings.json"],
     "evaluate": ["data/eval/samples.jsonl", "metrics/eval_prompts.jsonl", "metrics/eval.json"],
@@ -146,15 +146,15 @@ CASES = [
                            b' {"instruction": "c", "input": "", "output": "d\xff"}]\n')),
     # --- fetch: CSV --------------------------------------------------------------
     Case("csv-without-mapped-column", "fetch", ["data/in.csv", "fetch.columns.output", "'output'", "'resposta'"],
-         **data("in.csv", "instruction,input,resposta\na,,b\n".encode())),
+         **data("in.csv", b"instruction,input,resposta\na,,b\n")),
     Case("csv-mapping-names-absent-column", "fetch", ["data/in.csv", "fetch.columns.output", "'resposta'"],
-         **data("in.csv", "instruction,input,output\na,,b\n".encode(), columns={"output": "resposta"})),
+         **data("in.csv", b"instruction,input,output\na,,b\n", columns={"output": "resposta"})),
     Case("csv-too-many-fields", "fetch", ["data/in.csv", "row 2", "more fields"],
-         **data("in.csv", "instruction,input,output\na,,b\nc,d,e,f\n".encode())),
+         **data("in.csv", b"instruction,input,output\na,,b\nc,d,e,f\n")),
     Case("csv-too-few-fields", "fetch", ["data/in.csv", "row 3", "fewer fields"],
-         **data("in.csv", "instruction,input,output\na,,b\nc,,d\ne,f\n".encode())),
+         **data("in.csv", b"instruction,input,output\na,,b\nc,,d\ne,f\n")),
     Case("csv-unclosed-quote", "fetch", ["data/in.csv", "row 2", "CSV error"],
-         **data("in.csv", 'instruction,input,output\na,,b\n"c,,d\n'.encode())),
+         **data("in.csv", b'instruction,input,output\na,,b\n"c,,d\n')),
     Case("csv-invalid-utf8", "fetch", ["data/in.csv", "row 3", "'input'", "not valid UTF-8"],
          **data("in.csv", b"instruction,input,output\na,,b\nc,,d\ne,f\xe3o,g\n")),
     Case("csv-empty-file", "fetch", ["data/in.csv", "no rows"], **data("in.csv", b"")),
@@ -398,7 +398,7 @@ def check_clean(project: Path, stage_name: str) -> None:
 
 
 TOKENIZE_ARGS = ["--base", "models/base", "--formatted", "data/formatted", "--out", "data/tokenized",
-                 "--metrics", "metrics/tokenize.json"]
+                 "--metrics", "metrics/tokenize.json", "--detail", "metrics/detail/tokenize.json"]
 EVALUATE_ARGS = ["--base", "models/base", "--adapter", "models/adapter", "--formatted", "data/formatted",
                  "--tokenized", "data/tokenized", "--samples", "data/eval/samples.jsonl",
                  "--prompts", "metrics/eval_prompts.jsonl", "--metrics", "metrics/eval.json"]
@@ -648,7 +648,7 @@ def test_train_loss_not_finite(project_with_base, monkeypatch, capsys, tokenizer
     from sabia_ift.data.tokenization import tokenize
 
     formatted(project_with_base, {"train": [ok(i) for i in range(16)], "val": [], "test": []})
-    tokenize(TokenizeConfig(max_length=128), tokenizer, 2048, project_with_base / "data" / "formatted",
+    tokenize(params_for("tokenize", max_length=128), tokenizer, 2048, project_with_base / "data" / "formatted",
              project_with_base / "data" / "tokenized")
     write_params(project_with_base, {"train": {
         "device": "cpu", "lr": 1e30, "max_steps": 4, "logging_steps": 1, "save_steps": 100, "live": False,

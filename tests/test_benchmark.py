@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, SHARED
+from conftest import REPO, SHARED, default_params
 from sabia_ift.config import BenchmarkConfig, parse_section
 from sabia_ift.errors import ConfigError, DataError
 from sabia_ift.evaluation import benchmark_data
@@ -34,7 +34,8 @@ def _utils():
 
 
 def config(*tasks, **kwargs) -> BenchmarkConfig:
-    return parse_section("benchmark", {"tasks": list(tasks), "batch_size": 4, "device": "cpu", **kwargs})
+    return parse_section("benchmark", {**default_params()["benchmark"], "tasks": list(tasks), "batch_size": 4,
+                                       "device": "cpu", **kwargs})
 
 
 @pytest.fixture(scope="module")

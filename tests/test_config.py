@@ -1,11 +1,15 @@
 """Params are validated per stage; bad keys and values are refused with their dotted name."""
 
+from typing import get_args
+
 import pytest
 import yaml
 
 from conftest import REPO, deep_merge, default_params
-from sabia_ift.config import SECTIONS, load_section, parse_section, read_params
+from sabia_ift.cli import main
+from sabia_ift.config import SECTIONS, describe_keys, load_section, parse_section, read_params, section_from_params
 from sabia_ift.errors import ConfigError
+from sabia_ift.presets import load_preset, set_args
 
 
 def write(tmp_path, params) -> str:
@@ -20,9 +24,29 @@ def test_default_params_validate(section):
 
 
 @pytest.mark.parametrize("preset", sorted((REPO / "presets").glob("*.yaml")), ids=lambda p: p.name)
-def test_presets_validate(preset):
-    for section in SECTIONS:
-        load_section(section, preset)
+def test_presets_validate_over_params(preset):
+    """A preset holds only differences: each must be a real key, and the merge must validate."""
+    diff = load_preset(str(preset), REPO / "params.yaml")
+    assert diff and set(diff) <= set(SECTIONS)
+    assert set_args(diff)
+
+
+def test_preset_with_a_bad_value_is_named(tmp_path):
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    (tmp_path / "presets").mkdir()
+    (tmp_path / "presets" / "bad.yaml").write_text("train:\n  lora:\n    rank: 8\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml over .*train\.lora\.rank: unknown key"):
+        load_preset("bad", tmp_path / "params.yaml")
+    with pytest.raises(ConfigError, match="no such preset; known: bad"):
+        load_preset("nope", tmp_path / "params.yaml")
+
+
+def test_preset_values_keep_their_types_in_dvc_overrides():
+    diff = {"train": {"lr": 1e-05, "lora": {"target_modules": ["q_proj"]}, "live": False},
+            "base": {"revision": "0123456789", "name_or_path": "org/it's"}, "fetch": {"max_rows": None}}
+    assert set_args(diff) == ["-S", "train.lr=1e-5", "-S", "train.lora.target_modules=['q_proj']",
+                              "-S", "train.live=false", "-S", "base.revision='0123456789'",
+                              "-S", "base.name_or_path='org/it\\'s'", "-S", "fetch.max_rows=null"]
 
 
 def test_params_file_lists_every_key():
@@ -118,9 +142,53 @@ def test_surprising_values_are_refused(tmp_path, overrides, message):
 
 
 def test_split_sizes_keep_their_meaning():
-    fmt = parse_section("format", {"val_size": 0, "test_size": 0.5})
+    params = default_params()
+    fmt = parse_section("format", {**params["format"], "val_size": 0, "test_size": 0.5})
     assert fmt.val_size == 0 and isinstance(fmt.val_size, int) and fmt.test_size == 0.5
-    assert parse_section("format", {"test_size": 1}).test_size == 1
+    assert parse_section("format", {**params["format"], "test_size": 1}).test_size == 1
     # A Hub source needs no path; booleans still go where booleans are meant.
-    assert parse_section("fetch", {"source": "hub", "path": None}).path is None
-    assert parse_section("train", {"double_quant": False}).double_quant is False
+    assert parse_section("fetch", {**params["fetch"], "source": "hub", "path": None}).path is None
+    assert parse_section("train", {**params["train"], "double_quant": False}).double_quant is False
+
+
+def test_missing_key_is_named_not_defaulted(tmp_path):
+    """params.yaml is the only source of values: a key left out is refused, never filled in."""
+    params = default_params()
+    del params["train"]["lora"]["dropout"]
+    del params["tokenize"]["max_length"]
+    path = write(tmp_path, params)
+    with pytest.raises(ConfigError, match=r"train\.lora\.dropout: Field required"):
+        load_section("train", path)
+    with pytest.raises(ConfigError, match=r"tokenize\.max_length: Field required"):
+        load_section("tokenize", path)
+
+
+def test_optimizer_and_scheduler_names_are_transformers_names():
+    """config.py lists them without importing transformers (seconds per stage); they must stay valid names."""
+    from transformers.trainer_utils import SchedulerType
+    from transformers.training_args import OptimizerNames
+
+    train = SECTIONS["train"].model_fields
+    assert set(get_args(train["optim"].annotation)) <= {name.value for name in OptimizerNames}
+    assert set(get_args(train["lr_scheduler"].annotation)) <= {name.value for name in SchedulerType}
+
+
+def test_every_key_has_help_text():
+    rows = describe_keys()
+    assert {key.split(".")[0] for key, _ in rows} == set(SECTIONS)
+    assert [key for key, text in rows if not text] == []
+
+
+def test_explain_prints_each_key(capsys):
+    assert main(["check-params", "--explain", "tokenize"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in out] == ["tokenize.max_length", "tokenize.overlength",
+                                                  "tokenize.max_drop_share"]
+    assert "drop | truncate" in out[1]
+    assert main(["check-params", "--explain", "trian"]) == 2
+
+
+def test_section_from_params_applies_overrides():
+    train = section_from_params("train", {"lr": 0.5, "lora": {"r": 2}}, REPO / "params.yaml")
+    assert (train.lr, train.lora.r) == (0.5, 2)
+    assert train.lora.alpha == default_params()["train"]["lora"]["alpha"]

@@ -16,12 +16,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import FAST_PARAMS, REPO, make_project, project_env
-from sabia_ift.config import FetchConfig, FormatConfig
+from conftest import FAST_PARAMS, REPO, make_project, params_for, project_env
 from sabia_ift.artifacts import SPLITS
 from sabia_ift.data.formatting import format_rows
-from sabia_ift.io import read_jsonl
 from sabia_ift.data.sources import fetch
+from sabia_ift.io import read_jsonl
 
 SAMPLE = REPO / "data" / "sample" / "instructions.jsonl"
 DATA_STAGES = ("base", "fetch", "format", "tokenize")
@@ -62,7 +61,7 @@ def test_repro_twice_gives_identical_outputs(two_runs):
         "base": {"models/base"},
         "fetch": {"data/raw"},
         "format": {"data/formatted", "metrics/format.json"},
-        "tokenize": {"data/tokenized", "metrics/tokenize.json"},
+        "tokenize": {"data/tokenized", "metrics/tokenize.json", "metrics/detail/tokenize.json"},
     }
     for stage in DATA_STAGES:
         outs_a = {o["path"]: o for o in lock_a["stages"][stage]["outs"]}
@@ -90,7 +89,7 @@ def test_repro_twice_gives_identical_outputs(two_runs):
 
 def fetched(tmp_path: Path, name: str, **cfg) -> tuple[bytes, list[int]]:
     out = tmp_path / name
-    fetch(FetchConfig(path=str(SAMPLE), **cfg), out)
+    fetch(params_for("fetch", path=str(SAMPLE), **cfg), out)
     rows = read_jsonl(out / "rows.jsonl")
     return (out / "rows.jsonl").read_bytes(), [r["source_row"] for r in rows]
 
@@ -114,8 +113,8 @@ def source_rows(folder: Path, split: str) -> list[int]:
 
 
 def test_format_split_is_seeded_disjoint_and_complete(tmp_path):
-    fetch(FetchConfig(path=str(SAMPLE)), tmp_path / "raw")
-    cfg = FormatConfig(val_size=60, test_size=0.1, seed=3)
+    fetch(params_for("fetch", path=str(SAMPLE)), tmp_path / "raw")
+    cfg = params_for("format", val_size=60, test_size=0.1, seed=3)
     counts = format_rows(cfg, tmp_path / "raw", tmp_path / "a")
     format_rows(cfg, tmp_path / "raw", tmp_path / "b")
     format_rows(cfg.model_copy(update={"seed": 4}), tmp_path / "raw", tmp_path / "c")

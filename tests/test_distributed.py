@@ -9,7 +9,7 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from conftest import REPO, deep_merge, default_params, project_env
+from conftest import REPO, deep_merge, default_params, params_for, project_env
 from sabia_ift.data.formatting import clean_rows
 from sabia_ift.data.tokenization import tokenize
 from sabia_ift.io import write_jsonl
@@ -27,7 +27,7 @@ def tokenized(tiny_base, tokenizer, tmp_path_factory):
     kept, _ = clean_rows([{**r, "source_row": i + 1} for i, r in enumerate(generate_rows(0)[:120])])
     for split, rows in (("train", kept[:96]), ("val", kept[96:112]), ("test", kept[112:])):
         write_jsonl(root / f"{split}.jsonl", rows)
-    tokenize(TokenizeConfig(max_length=256), tokenizer, 2048, root, root / "tokenized")
+    tokenize(params_for("tokenize", max_length=256), tokenizer, 2048, root, root / "tokenized")
     return root / "tokenized"
 
 

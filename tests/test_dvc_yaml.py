@@ -50,7 +50,8 @@ def closure(start: Path) -> set[str]:
             continue
         seen.add(current)
         todo.extend(local_imports(current))
-        if current.name == "__init__.py" and current.parent.name == "metrics" and current.parent.parent.name == "evaluation":
+        if (current.name == "__init__.py" and current.parent.name == "metrics"
+                and current.parent.parent.name == "evaluation"):
             todo.extend(current.parent.glob("*/*.py"))  # metric modules load by path, not by import
     return {str(p.relative_to(REPO)) for p in seen}
 

@@ -3,6 +3,8 @@
 import math
 
 import pytest
+
+from conftest import params_for
 import torch
 
 from sabia_ift.artifacts import PROMPT_SCORES
@@ -97,7 +99,7 @@ def prepare(tmp_path, tokenizer, splits):
             rows.append({"prompt": build_prompt(f"Pergunta {n}?"), "response": output, "instruction": f"Pergunta {n}?",
                          "input": "", "source_row": n})
         write_jsonl(tmp_path / "formatted" / f"{split}.jsonl", rows)
-    tokenize(TokenizeConfig(max_length=64, max_drop_share=1), tokenizer, 64, tmp_path / "formatted",
+    tokenize(params_for("tokenize", max_length=64, max_drop_share=1), tokenizer, 64, tmp_path / "formatted",
              tmp_path / "tokenized")
 
 
@@ -106,7 +108,7 @@ def run_evaluate(tmp_path, base, adapter, **cfg):
     from sabia_ift.evaluation.evaluation import evaluate
     from sabia_ift.io import read_jsonl
 
-    metrics = evaluate(EvaluateConfig(device="cpu", **cfg), base, adapter, tmp_path / "formatted",
+    metrics = evaluate(params_for("evaluate", device="cpu", **cfg), base, adapter, tmp_path / "formatted",
                        tmp_path / "tokenized", tmp_path / "samples.jsonl")
     return metrics, read_jsonl(tmp_path / "samples.jsonl")
 

@@ -3,7 +3,7 @@
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sabia_ift.config import TokenizeConfig
+from conftest import params_for
 from sabia_ift.data.formatting import clean_rows, split_sizes
 from sabia_ift.data.tokenization import tokenize_split
 from sabia_ift.template import IGNORE_INDEX, encode_prompt
@@ -53,7 +53,7 @@ def test_random_rows_through_format_and_tokenize(tokenizer, rows):
     for r in kept:
         assert r["instruction"] and r["response"]
         assert normalize_text(r["response"]) == r["response"]  # idempotent
-    examples, counts = tokenize_split(tokenizer, kept, TokenizeConfig(max_length=96, overlength="truncate"))
+    examples, counts = tokenize_split(tokenizer, kept, params_for("tokenize", max_length=96, overlength="truncate"))
     assert counts["rows"] + counts["dropped_prompt_too_long"] + counts["dropped_too_long"] == len(kept)
     for ids, labels in zip(examples["input_ids"], examples["labels"]):
         assert len(ids) == len(labels) <= 96
@@ -63,7 +63,7 @@ def test_random_rows_through_format_and_tokenize(tokenizer, rows):
         if ids[-1] == tokenizer.eos_token_id:
             assert labels[-1] == tokenizer.eos_token_id
     if counts["truncated"] == 0 and counts["boundary_fallback"] == 0:
-        for r, ids in zip([r for r in kept if len(encode_prompt(tokenizer, r["prompt"])) < 95], examples["input_ids"]):
+        for _, ids in zip([r for r in kept if len(encode_prompt(tokenizer, r["prompt"])) < 95], examples["input_ids"]):
             assert ids[-1] == tokenizer.eos_token_id
 
 
@@ -103,7 +103,7 @@ def test_invisible_characters_are_counted(tmp_path):
     rows[2]["output"] += "\u200b"
     rows[5]["instruction"] = "\u200b"
     write_jsonl(tmp_path / "raw" / "rows.jsonl", rows)
-    counts = format_rows(FormatConfig(val_size=0, test_size=1), tmp_path / "raw", tmp_path / "out")
+    counts = format_rows(params_for("format", val_size=0, test_size=1), tmp_path / "raw", tmp_path / "out")
     assert counts["cleaned_invisible_chars"] == 2 and counts["dropped_empty_instruction"] == 1
     assert (counts["train_rows"], counts["val_rows"], counts["test_rows"]) == (6, 0, 1)
 

@@ -5,8 +5,7 @@ import torch
 
 from sabia_ift.evaluation.generation import generate
 from sabia_ift.modeling import load_model
-from sabia_ift.template import build_prompt
-from sabia_ift.template import encode_prompt
+from sabia_ift.template import build_prompt, encode_prompt
 
 
 def test_batching_and_left_padding_do_not_change_outputs(tiny_base, tokenizer):

@@ -7,7 +7,8 @@ import shutil
 import pytest
 import torch
 
-from sabia_ift.config import BaseConfig, TinyModelConfig, TrainConfig
+from conftest import params_for
+from sabia_ift.base_model import prepare_base
 from sabia_ift.errors import ConfigError, ModelError
 from sabia_ift.modeling import (
     check_target_modules,
@@ -15,8 +16,8 @@ from sabia_ift.modeling import (
     load_model,
     model_folder,
     resolve_base,
+    snapshot,
 )
-from sabia_ift.base_model import prepare_base
 from sabia_ift.toy.tiny_model import build_tiny_model
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
@@ -39,7 +40,7 @@ def test_tiny_model_and_tokenizer(tiny_base, tokenizer):
 
 
 def test_tiny_build_is_deterministic(tmp_path):
-    cfg = TinyModelConfig(pretrain_documents=48, pretrain_epochs=1, pretrain_batch=4)
+    cfg = params_for("base.tiny", pretrain_documents=48, pretrain_epochs=1, pretrain_batch=4)
     digests = []
     for name in ("a", "b"):
         build_tiny_model(cfg, tmp_path / name)
@@ -64,7 +65,8 @@ def hf_cache(tmp_path, monkeypatch, tiny_base):
 
 
 def test_pinned_hub_model_loads_from_cache_offline(hf_cache, tmp_path):
-    info = prepare_base(BaseConfig(source="pretrained", name_or_path="org/tiny", revision=SHA), tmp_path / "base")
+    cfg = params_for("base", source="pretrained", name_or_path="org/tiny", revision=SHA)
+    info = prepare_base(cfg, tmp_path / "base")
     assert info == {"source": "hub", "name_or_path": "org/tiny", "revision": SHA, "requested_revision": SHA}
     ref = resolve_base(tmp_path / "base")
     folder = model_folder(ref)
@@ -74,7 +76,8 @@ def test_pinned_hub_model_loads_from_cache_offline(hf_cache, tmp_path):
 
 
 def test_branch_revision_is_resolved_to_its_commit(hf_cache, tmp_path, caplog):
-    info = prepare_base(BaseConfig(source="pretrained", name_or_path="org/tiny", revision="main"), tmp_path / "b")
+    cfg = params_for("base", source="pretrained", name_or_path="org/tiny", revision="main")
+    info = prepare_base(cfg, tmp_path / "b")
     assert info["revision"] == SHA and info["requested_revision"] == "main"
     assert "Pin that sha" in caplog.text
 
@@ -82,7 +85,7 @@ def test_branch_revision_is_resolved_to_its_commit(hf_cache, tmp_path, caplog):
 def test_unreachable_hub_with_empty_cache_names_the_model(hf_cache, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "hf_secret_never_printed")
     with pytest.raises(ModelError) as err:
-        prepare_base(BaseConfig(source="pretrained", name_or_path="org/absent", revision=SHA), tmp_path / "b")
+        prepare_base(params_for("base", source="pretrained", name_or_path="org/absent", revision=SHA), tmp_path / "b")
     message = str(err.value)
     assert "org/absent" in message and SHA in message and "HF_TOKEN" in message
     assert "hf_secret_never_printed" not in message
@@ -95,16 +98,16 @@ def test_local_folder_without_safetensors_is_refused(tiny_base, tmp_path):
     for weights in folder.glob("*.safetensors"):
         weights.rename(weights.with_suffix(".bin"))
     with pytest.raises(ModelError, match="no \\*.safetensors weights"):
-        prepare_base(BaseConfig(source="pretrained", name_or_path=str(folder)), tmp_path / "b")
+        prepare_base(params_for("base", source="pretrained", name_or_path=str(folder)), tmp_path / "b")
 
 
 def test_model_path_that_does_not_exist(tmp_path):
     with pytest.raises(ConfigError, match="neither an existing folder nor a Hub id"):
-        prepare_base(BaseConfig(source="pretrained", name_or_path=str(tmp_path / "nope")), tmp_path / "b")
+        prepare_base(params_for("base", source="pretrained", name_or_path=str(tmp_path / "nope")), tmp_path / "b")
 
 
 def test_local_folder_base(tiny_base, tmp_path):
-    info = prepare_base(BaseConfig(source="pretrained", name_or_path=str(tiny_base)), tmp_path / "b")
+    info = prepare_base(params_for("base", source="pretrained", name_or_path=str(tiny_base)), tmp_path / "b")
     assert info["source"] == "local"
     assert model_folder(resolve_base(tmp_path / "b")) == tiny_base
 
@@ -125,7 +128,8 @@ def _lora_grad_norms_around_an_eval(tiny_base, tokenizer, fix: bool) -> tuple[li
     """Train 3 steps, run one eval-mode no-grad forward, train 3 more; return losses and LoRA grad norms."""
     from sabia_ift.train.training import build_model
 
-    cfg = TrainConfig(quantization="nf4", lora={"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]})
+    cfg = params_for("train", quantization="nf4",
+                     lora={"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]})
     torch.manual_seed(0)
     model = build_model(cfg, tiny_base, "cpu", torch.float32)
     if not fix:
@@ -171,3 +175,18 @@ def test_disable_cpu_repack_counts_layers(tiny_base):
     model = load_model(tiny_base, quantization="nf4", double_quant=True, dtype=torch.float32, device="cpu")
     # 2 layers x 7 linear projections, lm_head stays in full precision.
     assert disable_cpu_repack(model) == 14
+
+
+def test_a_bug_inside_the_hub_client_is_not_reworded_as_a_missing_model(monkeypatch):
+    import huggingface_hub
+
+    def broken(*args, **kwargs):
+        raise AttributeError("a bug, not a missing model")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", broken)
+    with pytest.raises(AttributeError):
+        snapshot("org/tiny", SHA, local_only=True)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda *a, **k: (_ for _ in ()).throw(OSError("404 Not Found")))
+    with pytest.raises(ModelError, match="org/tiny at revision"):
+        snapshot("org/tiny", SHA, local_only=True)

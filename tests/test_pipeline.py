@@ -2,8 +2,10 @@
 
 import json
 import re
+import sys
 
 import pytest
+import yaml
 
 from conftest import FAST_PARAMS, make_project, run, write_params
 
@@ -31,7 +33,8 @@ def test_default_run_writes_every_output(default_project):
                  "data/formatted/dropped.jsonl", "data/tokenized/dataset_dict.json",
                  "models/adapter/adapter_config.json", "models/adapter/adapter_model.safetensors",
                  "models/adapter/sabia_ift_train.json", "metrics/curves/plots/metrics/train/loss.tsv",
-                 "metrics/curves/plots/metrics/eval/loss.tsv", "data/eval/samples.jsonl", "dvc.lock"):
+                 "metrics/curves/plots/metrics/eval/loss.tsv", "data/eval/samples.jsonl", "dvc.lock",
+                 "metrics/detail/tokenize.json"):
         assert (p / path).is_file(), path
     assert not list(p.rglob("*.tmp-*")), "temporaries left behind"
 
@@ -43,6 +46,10 @@ def test_default_run_writes_every_output(default_project):
     assert fmt["rows_out"] == fmt["train_rows"] + fmt["val_rows"] + fmt["test_rows"] == 1193
     tok = json.loads((p / "metrics/tokenize.json").read_text())
     assert tok["train"]["rows"] == fmt["train_rows"] and tok["train"]["trained_tokens"] > 0
+    # Distributions stay out of the declared metric (dvc metrics show) and live beside it.
+    assert "length" not in tok["train"]
+    detail = json.loads((p / "metrics/detail/tokenize.json").read_text())
+    assert detail["train"]["length"]["max"] <= detail["max_length"]
 
     train = json.loads((p / "metrics/train.json").read_text())
     assert train["final_train_loss"] < train["first_train_loss"]
@@ -85,6 +92,38 @@ def test_token_from_the_environment_is_never_written(small_project):
             assert SECRET.encode() not in path.read_bytes(), path
 
 
+def find_experiment(node, name: str):
+    """The `dvc exp show --json` entry of the experiment called `name`."""
+    if isinstance(node, dict):
+        if node.get("name") == name and node.get("data"):
+            return node
+        node = list(node.values())
+    if isinstance(node, list):
+        for child in node:
+            found = find_experiment(child, name)
+            if found:
+                return found
+    return None
+
+
+def test_run_preset_is_an_experiment_that_leaves_the_workspace_on_the_default(small_project):
+    p = small_project
+    run(["dvc", "repro"], p)
+    (p / "presets" / "short-answers.yaml").write_text("evaluate:\n  max_new_tokens: 8\n")
+    run(["git", "add", "-A"], p)
+    run(["git", "commit", "-qm", "results and a preset"], p)
+    before = (p / "params.yaml").read_bytes()
+
+    result = run([sys.executable, "-m", "sabia_ift.cli", "run-preset", "short-answers"], p)
+    assert ran_stages(result.stdout + result.stderr) == {"evaluate"}
+    assert (p / "params.yaml").read_bytes() == before
+    assert run(["git", "status", "--porcelain"], p).stdout == ""
+    exp = find_experiment(json.loads(run(["dvc", "exp", "show", "--json"], p).stdout), "short-answers")
+    params = exp["data"]["params"]["params.yaml"]["data"]
+    assert params["evaluate"]["max_new_tokens"] == 8
+    assert params["train"] == yaml.safe_load(before)["train"]
+
+
 def test_whole_pipeline_twice_gives_identical_metrics(small_project):
     first = committed_metrics(small_project)
     assert json.loads((small_project / "logs/train-timings.json").read_text())["runtime_s"] > 0
@@ -100,7 +139,7 @@ def test_changing_lr_reruns_only_train_and_what_reads_the_adapter(small_project)
 
 
 def test_a_code_change_reruns_its_stage_and_stops_where_outputs_match(small_project):
-    sources = small_project / "sabia_ift" / "sources.py"  # imported by the fetch stage alone
+    sources = small_project / "sabia_ift" / "data" / "sources.py"  # imported by the fetch stage alone
     sources.write_text(sources.read_text() + "\n# a comment is still a change to a dependency\n")
     result = run(["dvc", "repro"], small_project)
     # fetch reruns; its outputs come out byte-identical, so nothing downstream has to.

@@ -8,6 +8,8 @@ from types import SimpleNamespace
 
 import pytest
 
+from conftest import params_for
+
 from sabia_ift.config import TrainConfig, parse_section
 from sabia_ift.errors import ConfigError
 from sabia_ift.progress import Progress, clock, status_line
@@ -85,7 +87,7 @@ def test_generation_reports_each_batch(tiny_base, tokenizer):
 
 
 def test_report_to_default_is_the_projects_dvclive_curves():
-    cfg = TrainConfig()
+    cfg = params_for("train")
     assert cfg.report_to == ["dvclive"] and project_curves(cfg.report_to)
     assert trainer_report_to(cfg.report_to) == "none"
     assert trainer_report_to([]) == "none" and not project_curves([])
@@ -113,7 +115,7 @@ def test_the_hub_token_never_reaches_a_tracker(tmp_path, monkeypatch):
     secret = "hf_secret_do_not_log_123"
     monkeypatch.setenv("HF_TOKEN", secret)
     args = TrainingArguments(output_dir=str(tmp_path), report_to="none", hub_token=secret, use_cpu=True)
-    sent = json.dumps(args.to_dict(), default=str) + json.dumps(TrainConfig().model_dump())
+    sent = json.dumps(args.to_dict(), default=str) + json.dumps(params_for("train").model_dump())
     assert secret not in sent
 
 
@@ -122,7 +124,7 @@ def test_tokenize_reports_rows(tokenizer, capsys):
     from sabia_ift.data.tokenization import tokenize_split
 
     rows = [{"prompt": f"Pergunta {i}?\n", "response": "Sim."} for i in range(10)]
-    tokenize_split(tokenizer, rows, TokenizeConfig(max_length=64), batch=5, label="tokenize train")
+    tokenize_split(tokenizer, rows, params_for("tokenize", max_length=64), batch=5, label="tokenize train")
     lines = capsys.readouterr().err.splitlines()
     assert [line.split(",")[0] for line in lines] == ["tokenize train: row 5/10 (50%)",
                                                      "tokenize train: row 10/10 (100%)"]

@@ -10,6 +10,7 @@ import pytest
 from safetensors.torch import load_file
 
 from conftest import FAST_PARAMS, deep_merge, make_project, project_env, run
+from sabia_ift.artifacts import CHECKPOINTS_NOTE
 
 pytestmark = pytest.mark.slow
 
@@ -47,7 +48,7 @@ def test_sigkill_then_repro_resumes_and_matches_an_uninterrupted_run(tmp_path):
     assert metrics["resumed_from_step"] >= step
     adapter = load_file(project / "models/adapter/adapter_model.safetensors")
     curve = (project / "metrics/curves/plots/metrics/train/loss.tsv").read_text()
-    assert list((project / "models/checkpoints").iterdir()) == []
+    assert [p.name for p in (project / "models/checkpoints").iterdir()] == [CHECKPOINTS_NOTE]
 
     run(["dvc", "repro", "--force", "train"], project)  # from scratch, uninterrupted
     fresh = json.loads((project / "metrics/train.json").read_text())

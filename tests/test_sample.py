@@ -6,23 +6,22 @@ import json
 from pathlib import Path
 
 import pytest
+from sample_verifier import check_row, family_of, parse
 
 from sabia_ift.toy import sample
 from sabia_ift.toy.sample import (
+    BLANK_INSTRUCTION_ROWS,
     DUPLICATE_SOURCES,
     EMPTY_OUTPUT_ROWS,
-    BLANK_INSTRUCTION_ROWS,
     FAMILIES,
     KEYS,
     N_ROWS,
     PLANTED_DEFECTS,
-    check_row,
-    family_of,
     generate_rows,
     is_planted_defect,
     number_to_words,
     words_to_number,
-    write_jsonl,
+    write_sample,
 )
 
 COMMITTED = Path(__file__).resolve().parent.parent / "data" / "sample" / "instructions.jsonl"
@@ -39,7 +38,7 @@ def _row(instruction: str, output: str, input_text: str = "") -> dict[str, str]:
 
 def test_committed_file_is_the_generated_one(tmp_path: Path) -> None:
     fresh = tmp_path / "instructions.jsonl"
-    write_jsonl(generate_rows(0), fresh)
+    write_sample(generate_rows(0), fresh)
     assert COMMITTED.read_bytes() == fresh.read_bytes(), (
         "data/sample/instructions.jsonl was edited by hand or is stale; regenerate it with "
         "`python -m sabia_ift.sample data/sample/instructions.jsonl`"
@@ -50,13 +49,13 @@ def test_cli_writes_the_same_bytes(tmp_path: Path, rows: list[dict[str, str]]) -
     out = tmp_path / "sub" / "out.jsonl"
     assert sample.main([str(out)]) == 0
     reference = tmp_path / "reference.jsonl"
-    write_jsonl(rows, reference)
+    write_sample(rows, reference)
     assert out.read_bytes() == reference.read_bytes()
 
 
 def test_file_format(tmp_path: Path, rows: list[dict[str, str]]) -> None:
     path = tmp_path / "x.jsonl"
-    write_jsonl(rows, path)
+    write_sample(rows, path)
     data = path.read_bytes()
     assert data.endswith(b"\n") and b"\r" not in data
     lines = data.decode("utf-8").split("\n")[:-1]
@@ -135,7 +134,8 @@ def test_checker_rejects_wrong_answers(row: dict[str, str]) -> None:
         _row("Quanto é 697 mais 777?", "A soma de 697 e 777 é 1.474."),
         _row("Resolva a divisão abaixo.", "O resultado de 84 dividido por 7 é 12.", "84 ÷ 7"),
         _row("Escreva o número 1.999 por extenso.", "Por extenso, 1.999 se escreve mil novecentos e noventa e nove."),
-        _row("Escreva em algarismos o número dois mil e quinze.", "Em algarismos, “dois mil e quinze” se escreve 2.015."),
+        _row("Escreva em algarismos o número dois mil e quinze.",
+             "Em algarismos, “dois mil e quinze” se escreve 2.015."),
         _row("Qual é a capital da Bahia?", "A capital da Bahia é Salvador."),
         _row("Escreva a sigla da unidade federativa abaixo.", "SC é a sigla de Santa Catarina.", "Santa Catarina"),
         _row("Qual é o plural de “pão”?", "O plural de “pão” é “pães”."),
@@ -209,7 +209,7 @@ def test_families_are_many_and_all_phrasings_are_used(rows: list[dict[str, str]]
         for r in rows
         for f in FAMILIES
         for v in f.variants
-        if v.parse(r) is not None
+        if parse(v, r) is not None
     }
     assert used == {(f.name, v) for f in FAMILIES for v in f.variants}
 

@@ -19,14 +19,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SHARED, make_project, project_env, write_params
-from sabia_ift.config import TokenizeConfig
+from conftest import SHARED, make_project, params_for, project_env, write_params
 from sabia_ift.artifacts import HF_SPLITS, SPLITS
-from sabia_ift.text import normalize_text
+from sabia_ift.data.tokenization import tokenize
 from sabia_ift.io import read_jsonl
 from sabia_ift.modeling import model_context_length
-from sabia_ift.data.tokenization import tokenize
 from sabia_ift.template import IGNORE_INDEX, encode_prompt
+from sabia_ift.text import normalize_text
 
 PT_EVAL = SHARED / "pt-eval"
 MAX_LENGTH = 512
@@ -90,7 +89,7 @@ def pipeline(request, tmp_path_factory, tokenizer, tiny_base):
     tokenized = {}
     for mode in ("drop", "truncate"):
         # Long FaQuAD contexts: many rows are dropped on purpose here, to test that path.
-        cfg = TokenizeConfig(max_length=MAX_LENGTH, overlength=mode, max_drop_share=1.0)
+        cfg = params_for("tokenize", max_length=MAX_LENGTH, overlength=mode, max_drop_share=1.0)
         metrics = tokenize(cfg, tokenizer, model_context_length(tiny_base), formatted, tmp / f"tok-{mode}")
         tokenized[mode] = (tmp / f"tok-{mode}", metrics)
     return {"name": request.param, "project": project, "source": source, "formatted": formatted,

@@ -6,11 +6,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sabia_ift.config import TokenizeConfig
-from sabia_ift.errors import ConfigError
-from sabia_ift.template import build_prompt
+from conftest import params_for
 from sabia_ift.data.tokenization import build_example, tokenize, tokenize_split
-from sabia_ift.template import IGNORE_INDEX, encode_prompt
+from sabia_ift.errors import ConfigError
+from sabia_ift.template import IGNORE_INDEX, build_prompt, encode_prompt
 
 
 def row(instruction, output, input_=""):
@@ -34,7 +33,7 @@ def check_invariants(tokenizer, example, prompt_ids, max_length, truncated=False
 
 def test_example_layout(tokenizer):
     examples, counts = tokenize_split(tokenizer, [row("Qual é a capital do Ceará?", "A capital é Fortaleza.")],
-                                      TokenizeConfig(max_length=256))
+                                      params_for("tokenize", max_length=256))
     ex = {"input_ids": examples["input_ids"][0], "labels": examples["labels"][0]}
     prompt_ids = encode_prompt(tokenizer, build_prompt("Qual é a capital do Ceará?"))
     check_invariants(tokenizer, ex, prompt_ids, 256)
@@ -49,8 +48,8 @@ def test_eos_label_survives_dynamic_padding(tokenizer):
     from transformers import DataCollatorForSeq2Seq
 
     rows = [row("Diga sim.", "Sim."), row("Conte até cinco.", "Um, dois, três, quatro, cinco.")]
-    examples, _ = tokenize_split(tokenizer, rows, TokenizeConfig())
-    features = [{"input_ids": i, "labels": l} for i, l in zip(examples["input_ids"], examples["labels"])]
+    examples, _ = tokenize_split(tokenizer, rows, params_for("tokenize"))
+    features = [{"input_ids": ids, "labels": labels} for ids, labels in zip(examples["input_ids"], examples["labels"])]
     batch = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=IGNORE_INDEX)(features)
     assert tokenizer.pad_token_id != tokenizer.eos_token_id
     for ids, labels, mask in zip(batch["input_ids"], batch["labels"], batch["attention_mask"]):
@@ -69,7 +68,7 @@ def test_eos_label_survives_dynamic_padding(tokenizer):
 def test_overlength_policy_is_counted(tokenizer, overlength):
     long_output = "palavra " * 200
     rows = [row("Curta.", "Sim."), row("Longa.", long_output)]
-    cfg = TokenizeConfig(max_length=96, overlength=overlength)
+    cfg = params_for("tokenize", max_length=96, overlength=overlength)
     examples, counts = tokenize_split(tokenizer, rows, cfg)
     assert counts["rows_in"] == 2
     if overlength == "drop":
@@ -83,13 +82,14 @@ def test_overlength_policy_is_counted(tokenizer, overlength):
 
 
 def test_prompt_longer_than_max_is_always_dropped(tokenizer):
-    _, counts = tokenize_split(tokenizer, [row("muito " * 100, "ok")], TokenizeConfig(max_length=32, overlength="truncate"))
+    cfg = params_for("tokenize", max_length=32, overlength="truncate")
+    _, counts = tokenize_split(tokenizer, [row("muito " * 100, "ok")], cfg)
     assert counts["rows"] == 0 and counts["dropped_prompt_too_long"] == 1
 
 
 def test_max_length_above_context_is_refused(tokenizer, tmp_path):
     with pytest.raises(ConfigError, match="tokenize.max_length: 4096 is above the base model's context of 2048"):
-        tokenize(TokenizeConfig(max_length=4096), tokenizer, 2048, tmp_path, tmp_path / "out")
+        tokenize(params_for("tokenize", max_length=4096), tokenizer, 2048, tmp_path, tmp_path / "out")
 
 
 def test_build_example_exact_arithmetic():
@@ -109,7 +109,7 @@ def test_tokenize_stage_writes_arrow_and_counts(tokenizer, tmp_path):
         with (formatted / f"{split}.jsonl").open("w") as fh:
             for i in range(n):
                 fh.write(json.dumps(row(f"Pergunta {i}?", f"Resposta número {i}.")) + "\n")
-    metrics = tokenize(TokenizeConfig(max_length=128), tokenizer, 2048, formatted, tmp_path / "tok")
+    metrics = tokenize(params_for("tokenize", max_length=128), tokenizer, 2048, formatted, tmp_path / "tok")
     data = datasets.load_from_disk(str(tmp_path / "tok"))
     assert {k: len(v) for k, v in data.items()} == {"train": 5, "validation": 2, "test": 2}
     assert metrics["train"]["rows"] == 5 and metrics["train"]["length"]["max"] <= 128
@@ -124,7 +124,8 @@ text = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",))
        max_length=st.integers(min_value=16, max_value=160), overlength=st.sampled_from(["drop", "truncate"]))
 def test_label_invariants_hold_for_any_row(tokenizer, instruction, input_, output, max_length, overlength):
     r = row(instruction, output, input_)
-    examples, counts = tokenize_split(tokenizer, [r], TokenizeConfig(max_length=max_length, overlength=overlength))
+    cfg = params_for("tokenize", max_length=max_length, overlength=overlength)
+    examples, counts = tokenize_split(tokenizer, [r], cfg)
     assert counts["rows"] + counts["dropped_too_long"] + counts["dropped_prompt_too_long"] == 1
     if counts["rows"]:
         ex = {"input_ids": examples["input_ids"][0], "labels": examples["labels"][0]}
@@ -137,7 +138,7 @@ def test_label_invariants_hold_for_any_row(tokenizer, instruction, input_, outpu
 def test_special_token_strings_are_text_not_tokens(tokenizer):
     """The issue's HTML row: one BOS, first; one EOS label, last."""
     r = row("Explique a tag <s> do HTML.", "A tag <s>texto</s> mostra o texto riscado.")
-    examples, counts = tokenize_split(tokenizer, [r], TokenizeConfig(max_length=256))
+    examples, counts = tokenize_split(tokenizer, [r], params_for("tokenize", max_length=256))
     ids, labels = examples["input_ids"][0], examples["labels"][0]
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     assert ids.count(bos) == 1 and ids[0] == bos
@@ -153,7 +154,7 @@ def test_special_token_strings_are_text_not_tokens(tokenizer):
 def test_examples_remember_their_row(tokenizer):
     rows = [{**row("Curta?", "Sim."), "source_row": 7}, {**row("Longa?", "palavra " * 200), "source_row": 9},
             {**row("Outra?", "Não."), "source_row": 12}]
-    examples, counts = tokenize_split(tokenizer, rows, TokenizeConfig(max_length=96, max_drop_share=1))
+    examples, counts = tokenize_split(tokenizer, rows, params_for("tokenize", max_length=96, max_drop_share=1))
     assert examples["source_row"] == [7, 12]
     for ids, labels, n in zip(examples["input_ids"], examples["labels"], examples["prompt_length"]):
         assert labels[:n] == [IGNORE_INDEX] * n and labels[n] != IGNORE_INDEX
@@ -173,7 +174,7 @@ def write_formatted(folder, sizes, long_every=0):
 
 def test_drops_above_the_allowed_share_are_refused(tokenizer, tmp_path):
     write_formatted(tmp_path / "formatted", {"train": 10, "val": 5, "test": 5}, long_every=4)
-    cfg = TokenizeConfig(max_length=128, max_drop_share=0.2)
+    cfg = params_for("tokenize", max_length=128, max_drop_share=0.2)
     with pytest.raises(ConfigError) as info:
         tokenize(cfg, tokenizer, 2048, tmp_path / "formatted", tmp_path / "tok")
     message = str(info.value)
@@ -182,10 +183,10 @@ def test_drops_above_the_allowed_share_are_refused(tokenizer, tmp_path):
     keep = int(message.split("a tokenize.max_length of ")[1].split()[0])
     assert keep > 128
     assert not (tmp_path / "tok").exists()
-    metrics = tokenize(TokenizeConfig(max_length=keep, max_drop_share=0.2), tokenizer, 2048,
+    metrics = tokenize(params_for("tokenize", max_length=keep, max_drop_share=0.2), tokenizer, 2048,
                        tmp_path / "formatted", tmp_path / "tok")
     assert sum(metrics[s]["dropped"] for s in ("train", "val", "test")) <= 1
-    metrics = tokenize(TokenizeConfig(max_length=128, max_drop_share=0.25), tokenizer, 2048,
+    metrics = tokenize(params_for("tokenize", max_length=128, max_drop_share=0.25), tokenizer, 2048,
                        tmp_path / "formatted", tmp_path / "tok")
     assert metrics["train"]["dropped"] == 2 and metrics["train"]["drop_share"] == 0.2
 
@@ -194,7 +195,7 @@ def test_stage_says_what_it_dropped(tokenizer, tmp_path):
     from sabia_ift.data.tokenization import summary
 
     write_formatted(tmp_path / "formatted", {"train": 10, "val": 4, "test": 4}, long_every=9)
-    metrics = tokenize(TokenizeConfig(max_length=128, max_drop_share=0.5), tokenizer, 2048,
+    metrics = tokenize(params_for("tokenize", max_length=128, max_drop_share=0.5), tokenizer, 2048,
                        tmp_path / "formatted", tmp_path / "tok")
     assert summary(metrics) == ("tokenized: train 9 of 10 rows (1 dropped, 10.0%, too long for max_length 128); "
                                 "val 4 of 4 rows; test 3 of 4 rows (1 dropped, 25.0%, too long for max_length 128)")
@@ -205,7 +206,7 @@ def test_empty_splits_are_left_out_and_load(tokenizer, tmp_path):
     from sabia_ift.artifacts import load_tokenized
 
     write_formatted(tmp_path / "formatted", {"train": 4, "val": 0, "test": 0})
-    metrics = tokenize(TokenizeConfig(max_length=128), tokenizer, 2048, tmp_path / "formatted", tmp_path / "tok")
+    metrics = tokenize(params_for("tokenize", max_length=128), tokenizer, 2048, tmp_path / "formatted", tmp_path / "tok")
     assert metrics["val"]["rows"] == metrics["test"]["rows"] == 0
     data = load_tokenized(tmp_path / "tok")
     assert list(data) == ["train"] and len(data["train"]) == 4
@@ -215,5 +216,5 @@ def test_empty_splits_are_left_out_and_load(tokenizer, tmp_path):
 def test_no_training_row_left_is_refused(tokenizer, tmp_path):
     write_formatted(tmp_path / "formatted", {"train": 2, "val": 1, "test": 1}, long_every=1)
     with pytest.raises(ConfigError, match="train.jsonl: no training row fits tokenize.max_length 64"):
-        tokenize(TokenizeConfig(max_length=64, max_drop_share=1), tokenizer, 2048, tmp_path / "formatted",
+        tokenize(params_for("tokenize", max_length=64, max_drop_share=1), tokenizer, 2048, tmp_path / "formatted",
                  tmp_path / "tok")

@@ -4,11 +4,11 @@ import json
 
 import pytest
 
-from sabia_ift.config import TokenizeConfig, TrainConfig
+from conftest import params_for
 from sabia_ift.data.formatting import clean_rows
+from sabia_ift.data.tokenization import tokenize
 from sabia_ift.io import write_jsonl
 from sabia_ift.toy.sample import generate_rows
-from sabia_ift.data.tokenization import tokenize
 from sabia_ift.train.training import CHECKPOINT_PREFIX, complete_checkpoints, prepare_checkpoints, train
 
 
@@ -18,14 +18,14 @@ def tokenized(tiny_base, tokenizer, tmp_path_factory):
     kept, _ = clean_rows([{**r, "source_row": i + 1} for i, r in enumerate(generate_rows(0)[:96])])
     for split, rows in (("train", kept[:64]), ("val", kept[64:80]), ("test", kept[80:])):
         write_jsonl(root / f"{split}.jsonl", rows)
-    tokenize(TokenizeConfig(max_length=256), tokenizer, 2048, root, root / "tokenized")
+    tokenize(params_for("tokenize", max_length=256), tokenizer, 2048, root, root / "tokenized")
     return root / "tokenized"
 
 
-def small_config(**overrides) -> TrainConfig:
+def small_config(**overrides):
     values = dict(epochs=1, micro_batch_size=8, lr=3e-3, logging_steps=2, eval_steps=4, save_steps=4,
                   lora={"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]})
-    return TrainConfig(**{**values, **overrides})
+    return params_for("train", **{**values, **overrides})
 
 
 @pytest.mark.parametrize("quantization", ["none", "nf4"])
@@ -149,7 +149,7 @@ def test_train_without_validation(tiny_base, tokenizer, tmp_path):
     kept, _ = clean_rows([{**r, "source_row": i + 1} for i, r in enumerate(generate_rows(0)[:32])])
     for split, rows in (("train", kept), ("val", []), ("test", [])):
         write_jsonl(tmp_path / f"{split}.jsonl", rows)
-    tokenize(TokenizeConfig(max_length=256), tokenizer, 2048, tmp_path, tmp_path / "tokenized")
+    tokenize(params_for("tokenize", max_length=256), tokenizer, 2048, tmp_path, tmp_path / "tokenized")
     metrics, _ = train(small_config(max_steps=2, report_to=[]), tiny_base, tmp_path / "tokenized", tmp_path / "adapter",
                     tmp_path / "ckpt", None)
     assert metrics["steps"] == 2 and metrics["validation_rows"] == 0

@@ -111,6 +111,6 @@ def format_rows(cfg: FormatConfig, raw_dir: str | Path, out_dir: str | Path) -> 
         # Rows whose text lost invisible or control characters (zero-width spaces, NUL, ESC, ...).
         "cleaned_invisible_chars": invisible,
         "rows_out": len(kept),
-        "with_input_share": round(with_input / len(kept), 4) if kept else 0.0,
+        "with_input_share": round(with_input / len(kept), 4),
         **{f"{split}_rows": len(picks[split]) for split in SPLITS},
     }

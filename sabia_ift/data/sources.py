@@ -25,8 +25,8 @@ from typing import Any
 
 from ..artifacts import RAW_MANIFEST, RAW_ROWS
 from ..config import ColumnMap, FetchConfig, is_commit_sha
-from ..errors import ConfigError, DataError
-from ..io import atomic_path, dumps, sha256_file, write_json
+from ..errors import ConfigError, DataError, hub_errors
+from ..io import atomic_path, sha256_file, write_json, write_jsonl
 
 FIELDS = ("instruction", "input", "output")
 log = logging.getLogger(__name__)
@@ -196,11 +196,12 @@ def _iter_csv(path: Path, columns: ColumnMap) -> Iterator[tuple[int, Any]]:
 
 
 def _iter_parquet(path: Path, columns: ColumnMap) -> Iterator[tuple[int, Any]]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
         table = pq.read_table(path)
-    except Exception as exc:
+    except (pa.ArrowException, OSError) as exc:
         raise DataError(f"{path}: not a readable parquet file: {exc}") from None
     _check_columns(path, table.column_names, columns)
     yield from enumerate(table.to_pylist(), start=1)
@@ -286,7 +287,7 @@ def read_file(path: str | Path, file_format: str, columns: ColumnMap) -> list[di
     name = columns.input
     if fmt in ("json", "jsonl") and name is not None:
         # A mapping that matches no row at all is a typo, not rows without input.
-        if not any(isinstance(r, dict) and name in r for _, r in records):
+        if not any(isinstance(r, dict) and name in r for _, r in rows):
             raise DataError(
                 f"{path}: fetch.columns.input names column {name!r}, which no row has; "
                 "set it to the right name, or to null for data without inputs"
@@ -310,7 +311,7 @@ def read_hub(cfg: FetchConfig) -> tuple[list[dict[str, Any]], int, dict[str, Any
     where = f"{cfg.dataset}@{commit[:12]}:{cfg.split}"
     try:
         ds = datasets.load_dataset(cfg.dataset, revision=commit, split=cfg.split)
-    except Exception as exc:
+    except hub_errors() as exc:
         raise DataError(
             f"dataset {cfg.dataset} at revision {commit}, split {cfg.split}, could not be loaded: "
             f"{type(exc).__name__}: {exc}. Check the network or the HF cache (HF_HUB_OFFLINE), "
@@ -332,11 +333,13 @@ def resolve_dataset_revision(dataset: str, revision: str) -> str:
 
     try:
         commit = HfApi().dataset_info(dataset, revision=revision).sha
-    except Exception as exc:
+    except hub_errors() as exc:
         raise DataError(
             f"fetch.revision: {revision!r} of dataset {dataset} could not be resolved to a commit "
             f"({type(exc).__name__}: {exc}). Offline, pin the 40-character commit sha of a cached copy."
         ) from None
+    if not commit:
+        raise DataError(f"fetch.revision: the Hub gave no commit for {revision!r} of dataset {dataset}")
     log.warning("fetch.revision %r is a branch; it resolved to commit %s. Pin that sha in params.yaml "
                 "so later runs read the same rows.", revision, commit)
     return commit
@@ -353,9 +356,7 @@ def fetch(cfg: FetchConfig, out_dir: str | Path) -> dict[str, Any]:
     else:
         rows, total, origin = read_hub(cfg)
     with atomic_path(out_dir, is_dir=True) as tmp:
-        with (tmp / RAW_ROWS).open("w", encoding="utf-8") as fh:
-            for row in rows:
-                fh.write(dumps(row) + "\n")
+        write_jsonl(tmp / RAW_ROWS, rows)
         manifest = {
             "source": cfg.source,
             **origin,

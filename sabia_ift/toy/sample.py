@@ -3,7 +3,7 @@
 ``data/sample/instructions.jsonl`` lets the whole pipeline run (and be tested)
 without downloading anything. Every row is a short Portuguese (Brazilian)
 instruction whose answer can be recomputed from the instruction and input
-alone, so ``check_row`` can prove that the answers are right and an evaluation
+alone, so a verifier (tests/sample_verifier.py) can prove that the answers are right and an evaluation
 on this set has a meaning. All sentences and fact tables were written for this
 project (Apache-2.0); nothing is copied from another data set.
 
@@ -23,7 +23,7 @@ that the pipeline's cleaning filters have something visible to count. Their
 ``PLANTED_DEFECTS`` maps each of these positions to its kind and
 ``is_planted_defect`` answers for a position (or, for the empty and blank rows,
 for the row itself). Every other row is unique in (instruction, input) and
-passes ``check_row``.
+its answer is right.
 
 Task families (``FAMILIES``): addition, subtraction, multiplication, exact
 division, number to words ("por extenso", 0..9999), words to digits, even or
@@ -37,7 +37,6 @@ order and first/last word of a sentence. Each family has 3 to 5 phrasings.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import re
 import string
@@ -47,6 +46,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+
+from ..io import write_jsonl
 
 Row = dict[str, str]
 Fields = Mapping[str, str]
@@ -310,54 +311,12 @@ def alphabetical_key(word: str) -> tuple[str, str]:
 # Templates
 
 
-def _alternation(options: Iterable[str]) -> str:
-    # Longest first so "Mato Grosso do Sul" is tried before "Mato Grosso".
-    ordered = sorted(set(options), key=lambda s: (-len(s), s))
-    return "(?:" + "|".join(re.escape(o) for o in ordered) + ")"
-
-
-_WORD_PATTERN = r"[^\s“”]+"
-FIELD_PATTERNS: dict[str, str] = {
-    "a": _NUMBER_PATTERN,
-    "b": _NUMBER_PATTERN,
-    "n": _NUMBER_PATTERN,
-    "c": _NUMBER_PATTERN,
-    "extenso": r"[a-zçãéêíóôõú ]+",
-    "dia": _alternation(_WEEKDAYS),
-    "mes": _alternation(_MONTHS),
-    "uf": _alternation(_UF_BY_NAME),
-    "de_uf": _alternation(_UF_BY_OF_NAME),
-    "sigla": r"[A-Z]{2}",
-    "capital": _alternation(_UF_BY_CAPITAL),
-    "singular": _WORD_PATTERN,
-    "palavra": _WORD_PATTERN,
-    "lista": r"[^,\n]+(?:, [^,\n]+)+",
-    "frase": r"[^\n]+",
-}
-
-
 def _template_fields(template: str) -> tuple[str, ...]:
     names: list[str] = []
     for _, name, _, _ in string.Formatter().parse(template):
         if name is not None and name not in names:
             names.append(name)
     return tuple(names)
-
-
-@lru_cache(maxsize=None)
-def _template_regex(template: str) -> re.Pattern[str]:
-    pieces: list[str] = []
-    seen: set[str] = set()
-    for literal, name, _, _ in string.Formatter().parse(template):
-        pieces.append(re.escape(literal))
-        if name is None:
-            continue
-        if name in seen:
-            pieces.append(f"(?P={name})")
-        else:
-            seen.add(name)
-            pieces.append(f"(?P<{name}>{FIELD_PATTERNS[name]})")
-    return re.compile("".join(pieces))
 
 
 @dataclass(frozen=True)
@@ -373,23 +332,12 @@ class Variant:
             dict.fromkeys(_template_fields(self.instruction) + _template_fields(self.input))
         )
 
-    def parse(self, row: Mapping[str, str]) -> dict[str, str] | None:
-        """Field values if the row is this phrasing, else None."""
-        m_instruction = _template_regex(self.instruction).fullmatch(row["instruction"])
-        if m_instruction is None:
-            return None
-        m_input = _template_regex(self.input).fullmatch(row["input"])
-        if m_input is None:
-            return None
-        return {**m_instruction.groupdict(), **m_input.groupdict()}
-
-
 @dataclass(frozen=True)
 class Family:
     """A task: how to draw its values, how to phrase it and how to answer it.
 
     ``answer`` sees only the fields that the chosen phrasing shows, exactly as
-    ``check_row`` will later parse them back out of the text.
+    the verifier in tests will later parse them back out of the text.
     """
 
     name: str
@@ -793,11 +741,8 @@ FAMILIES: tuple[Family, ...] = (
 )
 del V
 
-_FAMILY_BY_NAME = {family.name: family for family in FAMILIES}
-
-
 # --------------------------------------------------------------------------
-# Generation and checking
+# Generation
 
 
 def _render(family: Family, variant: Variant, values: Mapping[str, str]) -> Row:
@@ -856,51 +801,9 @@ def generate_rows(seed: int = 0) -> list[Row]:
     return rows
 
 
-def write_jsonl(rows: Iterable[Mapping[str, str]], path: str | Path) -> None:
-    """UTF-8 JSONL, keys in ``KEYS`` order, "\\n" line ends on every platform."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8", newline="\n") as handle:
-        for row in rows:
-            ordered = {key: row[key] for key in KEYS}
-            handle.write(json.dumps(ordered, ensure_ascii=False) + "\n")
-
-
-def _matches(row: Mapping[str, str]) -> list[tuple[Family, dict[str, str]]]:
-    found: list[tuple[Family, dict[str, str]]] = []
-    for family in FAMILIES:
-        for variant in family.variants:
-            values = variant.parse(row)
-            if values is not None:
-                found.append((family, values))
-    return found
-
-
-def family_of(row: Mapping[str, str]) -> str | None:
-    """Name of the one task family whose phrasing the row uses, else None."""
-    if not isinstance(row.get("instruction"), str) or not isinstance(row.get("input"), str):
-        return None
-    found = _matches(row)
-    return found[0][0].name if len(found) == 1 else None
-
-
-def check_row(row: Mapping[str, str]) -> bool:
-    """Recompute the answer from instruction and input; True if ``output`` equals it.
-
-    A row whose text fits no phrasing, or more than one, is not checkable and
-    counts as wrong.
-    """
-    if set(row) != set(KEYS) or not all(isinstance(row[k], str) for k in KEYS):
-        return False
-    found = _matches(row)
-    if len(found) != 1:
-        return False
-    family, values = found[0]
-    try:
-        expected = family.answer(values)
-    except (KeyError, ValueError, IndexError):
-        return False
-    return row["output"] == expected
+def write_sample(rows: Iterable[Mapping[str, str]], path: str | Path) -> None:
+    """UTF-8 JSONL, keys in ``KEYS`` order."""
+    write_jsonl(path, ({key: row[key] for key in KEYS} for row in rows))
 
 
 def is_planted_defect(row_or_index: int | Mapping[str, str]) -> bool:
@@ -924,7 +827,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0, the committed file)")
     args = parser.parse_args(argv)
     rows = generate_rows(args.seed)
-    write_jsonl(rows, args.out_path)
+    write_sample(rows, args.out_path)
     with_input = sum(1 for row in rows if row["input"])
     print(
         f"wrote {len(rows)} rows ({with_input} with input, {len(PLANTED_DEFECTS)} planted defects) "

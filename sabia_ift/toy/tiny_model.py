@@ -17,8 +17,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from ..config import TinyModelConfig
 from ..artifacts import BaseInfo
+from ..config import TinyModelConfig
 from ..io import atomic_path
 from .sample import generate_rows, is_planted_defect
 
