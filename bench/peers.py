@@ -43,8 +43,8 @@ def hf_recipe(folder: str, checkpointing: str):
 
 
 def unsloth_model(folder: str, checkpointing: str):
-    import unsloth  # noqa: F401  (must come before transformers)
     import torch
+    import unsloth  # noqa: F401  (must come before transformers)
     from unsloth import FastLanguageModel
 
     model, _ = FastLanguageModel.from_pretrained(model_name=folder, max_seq_length=SEQ, dtype=torch.bfloat16,

@@ -186,7 +186,7 @@ class LoraConfigSection(_Section):
     """LoRA adapter shape."""
 
     r: PositiveInt = _key("LoRA rank")
-    alpha: PositiveFloat = _key("LoRA scaling numerator (scale = alpha / r)")
+    alpha: PositiveInt = _key("LoRA scaling numerator (scale = alpha / r)")
     dropout: Annotated[float, Field(ge=0, lt=1)] = _key("dropout on the LoRA input")
     target_modules: Annotated[list[str], Field(min_length=1)] = _key("linear layers that get an adapter")
 

@@ -77,7 +77,8 @@ def resolve_base(base_dir: str | Path) -> BaseRef:
     if info.source in ("tiny", "local_copy"):
         return BaseRef(str(base_dir), None, "local")
     if not info.name_or_path:
-        raise ModelError(f"{Path(base_dir) / BASE_FILE}: no name_or_path for source {info.source}; rerun the base stage")
+        raise ModelError(f"{Path(base_dir) / BASE_FILE}: no name_or_path for source {info.source}; "
+                         "rerun the base stage")
     if info.source == "local":
         return BaseRef(info.name_or_path, None, "local")
     return BaseRef(info.name_or_path, info.revision, "hub")

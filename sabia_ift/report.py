@@ -289,12 +289,16 @@ class Comparison:
     untested: str | None  # why there is no significance test, if there is none
 
 
+# A metric's direction, shown after its name; "" where none is known.
+ARROWS: dict[bool | None, str] = {True: " ↑", False: " ↓", None: ""}
+
+
 def compare(before_eval: dict, after_eval: dict, before_prompts: dict[int, dict] | None,
             after_prompts: dict[int, dict] | None, before_label: str, after_label: str,
             resamples: int = 2000, confidence: float = 0.95, seed: int = 0) -> Comparison:
     missing = [label for label, p in ((before_label, before_prompts), (after_label, after_prompts)) if p is None]
     shared: list[int] = []
-    if not missing:
+    if before_prompts is not None and after_prompts is not None:
         # Pairs by prompt identity: the same source row holding the same prompt and reference.
         shared = sorted(row for row in before_prompts.keys() & after_prompts.keys()
                         if before_prompts[row].get("prompt_sha1") == after_prompts[row].get("prompt_sha1"))
@@ -302,7 +306,8 @@ def compare(before_eval: dict, after_eval: dict, before_prompts: dict[int, dict]
     if missing:
         untested = f"no per-prompt scores at {' and '.join(missing)}: no significance test"
     elif len(shared) < 2:
-        untested = f"{len(shared)} test prompts in common between {before_label} and {after_label}: no significance test"
+        untested = (f"{len(shared)} test prompts in common between {before_label} and {after_label}: "
+                    "no significance test")
 
     def rows(model: str) -> list[Row]:
         old, new = before_eval.get(model) or {}, after_eval.get(model) or {}
@@ -310,7 +315,7 @@ def compare(before_eval: dict, after_eval: dict, before_prompts: dict[int, dict]
         out = []
         for key in keys:
             test = None
-            if untested is None and key in SCORE_OF:
+            if untested is None and key in SCORE_OF and before_prompts is not None and after_prompts is not None:
                 score = SCORE_OF[key]
                 test = paired_bootstrap([before_prompts[r][model][score] for r in shared],
                                         [after_prompts[r][model][score] for r in shared],
@@ -406,7 +411,7 @@ def row_cells(row: Row) -> list[str]:
         diff = row.plain_diff
         change = fmt_signed(diff) if diff is not None else ("changed" if row.before != row.after else "")
         verdict = "not tested"
-    arrow = {True: " ↑", False: " ↓"}.get(HIGHER_IS_BETTER.get(row.metric), "")
+    arrow = ARROWS[HIGHER_IS_BETTER.get(row.metric)]
     return [row.metric + arrow, fmt(row.before), fmt(row.after), change, verdict]
 
 
@@ -479,8 +484,10 @@ def mermaid_eval(cmp: Comparison, before: str, after: str) -> list[str]:
     rows = [r for r in cmp.tuned if r.metric in UNIT_SCALE and _number(r.before) and _number(r.after)]
     if not rows:
         return []
-    names, grey, series = [], [], {"better": [], "worse": [], "same": []}
-    reference = []
+    names: list[str] = []
+    grey: list[float] = []
+    series: dict[str, list[float]] = {"better": [], "worse": [], "same": []}
+    reference: list[float] = []
     for row in rows:
         scale = UNIT_SCALE[row.metric]
         metric = row.metric if scale == 1 else f"{row.metric}/{scale}"
@@ -490,7 +497,7 @@ def mermaid_eval(cmp: Comparison, before: str, after: str) -> list[str]:
             hit = (row.verdict if row.verdict in ("better", "worse") else "same") == colour
             series[colour] += [0, row.after / scale if hit else 0]
         base = cmp.base_reference.get(row.metric)
-        reference += [base / scale if _number(base) else 0] * 2
+        reference += [base / scale if base is not None and _number(base) else 0] * 2
     palette = ", ".join(COLORS[k] for k in ("before", "better", "worse", "same", "base"))
     return ["```mermaid",
             "---",
@@ -602,7 +609,7 @@ def plot_eval(cmp: Comparison, before: str, after: str, out: Path) -> bool:
         if _number(base):
             ax.axhline(base, color=COLORS["base"], linestyle="--", linewidth=1)
             top = max(top, base)
-        arrow = {True: " ↑", False: " ↓"}.get(HIGHER_IS_BETTER.get(row.metric), "")
+        arrow = ARROWS[HIGHER_IS_BETTER.get(row.metric)]
         ax.set_title(f"{row.metric}{arrow}\n{row.verdict or 'not tested'}", fontsize=9)
         # All-zero rates would otherwise get a symmetric axis around 0.
         ax.set_ylim(min(0, *values), top * 1.2 if top > 0 else 1)
@@ -650,7 +657,8 @@ def build_report(args: argparse.Namespace) -> Path:
         check_metrics(rev, files)
     params = dvc_json("params", "diff", base.dvc_rev, head.dvc_rev)
     cmp = compare(read_eval(base), read_eval(head),
-                  parse_prompts(base.read(EVAL_PROMPTS), base.where), parse_prompts(head.read(EVAL_PROMPTS), head.where),
+                  parse_prompts(base.read(EVAL_PROMPTS), base.where),
+                  parse_prompts(head.read(EVAL_PROMPTS), head.where),
                   before, after, resamples=args.resamples, confidence=args.confidence, seed=args.seed)
 
     images_dir.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,8 @@ tokenization adds them as ids, so no tokenizer setting can drop or double them.
 
 from __future__ import annotations
 
+from typing import Any
+
 # Label of a position that carries no loss (the BOS and the prompt).
 IGNORE_INDEX = -100
 
@@ -41,7 +43,7 @@ def build_prompt(instruction: str, input: str = "") -> str:
     return PROMPT_NO_INPUT.format(instruction=instruction)
 
 
-def encode_text(tokenizer, text: str | list[str]) -> list[int] | list[list[int]]:
+def encode_text(tokenizer, text: str | list[str]) -> Any:
     """Token ids of plain text, one list per string when given a list.
 
     Text stays text: a literal `<s>`, `</s>` or `<unk>` in the data (HTML, code,

@@ -176,7 +176,6 @@ def tuned_adapter(tiny_base, tokenizer, tmp_path_factory) -> Path:
     Its answers are poor, but they end with EOS where the base's never do,
     which is what the chat and export tests need to tell the two apart.
     """
-    from sabia_ift.config import TokenizeConfig, TrainConfig
     from sabia_ift.data.formatting import clean_rows
     from sabia_ift.data.tokenization import tokenize
     from sabia_ift.io import write_jsonl

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-
 import yaml
 
 from conftest import REPO, default_params, make_project, params_for, project_env, write_params
@@ -644,7 +643,6 @@ def test_stale_temporaries_of_a_killed_run_are_removed(tmp_path):
 
 def test_train_loss_not_finite(project_with_base, monkeypatch, capsys, tokenizer):
     """A learning rate that makes the run diverge stops it with one line, not an adapter of NaN weights."""
-    from sabia_ift.config import TokenizeConfig
     from sabia_ift.data.tokenization import tokenize
 
     formatted(project_with_base, {"train": [ok(i) for i in range(16)], "val": [], "test": []})

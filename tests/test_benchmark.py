@@ -126,7 +126,8 @@ def test_unknown_label_and_short_choice_list(tmp_path):
     path.write_text('{"t": "ótimo", "y": "bom"}\n{"t": "péssimo", "y": "horrível"}\n')
     cfg = config({"name": "c", "kind": "classification", "path": str(path), "labels": ["bom", "ruim"],
                   "columns": {"text": "t", "label": "y"}, "num_fewshot": 0})
-    with pytest.raises(DataError, match=r"set.jsonl: row 2: key y: unknown label 'horrível'; the task's labels are bom, ruim"):
+    with pytest.raises(DataError,
+                       match=r"set.jsonl: row 2: key y: unknown label 'horrível'; the task's labels are bom, ruim"):
         benchmark_data.load_task_data(cfg.tasks[0], 0)
     path.write_text('{"q": "?", "c": ["só uma"], "a": "A"}\n')
     cfg = config({"name": "m", "kind": "multiple_choice", "path": str(path), "num_fewshot": 0,
@@ -302,7 +303,8 @@ def test_pt_eval_files_convert_to_the_builtin_tasks():
     # FaQuAD-NLI: each of the 63 dev questions paired with each sentence of its paragraph.
     faquad = data["faquad_nli"]
     assert len({r["question"] for r in faquad.test}) == 63 and len(faquad.fewshot) == 15
-    assert {r["label"] for r in faquad.test} == {"Sim", "Não"} and {r["label"] for r in faquad.fewshot} == {"Sim", "Não"}
+    assert {r["label"] for r in faquad.test} == {"Sim", "Não"}
+    assert {r["label"] for r in faquad.fewshot} == {"Sim", "Não"}
     # Every question has at least one answering sentence, and most paragraphs several sentences.
     assert {r["question"] for r in faquad.test if r["label"] == "Sim"} == {r["question"] for r in faquad.test}
     assert len(faquad.test) > 3 * 63
@@ -318,7 +320,8 @@ def test_pt_eval_tasks_run_through_lm_eval_in_the_leaderboards_format(tiny_base,
     for name, m in metrics.items():
         assert m["n"] == 2 and m["num_fewshot"] == shots[name]
         assert m["metric"] == ("acc" if name == "enem" else "pearson" if name == "assin2_sts" else "f1_macro")
-    prompt = lambda name: raw["base"]["samples"][name][0]["arguments"][0][0]
+    def prompt(name):
+        return raw["base"]["samples"][name][0]["arguments"][0][0]
     assert prompt("enem").startswith("As perguntas a seguir são questões de múltipla escolha do Exame Nacional")
     assert prompt("enem").count("\nAlternativas:\nA. ") == 4 and prompt("enem").endswith("Resposta correta:")
     assert prompt("assin2_rte").count("Sim ou Não?\nResposta:") == 16

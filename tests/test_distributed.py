@@ -21,7 +21,6 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def tokenized(tiny_base, tokenizer, tmp_path_factory):
-    from sabia_ift.config import TokenizeConfig
 
     root = tmp_path_factory.mktemp("ddp-data")
     kept, _ = clean_rows([{**r, "source_row": i + 1} for i, r in enumerate(generate_rows(0)[:120])])

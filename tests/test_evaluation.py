@@ -3,10 +3,9 @@
 import math
 
 import pytest
-
-from conftest import params_for
 import torch
 
+from conftest import params_for
 from sabia_ift.artifacts import PROMPT_SCORES
 from sabia_ift.evaluation.evaluation import score, token_loss
 from sabia_ift.evaluation.generation import Generation
@@ -44,10 +43,10 @@ def test_token_loss_is_the_mean_over_trained_tokens(tiny_base, tokenizer):
     got = token_loss(model, tokenizer, data, batch_size=2, device="cpu")
     # Reference: one row at a time, summed by hand, so padding can play no part.
     total, count = 0.0, 0
-    for i, l in zip(ids, labels):
+    for i, label in zip(ids, labels):
         with torch.no_grad():
             logits = model(input_ids=torch.tensor([i])).logits[0, :-1]
-        target = torch.tensor(l[1:])
+        target = torch.tensor(label[1:])
         mask = target != -100
         total += torch.nn.functional.cross_entropy(logits[mask], target[mask], reduction="sum").item()
         count += int(mask.sum())
@@ -86,7 +85,6 @@ def adapter(short_context_base, tmp_path_factory):
 
 
 def prepare(tmp_path, tokenizer, splits):
-    from sabia_ift.config import TokenizeConfig
     from sabia_ift.data.tokenization import tokenize
     from sabia_ift.io import write_jsonl
     from sabia_ift.template import build_prompt
@@ -104,12 +102,11 @@ def prepare(tmp_path, tokenizer, splits):
 
 
 def run_evaluate(tmp_path, base, adapter, **cfg):
-    from sabia_ift.config import EvaluateConfig
     from sabia_ift.evaluation.evaluation import evaluate
     from sabia_ift.io import read_jsonl
 
     metrics = evaluate(params_for("evaluate", device="cpu", **cfg), base, adapter, tmp_path / "formatted",
-                       tmp_path / "tokenized", tmp_path / "samples.jsonl")
+                       tmp_path / "tokenized", tmp_path / "samples.jsonl", tmp_path / "prompts.jsonl")
     return metrics, read_jsonl(tmp_path / "samples.jsonl")
 
 

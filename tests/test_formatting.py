@@ -95,7 +95,6 @@ def test_invisible_rows_are_dropped_and_duplicates_found():
 
 
 def test_invisible_characters_are_counted(tmp_path):
-    from sabia_ift.config import FormatConfig
     from sabia_ift.data.formatting import format_rows
     from sabia_ift.io import write_jsonl
 

@@ -9,8 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import params_for
-
-from sabia_ift.config import TrainConfig, parse_section
+from sabia_ift.config import parse_section
 from sabia_ift.errors import ConfigError
 from sabia_ift.progress import Progress, clock, status_line
 from sabia_ift.train.progress import progress_callbacks, project_curves, trainer_report_to
@@ -120,7 +119,6 @@ def test_the_hub_token_never_reaches_a_tracker(tmp_path, monkeypatch):
 
 
 def test_tokenize_reports_rows(tokenizer, capsys):
-    from sabia_ift.config import TokenizeConfig
     from sabia_ift.data.tokenization import tokenize_split
 
     rows = [{"prompt": f"Pergunta {i}?\n", "response": "Sim."} for i in range(10)]

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import FAST_PARAMS, make_project, run, write_params
 
+from conftest import FAST_PARAMS, make_project, run, write_params
 from sabia_ift.artifacts import PROMPT_SCORES
 from sabia_ift.report import Interval, compare, evaluation_section, headline, paired_bootstrap
 
@@ -418,7 +418,8 @@ def test_without_per_prompt_scores_the_report_says_so():
     cmp = compare(eval_at(scores_at({"rougeL": [0.2] * 10})), eval_at(after), None, after, "main", "this PR")
     assert cmp.untested == "no per-prompt scores at main: no significance test"
     assert all(r.test is None and r.verdict == "" for r in cmp.tuned)
-    assert headline(cmp, "main", "this PR").startswith("main → this PR: no per-prompt scores at main: no significance test")
+    assert headline(cmp, "main", "this PR").startswith(
+        "main → this PR: no per-prompt scores at main: no significance test")
     assert "| rougeL ↑ | 0 | 0.2 | 0.5 | +0.3 | not tested |" in "\n".join(
         evaluation_section(cmp, "main", "this PR", 0.95))
 

@@ -156,7 +156,7 @@ def test_examples_remember_their_row(tokenizer):
             {**row("Outra?", "Não."), "source_row": 12}]
     examples, counts = tokenize_split(tokenizer, rows, params_for("tokenize", max_length=96, max_drop_share=1))
     assert examples["source_row"] == [7, 12]
-    for ids, labels, n in zip(examples["input_ids"], examples["labels"], examples["prompt_length"]):
+    for _ids, labels, n in zip(examples["input_ids"], examples["labels"], examples["prompt_length"]):
         assert labels[:n] == [IGNORE_INDEX] * n and labels[n] != IGNORE_INDEX
     assert (counts["dropped"], counts["drop_share"]) == (1, 0.3333)
 
@@ -206,7 +206,8 @@ def test_empty_splits_are_left_out_and_load(tokenizer, tmp_path):
     from sabia_ift.artifacts import load_tokenized
 
     write_formatted(tmp_path / "formatted", {"train": 4, "val": 0, "test": 0})
-    metrics = tokenize(params_for("tokenize", max_length=128), tokenizer, 2048, tmp_path / "formatted", tmp_path / "tok")
+    metrics = tokenize(params_for("tokenize", max_length=128), tokenizer, 2048, tmp_path / "formatted",
+                       tmp_path / "tok")
     assert metrics["val"]["rows"] == metrics["test"]["rows"] == 0
     data = load_tokenized(tmp_path / "tok")
     assert list(data) == ["train"] and len(data["train"]) == 4

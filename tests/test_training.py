@@ -89,10 +89,11 @@ def test_cuda_on_a_cpu_machine_is_a_clear_error(tiny_base, tokenized, tmp_path):
 
 
 def test_packed_training_trains_the_same_rows(tiny_base, tokenized, tmp_path):
-    metrics, timings = train(small_config(packing=True, micro_batch_tokens=1024), tiny_base, tokenized,
+    metrics, timings = train(small_config(packing=True, micro_batch_tokens=1024, epochs=2), tiny_base, tokenized,
                              tmp_path / "adapter", tmp_path / "ckpt", None)
     assert metrics["final_train_loss"] < metrics["first_train_loss"]
-    assert timings["rows_seen"] == 64 and timings["global_batch"]["tokens"] == 1024
+    # Every row once an epoch, none repeated or dropped.
+    assert timings["rows_seen"] == 2 * 64 and timings["global_batch"]["tokens"] == 1024
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
 
 
@@ -134,9 +135,8 @@ def test_non_finite_loss_stops_training():
 
 
 def test_nan_losses_are_not_hidden_from_the_guard(tmp_path):
-    from sabia_ift.train.training import training_arguments
-
     from sabia_ift.train.distributed import World
+    from sabia_ift.train.training import training_arguments
 
     one = World(1, 0, 0)
     args = training_arguments(small_config(), tmp_path, "cpu", None, 1, True, one)

@@ -279,21 +279,21 @@ def read_file(path: str | Path, file_format: str, columns: ColumnMap) -> list[di
     else:
         records = _iter_parquet(path, columns)
     try:
-        records = list(records)
+        loaded = list(records)
     except OSError as exc:
         raise DataError(f"{path}: cannot be read: {exc.strerror or exc} (fetch.path)") from None
-    if not records:
+    if not loaded:
         raise DataError(f"{path}: the data file holds no rows")
     name = columns.input
     if fmt in ("json", "jsonl") and name is not None:
         # A mapping that matches no row at all is a typo, not rows without input.
-        if not any(isinstance(r, dict) and name in r for _, r in rows):
+        if not any(isinstance(r, dict) and name in r for _, r in loaded):
             raise DataError(
                 f"{path}: fetch.columns.input names column {name!r}, which no row has; "
                 "set it to the right name, or to null for data without inputs"
             )
     unit = "line" if fmt == "jsonl" else "row"
-    return [normalize_record(record, row, columns, str(path), unit) for row, record in records]
+    return [normalize_record(record, row, columns, str(path), unit) for row, record in loaded]
 
 
 def subsample(n: int, max_rows: int | None, seed: int) -> list[int]:
@@ -348,6 +348,7 @@ def resolve_dataset_revision(dataset: str, revision: str) -> str:
 def fetch(cfg: FetchConfig, out_dir: str | Path) -> dict[str, Any]:
     """Run the fetch stage: write rows.jsonl and manifest.json into out_dir."""
     if cfg.source == "file":
+        assert cfg.path is not None  # the schema requires a path for files
         rows = read_file(cfg.path, cfg.file_format, cfg.columns)
         total = len(rows)
         rows = [rows[i] for i in subsample(total, cfg.max_rows, cfg.seed)]

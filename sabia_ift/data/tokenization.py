@@ -86,7 +86,7 @@ def tokenize_split(tokenizer, rows: list[dict[str, Any]], cfg: TokenizeConfig, b
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     examples: dict[str, list] = {"input_ids": [], "labels": [], "length": [], "source_row": [],
                                  "prompt_length": []}
-    counts = {"rows_in": len(rows), "rows": 0, "truncated": 0, "dropped_too_long": 0,
+    counts: dict[str, Any] = {"rows_in": len(rows), "rows": 0, "truncated": 0, "dropped_too_long": 0,
               "dropped_prompt_too_long": 0, "boundary_fallback": 0, "tokens": 0, "trained_tokens": 0}
     progress = Progress(len(rows), label, unit="row")
     for start in range(0, len(rows), batch):
@@ -171,7 +171,9 @@ def tokenize(cfg: TokenizeConfig, tokenizer, context_length: int | None, formatt
         "source_row": datasets.Value("int64"),
         "prompt_length": datasets.Value("int32"),
     })
-    splits, metrics, needed = {}, {}, []
+    splits: dict[str, Any] = {}
+    metrics: dict[str, Any] = {}
+    needed: list[int] = []
     for split in HF_SPLITS:
         rows = read_jsonl(split_file(formatted_dir, split))
         examples, counts = tokenize_split(tokenizer, rows, cfg, needed=needed, label=f"tokenize {split}")

@@ -125,6 +125,7 @@ def _choice_list(row: dict, task: BenchmarkTask, where: str) -> list[str]:
     cols = task.columns
     if cols.choice_columns:
         return [_text(row, c, where) for c in cols.choice_columns]
+    assert cols.choices is not None  # the schema asks for choices or choice_columns
     value = _field(row, cols.choices, where)
     if isinstance(value, str) and value.lstrip().startswith("["):
         try:
@@ -154,12 +155,13 @@ def multiple_choice_row(row: dict, task: BenchmarkTask, where: str, index: int) 
 
 def classification_row(row: dict, task: BenchmarkTask, where: str, index: int) -> dict[str, Any]:
     cols = task.columns
+    labels = task.labels or []  # the schema requires them for classification
     label = str(_field(row, cols.label, where)).strip()
-    if label not in task.labels:
+    if label not in labels:
         raise DataError(f"{where}: key {cols.label}: unknown label {label!r}; the task's labels are "
-                        f"{', '.join(task.labels)}")
+                        f"{', '.join(labels)}")
     ident = str(row[cols.id]) if cols.id and cols.id in row else str(index)
-    return {"id": ident, "text": _text(row, cols.text, where), "label": label, "labels": list(task.labels)}
+    return {"id": ident, "text": _text(row, cols.text, where), "label": label, "labels": list(labels)}
 
 
 # The leaderboard's data sets ------------------------------------------------------
@@ -384,7 +386,8 @@ def load_task_data(task: BenchmarkTask, index: int, *, root: str | Path = ".", s
             # The publishers' file marks its own train and test rows.
             pool = [r for r in rows if r.get("group") == "train"]
             rows = [r for r in rows if r.get("group") != "train"]
-        source = {"path": task.path, **({"fewshot_path": task.fewshot_path} if task.fewshot_path else {})}
+        source: dict[str, Any] = {"path": task.path,
+                                  **({"fewshot_path": task.fewshot_path} if task.fewshot_path else {})}
     else:
         test_split, fewshot_split = HUB_SPLITS[task.kind]
         rows = _hub(task, test_split, key)

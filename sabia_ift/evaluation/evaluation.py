@@ -14,16 +14,16 @@ import math
 from pathlib import Path
 from typing import Any
 
+from ..artifacts import HF_SPLITS, load_tokenized, prompt_sha1, split_file
 from ..config import EvaluateConfig
 from ..errors import DataError
-from .generation import Generation, generate
 from ..io import read_jsonl, write_jsonl
-from .metrics import load_metric
-from ..artifacts import HF_SPLITS, load_tokenized, prompt_sha1, split_file
 from ..modeling import load_tuned, pick_device
 from ..progress import Progress
 from ..template import IGNORE_INDEX
 from ..text import normalize_text
+from .generation import Generation, generate
+from .metrics import load_metric
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +136,9 @@ def evaluate(cfg: EvaluateConfig, base_dir: str | Path, adapter_dir: str | Path,
             log.warning("%d test prompts leave fewer than evaluate.max_new_tokens (%d) tokens of the model's "
                         "%d-token context; their answers are capped to fit", capped, cfg.max_new_tokens, context)
 
-    results, outputs, per_prompt = {}, {}, {}
+    results: dict[str, dict[str, Any]] = {}
+    outputs: dict[str, list] = {}
+    per_prompt: dict[str, list] = {}
     for name in ("base", "tuned"):
         # The base model is the same weights with the adapter switched off.
         switch = model.disable_adapter() if name == "base" else contextlib.nullcontext()
@@ -161,7 +163,7 @@ def evaluate(cfg: EvaluateConfig, base_dir: str | Path, adapter_dir: str | Path,
         {"source_row": row["source_row"], "prompt_sha1": prompt_sha1(row["prompt"], ref), "base": b, "tuned": t}
         for row, ref, b, t in zip(rows, references, per_prompt["base"], per_prompt["tuned"], strict=True)
     ))
-    delta = {k: round(results["tuned"][k] - results["base"][k], 4)
-             for k in results["base"] if isinstance(results["base"][k], (int, float))
-             and isinstance(results["tuned"][k], (int, float))}
+    base, tuned = results["base"], results["tuned"]
+    delta = {k: round(tuned[k] - base[k], 4) for k, v in base.items()
+             if isinstance(v, (int, float)) and isinstance(tuned.get(k), (int, float))}
     return {**info, **results, "delta": delta}

@@ -24,7 +24,7 @@ class LiveCurves(TrainerCallback):
 
     def __init__(self, live_dir: Path) -> None:
         self.live_dir = live_dir
-        self.live = None
+        self.live: Any = None
 
     def _log(self, step: int, logs: dict[str, Any]) -> None:
         wrote = False

@@ -43,7 +43,7 @@ def requested_processes(devices: str | int, device: str) -> int:
 
     device = pick_device(device, "train.device")
     visible = torch.cuda.device_count() if device == "cuda" else 1
-    if devices == "auto":
+    if isinstance(devices, str):  # "auto"
         return max(visible, 1)
     if device == "cuda" and devices > visible:
         raise ConfigError(f"train.devices: {devices} GPUs asked for, {visible} visible")

@@ -23,6 +23,7 @@ from __future__ import annotations
 import bisect
 import random
 from collections.abc import Iterator
+from typing import Any
 
 from ..errors import ConfigError
 from ..template import IGNORE_INDEX
@@ -78,7 +79,8 @@ def split_to_multiple(batches: list[list[int]], multiple: int, lengths: list[int
     while len(batches) % multiple:
         splittable = [i for i, b in enumerate(batches) if len(b) > 1]
         if not splittable:
-            raise ConfigError(f"train.grad_accum: {sum(map(len, batches))} rows cannot fill {multiple} micro-batches a step; "
+            raise ConfigError(f"train.grad_accum: {sum(map(len, batches))} rows cannot fill {multiple} "
+                              "micro-batches a step; "
                              "lower train.grad_accum or use more data")
         big = max(splittable, key=lambda i: (sum(lengths[j] for j in batches[i]), -i))
         rows = batches.pop(big)
@@ -138,6 +140,7 @@ class CountingCollator:
     def __init__(self, tokenizer, *, packing: bool, varlen: bool, pad_to_multiple_of: int | None) -> None:
         from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
 
+        self.collate: Any
         if packing:
             # Labels already hold IGNORE_INDEX on each row's first token (BOS), so
             # nothing is learned across a row boundary; the separator keeps it so.

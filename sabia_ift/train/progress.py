@@ -15,6 +15,7 @@ no integration logs.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TextIO
 
 from ..errors import ConfigError
@@ -32,7 +33,7 @@ TRAINER_TRACKERS = {
 TRACKERS = (PROJECT_TRACKER, *TRAINER_TRACKERS)
 
 
-def trainer_report_to(report_to: list[str] | tuple[str, ...]) -> list[str] | str:
+def trainer_report_to(report_to: Sequence[str]) -> list[str] | str:
     """`TrainingArguments.report_to` for `train.report_to`: the Trainer's integrations, checked installed.
 
     `dvclive` is left out (the train stage's own callback writes those curves);
@@ -56,7 +57,7 @@ def trainer_report_to(report_to: list[str] | tuple[str, ...]) -> list[str] | str
     return chosen or "none"
 
 
-def project_curves(report_to: list[str] | tuple[str, ...]) -> bool:
+def project_curves(report_to: Sequence[str]) -> bool:
     """Whether the train stage writes its DVCLive curves."""
     return PROJECT_TRACKER in report_to
 

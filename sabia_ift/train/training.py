@@ -34,8 +34,8 @@ from ..modeling import (
     resolve_base,
 )
 from . import distributed, kernels
-from .progress import progress_callbacks, project_curves, show_tqdm, trainer_report_to
 from .packing import CountingCollator, RowBatchSampler
+from .progress import progress_callbacks, project_curves, show_tqdm, trainer_report_to
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +136,8 @@ def _make_trainer_class():
         """A DataLoader over a batch sampler that learns the epoch, for the epoch's shuffle."""
 
         def set_epoch(self, epoch: int) -> None:
-            self.batch_sampler.set_epoch(epoch)
+            sampler: Any = self.batch_sampler
+            sampler.set_epoch(epoch)
 
     class PipelineTrainer(Trainer):
         """The Trainer with this stage's batches (packed or padded, rank-aware, nothing
@@ -334,8 +335,11 @@ def train(cfg: TrainConfig, base_dir: str | Path, tokenized_dir: str | Path, ada
     fingerprint = run_fingerprint(cfg, base_dir, tokenized_dir, world.size)
     # One process clears stale checkpoints; the others wait, then read what it kept.
     with args.main_process_first(local=False, desc="checkpoints"):
-        resume = prepare_checkpoints(checkpoint_dir, fingerprint, world.size) if world.is_main \
-            else (complete_checkpoints(checkpoint_dir) or [None])[-1]
+        if world.is_main:
+            resume = prepare_checkpoints(checkpoint_dir, fingerprint, world.size)
+        else:
+            found = complete_checkpoints(checkpoint_dir)
+            resume = found[-1] if found else None
     if resume is not None and world.is_main:
         log.warning("resuming from %s", resume)
 
@@ -355,9 +359,9 @@ def train(cfg: TrainConfig, base_dir: str | Path, tokenized_dir: str | Path, ada
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     runtime = time.perf_counter() - start
-    memory = _peak_memory(run.device)
+    memory: dict[str, float | None] = {**_peak_memory(run.device)}
     if run.device == "cuda":
-        memory["peak_memory_gib"] = round(max(memory["peak_memory_gib"], timer.peak_all_gib), 3)
+        memory["peak_memory_gib"] = round(max(memory["peak_memory_gib"] or 0.0, timer.peak_all_gib), 3)
         memory["peak_step_memory_gib"] = timer.peak_step_gib
     final_eval = trainer.evaluate() if val_set is not None else {}
 
