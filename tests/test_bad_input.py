@@ -185,7 +185,7 @@ CASES = [
          params={"fetch": {"path": "/dev/null"}}),
     Case("data-path-empty", "fetch", ["params.yaml", "fetch.path", "at least 1 character"],
          params={"fetch": {"path": ""}}),
-    Case("data-path-removed", "fetch", ["params.yaml", "fetch.path is required", "fetch.source is file"],
+    Case("data-path-removed", "fetch", ["params.yaml", "fetch.path", "Field required"],
          files=params_without("fetch", "path")),
     Case("unknown-suffix", "fetch", ["fetch.file_format", "data/in.txt"], **data("in.txt", jsonl(ok(1)))),
     # --- params.yaml -------------------------------------------------------------------
@@ -649,7 +649,7 @@ def test_train_loss_not_finite(project_with_base, monkeypatch, capsys, tokenizer
     tokenize(params_for("tokenize", max_length=128), tokenizer, 2048, project_with_base / "data" / "formatted",
              project_with_base / "data" / "tokenized")
     write_params(project_with_base, {"train": {
-        "device": "cpu", "lr": 1e30, "max_steps": 4, "logging_steps": 1, "save_steps": 100, "live": False,
+        "device": "cpu", "lr": 1e30, "max_steps": 4, "logging_steps": 1, "save_steps": 100, "report_to": [],
         "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}}})
     line = run_script("stages.train", COMMANDS["train"][2:], project_with_base, monkeypatch, capsys)
     for word in ("train:", "became nan", "diverged", "train.lr is 1e+30", "lower train.lr"):

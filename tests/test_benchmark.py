@@ -145,7 +145,7 @@ def test_the_stage_reports_a_bad_row_in_one_line_and_writes_nothing(tmp_path, ca
     bad = tmp_path / "prova.jsonl"
     bad.write_text('{"pergunta": "Quanto é 2 + 2?", "alternativas": ["3", "4"], "resposta": "C"}\n')
     params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({"benchmark": {"tasks": [
+    params.write_text(yaml.safe_dump({"benchmark": {**default_params()["benchmark"], "tasks": [
         {"name": "prova", "kind": "multiple_choice", "path": str(bad), "num_fewshot": 0,
          "columns": {"question": "pergunta", "choices": "alternativas", "answer": "resposta"}}]}}))
     metrics = tmp_path / "benchmarks.json"

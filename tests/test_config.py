@@ -42,10 +42,10 @@ def test_preset_with_a_bad_value_is_named(tmp_path):
 
 
 def test_preset_values_keep_their_types_in_dvc_overrides():
-    diff = {"train": {"lr": 1e-05, "lora": {"target_modules": ["q_proj"]}, "live": False},
+    diff = {"train": {"lr": 1e-05, "lora": {"target_modules": ["q_proj"]}, "packing": False},
             "base": {"revision": "0123456789", "name_or_path": "org/it's"}, "fetch": {"max_rows": None}}
     assert set_args(diff) == ["-S", "train.lr=1e-5", "-S", "train.lora.target_modules=['q_proj']",
-                              "-S", "train.live=false", "-S", "base.revision='0123456789'",
+                              "-S", "train.packing=false", "-S", "base.revision='0123456789'",
                               "-S", "base.name_or_path='org/it\\'s'", "-S", "fetch.max_rows=null"]
 
 
