@@ -22,7 +22,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
-from gpu_qlora import build_model, stage, write_params  # noqa: E402
+from gpu_qlora import build_model, prepare_data, stage, write_params  # noqa: E402
 
 
 def main() -> None:
@@ -60,14 +60,7 @@ def main() -> None:
                   "report_to": [], "devices": 1},
         "benchmark": {"tasks": tasks, "limit": args.limit},
     })
-    base, raw, formatted, tokenized = (work / n for n in ("models/base", "data/raw", "data/formatted",
-                                                          "data/tokenized-bm"))
-    stage("base", params, work, "--out", str(base), log=log)
-    stage("fetch", params, work, "--out", str(raw), log=log)
-    stage("format", params, work, "--raw", str(raw), "--out", str(formatted), "--metrics", str(work / "f.json"),
-          log=log)
-    stage("tokenize", params, work, "--base", str(base), "--formatted", str(formatted), "--out", str(tokenized),
-          "--metrics", str(work / "t.json"), log=log)
+    base, tokenized = prepare_data(params, work, log, tokenized="data/tokenized-bm")
     adapter = work / "adapter-benchmark"
     stage("train", params, work, "--base", str(base), "--data", str(tokenized), "--out", str(adapter),
           "--checkpoints", str(work / "ckpt-bm"), "--metrics", str(work / "m.json"), "--timings",

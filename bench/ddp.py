@@ -21,7 +21,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
-from gpu_qlora import build_model, stage, write_params  # noqa: E402
+from gpu_qlora import build_model, prepare_data, stage, write_params  # noqa: E402
 from side_by_side import FAST, LORA  # noqa: E402
 
 
@@ -51,14 +51,7 @@ def main() -> None:
                   "save_steps": 100000, "report_to": []},
     }
     params = write_params(work / "params.yaml", common)
-    base, raw, formatted, tokenized = (work / n for n in ("models/base", "data/raw", "data/formatted",
-                                                          "data/tokenized"))
-    stage("base", params, work, "--out", str(base), log=log)
-    stage("fetch", params, work, "--out", str(raw), log=log)
-    stage("format", params, work, "--raw", str(raw), "--out", str(formatted), "--metrics", str(work / "f.json"),
-          log=log)
-    stage("tokenize", params, work, "--base", str(base), "--formatted", str(formatted), "--out", str(tokenized),
-          "--metrics", str(work / "t.json"), log=log)
+    base, tokenized = prepare_data(params, work, log)
 
     result: dict = {"card": card, "gpus_visible": torch.cuda.device_count(), "date": time.strftime("%Y-%m-%d"),
                     "settings": common["train"], "runs": {}}

@@ -87,6 +87,18 @@ def stage(name: str, params: Path, work: Path, *args: str, log: Path) -> float:
     return time.perf_counter() - start
 
 
+def prepare_data(params: Path, work: Path, log: Path, tokenized: str = "data/tokenized") -> tuple[Path, Path]:
+    """The base, fetch, format and tokenize stages, as dvc.yaml runs them; returns (models/base, tokenized)."""
+    base, raw, formatted, out = (work / n for n in ("models/base", "data/raw", "data/formatted", tokenized))
+    stage("base", params, work, "--out", str(base), log=log)
+    stage("fetch", params, work, "--out", str(raw), log=log)
+    stage("format", params, work, "--raw", str(raw), "--out", str(formatted), "--metrics", str(work / "format.json"),
+          log=log)
+    stage("tokenize", params, work, "--base", str(base), "--formatted", str(formatted), "--out", str(out),
+          "--metrics", str(work / "tokenize.json"), log=log)
+    return base, out
+
+
 def write_params(path: Path, overrides: dict) -> Path:
     # The preset holds only its differences from the embedded default.
     params = merge(yaml.safe_load((REPO / "params.yaml").read_text()),
@@ -136,14 +148,8 @@ def main() -> None:
         "evaluate": {"max_samples": 8, "max_new_tokens": 64, "batch_size": 8, "samples_to_write": 8},
     }
     params = write_params(work / "params.yaml", common)
-    base, raw, formatted, tokenized = (
-        work / n for n in ("models/base", "data/raw", "data/formatted", "data/tokenized"))
-    stage("base", params, work, "--out", str(base), log=log)
-    stage("fetch", params, work, "--out", str(raw), log=log)
-    stage("format", params, work, "--raw", str(raw), "--out", str(formatted), "--metrics", str(work / "format.json"),
-          log=log)
-    stage("tokenize", params, work, "--base", str(base), "--formatted", str(formatted), "--out", str(tokenized),
-          "--metrics", str(work / "tokenize.json"), log=log)
+    base, tokenized = prepare_data(params, work, log)
+    formatted = work / "data/formatted"
     results["tokenize"] = json.loads((work / "tokenize.json").read_text())["train"]
     save()
 

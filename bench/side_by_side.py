@@ -36,7 +36,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
-from gpu_qlora import build_model, fixed_length_data, stage, write_params  # noqa: E402
+from gpu_qlora import build_model, fixed_length_data, prepare_data, stage, write_params  # noqa: E402
 
 LORA = {"r": 32, "alpha": 64, "dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj"]}
 FAST = {"packing": True, "micro_batch_tokens": 8192, "grad_accum": 2, "gradient_checkpointing": "off",
@@ -100,15 +100,9 @@ def main() -> None:
                   "report_to": [], "lora": LORA, "devices": 1},
     }
     params = write_params(work / "params.yaml", common)
-    base, raw, formatted, tokenized = (work / n for n in ("models/base", "data/raw", "data/formatted",
-                                                          "data/tokenized"))
+    base, tokenized = work / "models/base", work / "data/tokenized"
     if not (tokenized / "dataset_dict.json").is_file():
-        stage("base", params, work, "--out", str(base), log=log)
-        stage("fetch", params, work, "--out", str(raw), log=log)
-        stage("format", params, work, "--raw", str(raw), "--out", str(formatted), "--metrics",
-              str(work / "format.json"), log=log)
-        stage("tokenize", params, work, "--base", str(base), "--formatted", str(formatted), "--out", str(tokenized),
-              "--metrics", str(work / "tokenize.json"), log=log)
+        prepare_data(params, work, log)
     fixed = work / "data/tokenized-2048"
     if not (fixed / "dataset_dict.json").is_file():
         fixed_length_data(tokenized, fixed, 2048, rows=8 * (args.steps + 4), prompt_tokens=256)
