@@ -34,6 +34,9 @@ from .evaluation.metrics import HIGHER_IS_BETTER
 WORKSPACE = "workspace"
 # Must match the outputs in dvc.yaml; the report reads them at both revisions.
 EVAL_METRICS = "metrics/eval.json"
+BENCHMARKS = "metrics/benchmarks.json"
+# Written by the train stage beside the results, outside git: only the working tree has them.
+TRAIN_TIMINGS = "logs/train-timings.json"
 EVAL_PROMPTS = "metrics/eval_prompts.jsonl"
 CURVES_DIR = "metrics/curves/plots/metrics"
 SAMPLES = "data/eval/samples.jsonl"
@@ -625,9 +628,41 @@ def plot_eval(cmp: Comparison, before: str, after: str, out: Path) -> bool:
 
 # --- the report --------------------------------------------------------------------------------
 
+def read_json(rev: Revision, path: str) -> dict | None:
+    text = rev.read(path)
+    try:
+        return json.loads(text) if text else None
+    except json.JSONDecodeError as exc:
+        raise ReportError(f"{path} at {rev.where} is not valid JSON: {exc}") from None
+
+
+def benchmark_section(base: Revision, head: Revision, before: str, after: str) -> list[str]:
+    """Portuguese benchmarks at head, base model vs tuned model, regressions marked."""
+    from .evaluation.benchmark_report import BENCHMARK_HEADERS, benchmark_rows
+
+    new = read_json(head, BENCHMARKS)
+    if not new:
+        return []
+    headers = [h if h != "tuned before" else f"tuned at {before}" for h in BENCHMARK_HEADERS]
+    return [f"### Portuguese benchmarks at {after}", "", *table(headers, benchmark_rows(read_json(base, BENCHMARKS),
+                                                                                        new)), ""]
+
+
+def timings_section(head: Revision) -> list[str]:
+    """How fast this machine trained: shown, never compared (timings are not results)."""
+    timings = read_json(head, TRAIN_TIMINGS) if head.sha is None else None
+    if not timings:
+        return []
+    keys = ["device", "processes", "steady_input_tokens_per_s", "step_time_s", "runtime_s", "peak_memory_gib",
+            "peak_step_memory_gib"]
+    rows = [[key, fmt(timings[key])] for key in keys if key in timings]
+    return ["<details>", f"<summary>Training speed on this machine (<code>{TRAIN_TIMINGS}</code>)</summary>", "",
+            *table(["Timing", "Value"], rows), "", "</details>", ""]
+
+
 def other_metrics_section(metrics: dict, before: str, after: str) -> list[str]:
     """The pipeline's other metrics files: changed values shown, unchanged ones counted."""
-    others = [p for p in sorted(metrics) if Path(p).as_posix() != EVAL_METRICS]
+    others = [p for p in sorted(metrics) if Path(p).as_posix() not in (EVAL_METRICS, BENCHMARKS)]
     changed = [[path, key, fmt(c.get("old")), fmt(c.get("new")), fmt_change(c)]
                for path in others for key, c in sorted(metrics[path].items()) if c.get("old") != c.get("new")]
     total = sum(len(metrics[p]) for p in others)
@@ -693,7 +728,9 @@ def build_report(args: argparse.Namespace) -> Path:
         else:
             lines += [f"No training curves under `{CURVES_DIR}` at either revision.", ""]
 
+    lines += benchmark_section(base, head, before, after)
     lines += other_metrics_section(metrics, before, after)
+    lines += timings_section(head)
 
     lines += ["### Parameters", ""]
     param_rows = [[path, key, fmt(c.get("old")), fmt(c.get("new"))]

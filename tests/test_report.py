@@ -430,3 +430,35 @@ def test_interval_formatting_keeps_one_precision():
     assert fmt_interval(Interval(0.073, 0.0354, 0.111, 100)) == "+0.073 [+0.035, +0.111]"
     assert fmt_interval(Interval(-5.2, -9.87, -1.02, 100)) == "-5.20 [-9.87, -1.02]"
     assert fmt_interval(Interval(0.0, 0.0, 0.0, 100)) == "0 [0, 0]"
+
+
+class FakeRevision:
+    """A revision whose files are given: the report's readers need nothing else."""
+
+    def __init__(self, files: dict[str, object], sha: str | None = "0" * 40):
+        self.files, self.sha, self.where = files, sha, "test"
+
+    def read(self, path: str) -> str | None:
+        return json.dumps(self.files[path]) if path in self.files else None
+
+
+def test_benchmark_section_marks_regressions_against_base_and_the_previous_run():
+    from sabia_ift.report import BENCHMARKS, benchmark_section
+
+    old = {"enem": {"metric": "acc", "base": 0.5, "tuned": 0.55, "delta": 0.05, "n": 100, "num_fewshot": 3}}
+    new = {"enem": {"metric": "acc", "base": 0.5, "tuned": 0.45, "delta": -0.05, "n": 100, "num_fewshot": 3}}
+    lines = benchmark_section(FakeRevision({BENCHMARKS: old}), FakeRevision({BENCHMARKS: new}), "main", "this PR")
+    assert lines[0] == "### Portuguese benchmarks at this PR"
+    row = next(line for line in lines if line.startswith("| enem"))
+    assert "0.4500" in row and "tuned below base" in row and "tuned below the previous run" in row
+    assert "tuned at main" in lines[2]
+    assert benchmark_section(FakeRevision({}), FakeRevision({}), "main", "this PR") == []
+
+
+def test_timings_appear_only_for_the_working_tree():
+    from sabia_ift.report import TRAIN_TIMINGS, timings_section
+
+    timings = {"device": "cpu", "steady_input_tokens_per_s": 781.9, "runtime_s": 498.0}
+    lines = timings_section(FakeRevision({TRAIN_TIMINGS: timings}, sha=None))
+    assert any("781.9" in line for line in lines) and "logs/train-timings.json" in lines[1]
+    assert timings_section(FakeRevision({TRAIN_TIMINGS: timings})) == []
