@@ -20,6 +20,7 @@ def main(args: argparse.Namespace) -> None:
         if code:
             raise SystemExit(code)
         return
+    distributed.die_with_launcher()
     done = train(cfg, args.base, args.data, args.out, args.checkpoints, args.live)
     if done is None:  # the main process writes; the others only trained
         return

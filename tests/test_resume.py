@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
@@ -29,8 +30,24 @@ def wait_for_checkpoint(project, proc, min_step: int, timeout: float = 600) -> i
     raise AssertionError("no checkpoint appeared")
 
 
-def test_sigkill_then_repro_resumes_and_matches_an_uninterrupted_run(tmp_path):
-    project = make_project(tmp_path / "sabia-ift", PARAMS)
+def processes_in(folder) -> list[int]:
+    """Processes whose working directory is `folder` (the stage runs there)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and Path(os.readlink(proc / "cwd")) == Path(folder):
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.parametrize("devices", [1, 2], ids=["one-process", "two-processes-ddp"])
+def test_sigkill_then_repro_resumes_and_matches_an_uninterrupted_run(tmp_path, devices):
+    """Two processes: the stage relaunched under torchrun (gloo on CPU), the launcher killed."""
+    layout = {"devices": devices, "device": "cpu"} if devices == 1 else \
+        {"devices": 2, "device": "cpu", "micro_batch_size": 4, "grad_accum": 2}
+    project = make_project(tmp_path / "sabia-ift", deep_merge(PARAMS, {"train": layout}))
     run(["dvc", "repro", "tokenize"], project)
 
     proc = subprocess.Popen(["dvc", "repro", "train"], cwd=project, env=project_env(project),
@@ -40,6 +57,9 @@ def test_sigkill_then_repro_resumes_and_matches_an_uninterrupted_run(tmp_path):
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+    time.sleep(2)
+    # No process (a torchrun worker included) outlived the kill to go on writing here.
+    assert processes_in(project) == []
     assert not (project / "models/adapter").exists()  # nothing that looks finished
 
     resumed = run(["dvc", "repro", "train"], project)
@@ -60,3 +80,4 @@ def test_sigkill_then_repro_resumes_and_matches_an_uninterrupted_run(tmp_path):
         assert (tensor - adapter[name]).abs().max() < 1e-4, name
     # The resumed run's curves cover the whole run, as the uninterrupted one's do.
     assert curve == (project / "metrics/curves/plots/metrics/train/loss.tsv").read_text()
+

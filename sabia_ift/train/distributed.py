@@ -76,6 +76,26 @@ def launch(processes: int, module: str, argv: list[str]) -> int:
     return subprocess.call(cmd, env=env)
 
 
+def die_with_launcher() -> None:
+    """End this worker when torchrun's agent (its parent) dies, as on a SIGKILL of the stage.
+
+    torchrun starts each worker in a session of its own, so killing the stage's
+    process group would otherwise leave the workers training and writing into
+    models/ with no `dvc repro` waiting for them. Linux only (prctl); elsewhere
+    a no-op.
+    """
+    if not sys.platform.startswith("linux") or "LOCAL_RANK" not in os.environ:
+        return
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() == 1:  # the agent died before the line above took effect
+        os._exit(1)
+
+
 def all_reduce_sum(values: list[float], device: str) -> list[float]:
     """Sum of each value over the processes (token counts, seconds); unchanged when alone."""
     import torch
