@@ -143,8 +143,11 @@ def main() -> None:
         "base": {"source": "pretrained", "name_or_path": str(model_dir)},
         "fetch": {"source": "file", "path": str(args.rows), "max_rows": None},
         "format": {"val_size": 16, "test_size": 16},
+        # The configuration these runs measured before packing existed (2026-11-25 in BENCHMARKS.md):
+        # padded micro-batches of rows, non-reentrant checkpointing, no fused kernels, one GPU.
         "train": {"max_steps": args.steps, "logging_steps": 5, "eval_steps": 100000, "save_steps": 100000,
-                  "report_to": []},
+                  "report_to": [], "packing": False, "gradient_checkpointing": "on", "kernels": "none",
+                  "grad_accum": 1, "devices": 1},
         "evaluate": {"max_samples": 8, "max_new_tokens": 64, "batch_size": 8, "samples_to_write": 8},
     }
     params = write_params(work / "params.yaml", common)
