@@ -95,7 +95,7 @@ def make_project(dest: Path, overrides: dict | None = None, *, git: bool = True)
     return dest
 
 
-def run(cmd: list[str], cwd: Path, check: bool = True, timeout: int = 900,
+def run(cmd: list[str], cwd: Path, check: bool = True, timeout: int = 1800,
         env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     result = subprocess.run(cmd, cwd=cwd, env={**project_env(cwd), **(env or {})}, capture_output=True,
                             text=True, timeout=timeout)

@@ -20,7 +20,7 @@ def ran_stages(output: str) -> set[str]:
 def default_project(tmp_path_factory):
     """The default params, untouched: what a new user's first `dvc repro` does."""
     project = make_project(tmp_path_factory.mktemp("default") / "sabia-ift")
-    result = run(["dvc", "repro"], project, timeout=1200)
+    result = run(["dvc", "repro"], project, timeout=2700)  # the whole default pipeline, beside another worker
     assert ran_stages(result.stdout) == {"base", "fetch", "format", "tokenize", "train", "evaluate", "benchmark"}
     return project
 
