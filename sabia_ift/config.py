@@ -215,10 +215,13 @@ class TrainConfig(_Section):
     packing: bool = _key("concatenate rows into micro-batches of micro_batch_tokens, no padding; "
                          "attention never crosses a row")
     micro_batch_tokens: Annotated[int, Field(ge=16)] = _key("token budget of a packed micro-batch")
-    attention: Literal["auto", "sdpa", "varlen"] = _key("auto: varlen flash attention for packed rows on CUDA, "
-                                                         "SDPA otherwise")
+    attention: Literal["auto", "sdpa", "varlen"] = _key("auto: varlen flash attention for packed rows on CUDA "
+                                                         "(cuDNN's when the rows are of one length), SDPA "
+                                                         "otherwise")
     kernels: Literal["none", "liger"] = _key("liger: Liger Kernel's fused RMSNorm, RoPE, SwiGLU and linear "
                                              "cross-entropy (CUDA only)")
+    fused_lora: bool = _key("each LoRA projection and its frozen (4-bit) weight in one autograd function: "
+                            "fewer passes over the activations, same numbers (any device); false: peft's forward")
     group_by_length: bool = _key("batch rows of similar length so padding wastes little (unpacked only)")
     lora: LoraConfigSection = _key("LoRA adapter shape")
     logging_steps: PositiveInt = _key("optimizer steps between train-loss logs")

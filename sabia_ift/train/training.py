@@ -33,7 +33,7 @@ from ..modeling import (
     pick_dtype,
     resolve_base,
 )
-from . import distributed, kernels
+from . import distributed, fused_lora, kernels
 from .packing import CountingCollator, RowBatchSampler
 from .progress import progress_callbacks, project_curves, show_tqdm, trainer_report_to
 
@@ -125,7 +125,10 @@ def build_model(cfg: TrainConfig, folder: Path, device: str, dtype, attn_impleme
         r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
         target_modules=list(cfg.lora.target_modules), bias="none", task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, lora)
+    model = get_peft_model(model, lora)
+    if cfg.fused_lora:
+        fused_lora.fuse_lora(model)
+    return model
 
 
 def _make_trainer_class():

@@ -1,0 +1,118 @@
+"""The fused LoRA projection computes what peft's LoRA forward computes, gradients included."""
+
+import copy
+import logging
+
+import pytest
+import torch
+
+from sabia_ift.modeling import load_model
+from sabia_ift.train.fused_lora import fuse_lora
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _peft_model(base, targets=TARGETS, dropout=0.0):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules=targets,
+                                            task_type="CAUSAL_LM"))
+    torch.manual_seed(0)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # peft starts B at zero, which would hide a wrong B path
+            torch.nn.init.normal_(param, std=0.02)
+    return model
+
+
+def _lora_grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_fused_model_matches_peft_in_loss_logits_and_every_lora_gradient(tiny_base):
+    base = load_model(tiny_base, quantization="none", double_quant=False, dtype=torch.float32, device="cpu")
+    plain = _peft_model(base)
+    fused = copy.deepcopy(plain)
+    assert fuse_lora(fused) == 7 * fused.config.num_hidden_layers
+    ids = torch.randint(3, fused.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    outs = []
+    for model in (plain, fused):
+        model.train()
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        outs.append((out.logits.detach(), out.loss.detach(), _lora_grads(model)))
+    (logits_p, loss_p, grads_p), (logits_f, loss_f, grads_f) = outs
+    torch.testing.assert_close(logits_f, logits_p, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss_f, loss_p, rtol=1e-6, atol=1e-6)
+    assert grads_f.keys() == grads_p.keys() and len(grads_p) == 2 * 7 * fused.config.num_hidden_layers
+    for name in grads_p:
+        assert grads_p[name].abs().sum() > 0, name
+        torch.testing.assert_close(grads_f[name], grads_p[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_adapter_switched_off_or_merged_gives_peft_results(tiny_base):
+    base = load_model(tiny_base, quantization="none", double_quant=False, dtype=torch.float32, device="cpu")
+    fused = _peft_model(base, targets=["q_proj", "v_proj"])
+    fuse_lora(fused)
+    ids = torch.randint(3, fused.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(2))
+    fused.eval()
+    with torch.no_grad():
+        tuned = fused(input_ids=ids).logits
+        with fused.disable_adapter():
+            off = fused(input_ids=ids).logits
+        bare = load_model(tiny_base, quantization="none", double_quant=False, dtype=torch.float32, device="cpu")
+        torch.testing.assert_close(off, bare(input_ids=ids).logits)
+        assert not torch.allclose(tuned, off)
+        fused.merge_adapter()
+        torch.testing.assert_close(fused(input_ids=ids).logits, tuned, rtol=1e-4, atol=1e-4)
+
+
+def test_layers_with_dropout_keep_peft_forward_and_say_so(tiny_base, caplog):
+    base = load_model(tiny_base, quantization="none", double_quant=False, dtype=torch.float32, device="cpu")
+    model = _peft_model(base, targets=["q_proj"], dropout=0.1)
+    with caplog.at_level(logging.INFO, logger="sabia_ift.train.fused_lora"):
+        assert fuse_lora(model) == 0
+    assert "LoRA dropout > 0" in caplog.text
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_4bit_projection_matches_the_dequantised_reference(tiny_base, double_quant):
+    """On a 4-bit base, the fused path dequantises the same weights bitsandbytes uses."""
+    import bitsandbytes.functional as bnbf
+
+    base = load_model(tiny_base, quantization="nf4", double_quant=double_quant, dtype=torch.float32, device="cpu")
+    model = _peft_model(base, targets=["q_proj"])
+    fuse_lora(model)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    weight = bnbf.dequantize_4bit(layer.base_layer.weight.data, layer.base_layer.weight.quant_state).float()
+    a, b, s = layer.lora_A["default"].weight, layer.lora_B["default"].weight, layer.scaling["default"]
+    x = torch.randn(2, 5, weight.shape[1], generator=torch.Generator().manual_seed(3))
+    x_ref = x.clone().requires_grad_(True)
+    x = x.requires_grad_(True)
+    out = layer(x)  # fp32 input: the fused path computes in fp32
+    ref = x_ref @ weight.t() + s * (x_ref @ a.t()) @ b.t()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(out)
+    da, db, dx = torch.autograd.grad(out, (a, b, x), grad)
+    ra, rb, rx = torch.autograd.grad(ref, (a, b, x_ref), grad)
+    for got, want in ((da, ra), (db, rb), (dx, rx)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_autocast_computes_in_bf16_and_keeps_fp32_gradients(tiny_base):
+    base = load_model(tiny_base, quantization="none", double_quant=False, dtype=torch.float32, device="cpu")
+    plain = _peft_model(base, targets=["q_proj", "v_proj"])
+    fused = copy.deepcopy(plain)
+    fuse_lora(fused)
+    ids = torch.randint(3, fused.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(4))
+    losses, grads = [], []
+    for model in (plain, fused):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(_lora_grads(model))
+    assert all(g.dtype == torch.float32 for g in grads[1].values())
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-2, atol=1e-2)  # bf16 rounding, fused differently
+    for name in grads[0]:
+        cos = torch.nn.functional.cosine_similarity(grads[0][name].flatten(), grads[1][name].flatten(), dim=0)
+        assert cos > 0.99, name
