@@ -8,7 +8,6 @@ Same random LLaMA-7B folder (bench/gpu_qlora.py builds it), same LoRA shape
 
   hf-mb8               the common HF+PEFT recipe (prepare_model_for_kbit_training), checkpointing, 8 x 2,048
   unsloth-ckpt-mb8     Unsloth with its own (offloading) checkpointing, 8 x 2,048
-  unsloth-nockpt-mb4   Unsloth without checkpointing, micro-batch 4 x 2 accumulation (8 fails to fit)
   unsloth-ckpt-mb1     Unsloth, checkpointing, 1 x 2,048
   unsloth-nockpt-mb8   Unsloth without checkpointing, 8 x 2,048 (recorded as failed if it does not fit)
   ours-fast            this project's train stage, fast: packed, no checkpointing, Liger, 4 x 2,048 x 2 accumulation
@@ -17,7 +16,13 @@ Same random LLaMA-7B folder (bench/gpu_qlora.py builds it), same LoRA shape
   ours-mb1             the train stage, low-memory settings at 1 x 2,048
   ours-realistic-packed    the fast configuration on real Portuguese rows (FaQuAD/ENEM mix)
   ours-realistic-unpacked  the same rows, padded micro-batches of 8 rows, length-grouped
-  ours-profile         the fast configuration's model in a plain loop under torch.profiler (top kernels)
+Only when named in --only:
+  unsloth-nockpt-mb4   Unsloth without checkpointing, micro-batch 4 x 2 accumulation
+  ours-fast16-peft     ours-fast16 with peft's own LoRA forward (train.fused_lora: false)
+  ours-fast-unfused    ours-fast without Liger and without the fused LoRA: the GPU check that the fast
+                       paths train the same model (same first losses within bf16 noise)
+  ours-profile         the fast configuration's model (8 x 2,048, bf16 autocast as in the Trainer) in a plain
+                       loop under torch.profiler (top kernels)
 
 Peers run in bench/peers.py (a fresh process each, same plain loop); this
 project's rows run the real stage scripts (as dvc.yaml does). Writes
@@ -40,9 +45,10 @@ from gpu_qlora import build_model, fixed_length_data, prepare_data, stage, write
 
 LORA = {"r": 32, "alpha": 64, "dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj"]}
 FAST = {"packing": True, "micro_batch_tokens": 8192, "grad_accum": 2, "gradient_checkpointing": "off",
-        "kernels": "liger", "attention": "auto"}
+        "kernels": "liger", "fused_lora": True, "attention": "auto"}
 LOWMEM = {"packing": True, "micro_batch_tokens": 16384, "grad_accum": 1, "gradient_checkpointing": "offload",
-          "kernels": "liger", "attention": "auto"}
+          "kernels": "liger", "fused_lora": True, "attention": "auto"}
+FAST16 = {**FAST, "micro_batch_tokens": 16384, "grad_accum": 1}
 PEERS = {
     "hf-mb8": ["--tool", "hf", "--micro-batch", "8", "--accum", "1", "--checkpointing", "on"],
     "unsloth-ckpt-mb8": ["--tool", "unsloth", "--micro-batch", "8", "--accum", "1", "--checkpointing", "unsloth"],
@@ -50,6 +56,10 @@ PEERS = {
     "unsloth-nockpt-mb8": ["--tool", "unsloth", "--micro-batch", "8", "--accum", "1", "--checkpointing", "off"],
     "unsloth-ckpt-mb1": ["--tool", "unsloth", "--micro-batch", "1", "--accum", "1", "--checkpointing", "unsloth"],
 }
+
+
+# Measured when named in --only; the default run is the table.
+OPTIONAL = {"unsloth-nockpt-mb4", "ours-fast16-peft", "ours-fast-unfused", "ours-profile"}
 
 
 def peer_env(name: str) -> dict[str, str]:
@@ -109,15 +119,19 @@ def main() -> None:
 
     ours = {
         "ours-fast": (fixed, FAST),
-        "ours-fast16": (fixed, {**FAST, "micro_batch_tokens": 16384, "grad_accum": 1}),
+        "ours-fast16": (fixed, FAST16),
         "ours-lowmem": (fixed, LOWMEM),
         "ours-mb1": (fixed, {**LOWMEM, "micro_batch_tokens": 2048}),
         "ours-realistic-packed": (tokenized, FAST),
         "ours-realistic-unpacked": (tokenized, {**FAST, "packing": False, "micro_batch_size": 8, "grad_accum": 1,
                                                 "group_by_length": True}),
+        # What the fused LoRA is worth, and the GPU check that the fast paths train the same
+        # model: no Liger and peft's own LoRA forward (8,192 tokens: 16,384 unfused does not fit).
+        "ours-fast16-peft": (fixed, {**FAST16, "fused_lora": False}),
+        "ours-fast-unfused": (fixed, {**FAST, "kernels": "none", "fused_lora": False}),
     }
     for name, (data, overrides) in ours.items():
-        if only and name not in only:
+        if (only and name not in only) or (not only and name in OPTIONAL):
             continue
         run_params = write_params(work / f"params-{name}.yaml", {**common, "train": {**common["train"], **overrides}})
         metrics, timings = work / f"train-{name}.json", work / f"timings-{name}.json"
@@ -139,11 +153,11 @@ def main() -> None:
             "micro_batch": (overrides["micro_batch_tokens"] // 2048 if overrides["packing"]
                             else overrides.get("micro_batch_size")),
             "checkpointing": overrides["gradient_checkpointing"], "trainable_params": m["trainable_params"],
-            "first_losses": m["first_train_loss"]}
+            "first_losses": m["first_train_loss"], "final_loss": m["final_train_loss"]}
         save()
 
     for name, peer_args in PEERS.items():
-        if only and name not in only:
+        if (only and name not in only) or (not only and name in OPTIONAL):
             continue
         res = work / f"peer-{name}.json"
         cmd = [sys.executable, str(REPO / "bench" / "peers.py"), "--model", str(model_dir), "--steps",
@@ -155,11 +169,11 @@ def main() -> None:
         results["runs"][name] = json.loads(res.read_text()) if res.is_file() else {"failed": f"exit {code}"}
         save()
 
-    if not only or "ours-profile" in only:
+    if "ours-profile" in only:
         res, table = work / "profile.json", out / "profile-ours-fast.txt"
         subprocess.call([sys.executable, str(REPO / "bench" / "peers.py"), "--tool", "ours", "--model",
-                         str(model_dir), "--micro-batch", "4", "--accum", "2", "--checkpointing", "off",
-                         "--steps", "4", "--out", str(res), "--profile", str(table)], cwd=REPO)
+                         str(model_dir), "--micro-batch", "8", "--accum", "1", "--checkpointing", "off",
+                         "--steps", "4", "--autocast", "--out", str(res), "--profile", str(table)], cwd=REPO)
         if res.is_file():
             results["runs"]["ours-profile"] = json.loads(res.read_text())
         save()

@@ -1,0 +1,69 @@
+"""Packed-row attention: rows of one length take the dense path and match each row's own attention."""
+
+import pytest
+import torch
+
+from sabia_ift.train import kernels
+
+HEADS, DIM = 2, 8
+
+
+def _packed(lengths):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, HEADS, sum(lengths), DIM, requires_grad=True) for _ in range(3))
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    kw = {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": max(lengths), "max_length_k": max(lengths)}
+    return q, k, v, kw
+
+
+def _row_by_row(q, k, v, lengths):
+    outs, start = [], 0
+    for n in lengths:
+        sl = slice(start, start + n)
+        outs.append(torch.nn.functional.scaled_dot_product_attention(
+            q[:, :, sl], k[:, :, sl], v[:, :, sl], is_causal=True).transpose(1, 2))
+        start += n
+    return torch.cat(outs, dim=1)  # (1, tokens, heads, dim), as the attention function returns
+
+
+def test_rows_of_one_length_match_each_row_alone_in_values_and_gradients():
+    lengths = [5, 5, 5]
+    q, k, v, kw = _packed(lengths)
+    out, _ = kernels._varlen_attention(None, q, k, v, None, scaling=DIM ** -0.5, **kw)
+    assert out.shape == (1, 15, HEADS, DIM)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    ref_out = _row_by_row(q, k, v, lengths)
+    torch.testing.assert_close(out, ref_out)
+    for g, r in zip(got, torch.autograd.grad(ref_out, (q, k, v), grad), strict=True):
+        torch.testing.assert_close(g, r)
+
+
+def test_rows_of_mixed_lengths_go_to_the_varlen_kernel(monkeypatch):
+    calls = []
+
+    def fake_varlen(q, k, v, cu_q, cu_k, max_q, max_k, **kw):
+        calls.append((q.shape, cu_q.tolist(), max_q))
+        return torch.zeros_like(q)
+
+    import torch.nn.attention.varlen as varlen
+
+    monkeypatch.setattr(varlen, "varlen_attn", fake_varlen)
+    q, k, v, kw = _packed([5, 3, 5])
+    out, _ = kernels._varlen_attention(None, q, k, v, None, scaling=None, **kw)
+    assert calls == [((13, HEADS, DIM), [0, 5, 8, 13], 5)] and out.shape == (1, 13, HEADS, DIM)
+
+
+def test_without_row_boundaries_it_is_sdpa():
+    q, k, v, _ = _packed([4, 4])
+    out, _ = kernels._varlen_attention(torch.nn.Module(), q, k, v, None, scaling=None, is_causal=True)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
+    torch.testing.assert_close(out, ref)
+
+
+def test_varlen_needs_packed_rows_on_cuda():
+    from sabia_ift.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="train.attention: varlen"):
+        kernels.attention_implementation("varlen", packing=True, device="cpu")
+    assert kernels.attention_implementation("auto", packing=True, device="cpu") == "sdpa"
