@@ -19,10 +19,11 @@ Same random LLaMA-7B folder (bench/gpu_qlora.py builds it), same LoRA shape
 Only when named in --only:
   unsloth-nockpt-mb4   Unsloth without checkpointing, micro-batch 4 x 2 accumulation
   ours-fast16-peft     ours-fast16 with peft's own LoRA forward (train.fused_lora: false)
+  ours-realistic-unpacked-peft  ours-realistic-unpacked with peft's own LoRA forward
   ours-fast-unfused    ours-fast without Liger and without the fused LoRA: the GPU check that the fast
                        paths train the same model (same first losses within bf16 noise)
   ours-profile         the fast configuration's model (8 x 2,048, bf16 autocast as in the Trainer) in a plain
-                       loop under torch.profiler (top kernels)
+                       loop under torch.profiler (top kernels); ours-profile-lowmem: the same with offload
 
 Peers run in bench/peers.py (a fresh process each, same plain loop); this
 project's rows run the real stage scripts (as dvc.yaml does). Writes
@@ -59,7 +60,8 @@ PEERS = {
 
 
 # Measured when named in --only; the default run is the table.
-OPTIONAL = {"unsloth-nockpt-mb4", "ours-fast16-peft", "ours-fast-unfused", "ours-profile"}
+OPTIONAL = {"unsloth-nockpt-mb4", "ours-fast16-peft", "ours-fast-unfused", "ours-realistic-unpacked-peft",
+            "ours-profile", "ours-profile-lowmem"}
 
 
 def peer_env(name: str) -> dict[str, str]:
@@ -87,7 +89,8 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     card = torch.cuda.get_device_name(0)
-    path = out / f"{card.replace(' ', '-').lower()}-{time.strftime('%Y-%m-%d')}-{args.tag}.json"
+    stem = f"{card.replace(' ', '-').lower()}-{time.strftime('%Y-%m-%d')}"
+    path = out / f"{stem}-{args.tag}.json"
     results = json.loads(path.read_text()) if path.is_file() else {"card": card, "runs": {}}
     import peft
     import transformers
@@ -129,6 +132,8 @@ def main() -> None:
         # model: no Liger and peft's own LoRA forward (8,192 tokens: 16,384 unfused does not fit).
         "ours-fast16-peft": (fixed, {**FAST16, "fused_lora": False}),
         "ours-fast-unfused": (fixed, {**FAST, "kernels": "none", "fused_lora": False}),
+        "ours-realistic-unpacked-peft": (tokenized, {**FAST, "packing": False, "micro_batch_size": 8, "grad_accum": 1,
+                                                     "group_by_length": True, "fused_lora": False}),
     }
     for name, (data, overrides) in ours.items():
         if (only and name not in only) or (not only and name in OPTIONAL):
@@ -169,13 +174,15 @@ def main() -> None:
         results["runs"][name] = json.loads(res.read_text()) if res.is_file() else {"failed": f"exit {code}"}
         save()
 
-    if "ours-profile" in only:
-        res, table = work / "profile.json", out / "profile-ours-fast.txt"
+    for name, checkpointing in (("ours-profile", "off"), ("ours-profile-lowmem", "offload")):
+        if name not in only:
+            continue
+        res, table = work / f"{name}.json", out / f"{stem}-{name}.txt"
         subprocess.call([sys.executable, str(REPO / "bench" / "peers.py"), "--tool", "ours", "--model",
-                         str(model_dir), "--micro-batch", "8", "--accum", "1", "--checkpointing", "off",
+                         str(model_dir), "--micro-batch", "8", "--accum", "1", "--checkpointing", checkpointing,
                          "--steps", "4", "--autocast", "--out", str(res), "--profile", str(table)], cwd=REPO)
         if res.is_file():
-            results["runs"]["ours-profile"] = json.loads(res.read_text())
+            results["runs"][name] = json.loads(res.read_text())
         save()
 
     print(f"\n{card}  torch {results['torch']}  transformers {results['transformers']}")
