@@ -67,3 +67,81 @@ def test_varlen_needs_packed_rows_on_cuda():
     with pytest.raises(ConfigError, match="train.attention: varlen"):
         kernels.attention_implementation("varlen", packing=True, device="cpu")
     assert kernels.attention_implementation("auto", packing=True, device="cpu") == "sdpa"
+
+
+class _HostOffload(kernels.ActivationOffload):
+    """The offload bookkeeping with the CUDA copies replaced by CPU clones that are logged."""
+
+    MIN_ELEMENTS = 16
+
+    def __init__(self):
+        super().__init__()
+        self.log = []
+
+    def _offloadable(self, tensor):
+        return tensor.numel() >= self.MIN_ELEMENTS
+
+    def _copy_out(self, tensor):
+        self.log.append(("out", tuple(tensor.shape)))
+        return tensor.detach().clone()
+
+    def _copy_in(self, item):
+        self.log.append(("in", self._order.index(item)))
+        item.gpu, item.ready = item.cpu.clone(), True
+
+    def _arrived(self, item):
+        self.log.append(("use", self._order.index(item)))
+        return item.gpu
+
+
+class _Stack(torch.nn.Module):
+    """Decoder-like layers under reentrant checkpointing, each also given one shared tensor (like cos/sin)."""
+
+    def __init__(self, layers=4, width=8):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(width, width) for _ in range(layers))
+
+    def forward(self, x, shared):
+        from torch.utils.checkpoint import checkpoint
+
+        for layer in self.layers:
+            x = checkpoint(lambda h, s, layer=layer: torch.tanh(layer(h) * s), x, shared, use_reentrant=True)
+        return x
+
+
+def test_offload_moves_each_layer_input_once_prefetches_the_next_and_keeps_gradients():
+    x = torch.randn(4, 8, requires_grad=True)
+    shared = torch.rand(4, 8) + 0.5
+    plain = _Stack()
+    plain(x, shared).sum().backward()
+    want = [p.grad.clone() for p in plain.parameters()] + [x.grad.clone()]
+    x.grad = None
+
+    stack, offload = _Stack(), _HostOffload()
+    offload.attach(stack)
+    stack(x, shared).sum().backward()
+    got = [p.grad for p in stack.parameters()] + [x.grad]
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w)
+    # Four layer inputs and the shared tensor, each out once; the shared one is the second saved.
+    assert [e for e in offload.log if e[0] == "out"] == [("out", (4, 8))] * 5
+    ins = [e[1] for e in offload.log if e[0] == "in"]
+    assert sorted(ins) == list(range(5))  # everything came back exactly once
+    uses = [e for e in offload.log if e[0] != "out"]
+    # Backward starts at the last layer and fetches the input of the layer before it at once.
+    assert uses[:3] == [("in", 4), ("in", 3), ("use", 4)]
+    assert all(item.cpu is None for i, item in enumerate(offload._order) if not item.shared)
+    assert sum(item.shared for item in offload._order) == 1
+
+
+def test_offload_leaves_small_tensors_and_evaluation_alone():
+    stack, offload = _Stack(width=2), _HostOffload()
+    offload.attach(stack)
+    x = torch.randn(2, 2, requires_grad=True)
+    stack(x, torch.ones(2, 2)).sum().backward()  # 4 elements: below MIN_ELEMENTS
+    assert offload.log == []
+    stack.eval()
+    with torch.no_grad():
+        stack(torch.randn(4, 2), torch.ones(4, 2))
+    assert offload.log == []

@@ -174,6 +174,10 @@ class ActivationOffload:
         self._order: list[_Offloaded] = []  # this forward pass's offloads, in the order they were saved
         self._seen: dict[int, tuple] = {}  # id(tensor) -> (weakref, offload): one trip per tensor
 
+    # The three device operations: CUDA streams here; tests replace them to check the bookkeeping.
+    def _offloadable(self, tensor) -> bool:
+        return tensor.is_cuda and tensor.numel() >= self.MIN_ELEMENTS
+
     def _side_stream(self, device):
         import torch
 
@@ -181,56 +185,65 @@ class ActivationOffload:
             self._stream = torch.cuda.Stream(device)
         return self._stream
 
+    def _copy_out(self, tensor):
+        """Queue the trip to pinned CPU memory on the side stream; returns the CPU tensor."""
+        import torch
+
+        side = self._side_stream(tensor.device)
+        cpu = torch.empty(tensor.size(), dtype=tensor.dtype, layout=tensor.layout, pin_memory=True)
+        side.wait_stream(torch.cuda.current_stream(tensor.device))  # the tensor is fully written first
+        with torch.cuda.stream(side):
+            cpu.copy_(tensor, non_blocking=True)
+        tensor.record_stream(side)  # its GPU memory is not reused until the copy is done
+        return cpu
+
+    def _copy_in(self, item: _Offloaded) -> None:
+        """Queue the trip back on the side stream, after its trip out."""
+        import torch
+
+        side = self._side_stream(item.device)
+        with torch.cuda.stream(side):
+            item.gpu = item.cpu.to(item.device, non_blocking=True)
+            item.ready = torch.cuda.Event()
+            item.ready.record(side)
+
+    def _arrived(self, item: _Offloaded):
+        """The tensor back on the GPU, once the compute stream has waited for it."""
+        import torch
+
+        compute = torch.cuda.current_stream(item.device)
+        compute.wait_event(item.ready)
+        item.gpu.record_stream(compute)
+        return item.gpu
+
     def _pack(self, tensor):
         import weakref
 
-        import torch
-
-        if not tensor.is_cuda or tensor.numel() < self.MIN_ELEMENTS:
+        if not self._offloadable(tensor):
             return tensor
         seen = self._seen.get(id(tensor))
         if seen is not None and seen[0]() is tensor:
             seen[1].shared = True
             return seen[1]
-        side, compute = self._side_stream(tensor.device), torch.cuda.current_stream(tensor.device)
-        cpu = torch.empty(tensor.size(), dtype=tensor.dtype, layout=tensor.layout, pin_memory=True)
-        side.wait_stream(compute)  # the tensor is fully written before it travels
-        with torch.cuda.stream(side):
-            cpu.copy_(tensor, non_blocking=True)
-        tensor.record_stream(side)  # its GPU memory is not reused until the copy is done
-        item = _Offloaded(cpu, tensor.device)
+        item = _Offloaded(self._copy_out(tensor), tensor.device)
         self._order.append(item)
         self._seen[id(tensor)] = (weakref.ref(tensor), item)
         return item
 
-    def _fetch(self, item: _Offloaded) -> None:
-        import torch
-
-        side = self._side_stream(item.device)
-        with torch.cuda.stream(side):  # queued after its own trip out on the same stream
-            item.gpu = item.cpu.to(item.device, non_blocking=True)
-            item.ready = torch.cuda.Event()
-            item.ready.record(side)
-
     def _unpack(self, item):
-        import torch
-
         if not isinstance(item, _Offloaded):
             return item
         if item.gpu is None:
             if item.cpu is None:
                 raise RuntimeError("an offloaded activation was asked for twice")
-            self._fetch(item)
+            self._copy_in(item)
         # Backward runs the layers in reverse: start the one before this one now.
         index = next((i for i, other in enumerate(self._order) if other is item), None)
         if index:
             earlier = self._order[index - 1]
             if earlier.gpu is None and earlier.cpu is not None:
-                self._fetch(earlier)
-        compute = torch.cuda.current_stream(item.device)
-        compute.wait_event(item.ready)
-        tensor = item.gpu
-        tensor.record_stream(compute)
+                self._copy_in(earlier)
+        tensor = self._arrived(item)
         if not item.shared:  # used once: let both copies go
             item.gpu = item.cpu = None
         return tensor
