@@ -50,6 +50,7 @@ FAST = {"packing": True, "micro_batch_tokens": 8192, "grad_accum": 2, "gradient_
 LOWMEM = {"packing": True, "micro_batch_tokens": 16384, "grad_accum": 1, "gradient_checkpointing": "offload",
           "kernels": "liger", "fused_lora": True, "attention": "auto"}
 FAST16 = {**FAST, "micro_batch_tokens": 16384, "grad_accum": 1}
+UNPACKED = {**FAST, "packing": False, "micro_batch_size": 8, "grad_accum": 1, "group_by_length": True}
 PEERS = {
     "hf-mb8": ["--tool", "hf", "--micro-batch", "8", "--accum", "1", "--checkpointing", "on"],
     "unsloth-ckpt-mb8": ["--tool", "unsloth", "--micro-batch", "8", "--accum", "1", "--checkpointing", "unsloth"],
@@ -126,14 +127,12 @@ def main() -> None:
         "ours-lowmem": (fixed, LOWMEM),
         "ours-mb1": (fixed, {**LOWMEM, "micro_batch_tokens": 2048}),
         "ours-realistic-packed": (tokenized, FAST),
-        "ours-realistic-unpacked": (tokenized, {**FAST, "packing": False, "micro_batch_size": 8, "grad_accum": 1,
-                                                "group_by_length": True}),
+        "ours-realistic-unpacked": (tokenized, UNPACKED),
         # What the fused LoRA is worth, and the GPU check that the fast paths train the same
         # model: no Liger and peft's own LoRA forward (8,192 tokens: 16,384 unfused does not fit).
         "ours-fast16-peft": (fixed, {**FAST16, "fused_lora": False}),
         "ours-fast-unfused": (fixed, {**FAST, "kernels": "none", "fused_lora": False}),
-        "ours-realistic-unpacked-peft": (tokenized, {**FAST, "packing": False, "micro_batch_size": 8, "grad_accum": 1,
-                                                     "group_by_length": True, "fused_lora": False}),
+        "ours-realistic-unpacked-peft": (tokenized, {**UNPACKED, "fused_lora": False}),
     }
     for name, (data, overrides) in ours.items():
         if (only and name not in only) or (not only and name in OPTIONAL):
