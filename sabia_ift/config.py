@@ -223,6 +223,9 @@ class TrainConfig(_Section):
     fused_lora: bool = _key("each LoRA projection and its frozen (4-bit) weight in one autograd function: "
                             "fewer passes over the activations, same numbers (any device); false: peft's forward")
     group_by_length: bool = _key("batch rows of similar length so padding wastes little (unpacked only)")
+    loss_weighting: Literal["tokens", "rows"] = _key(
+        "tokens: every trained token of a step counts alike; rows: every row counts alike, its tokens sharing "
+        "its weight (the logged train loss stays the token mean)")
     lora: LoraConfigSection = _key("LoRA adapter shape")
     logging_steps: PositiveInt = _key("optimizer steps between train-loss logs")
     eval_steps: PositiveInt = _key("optimizer steps between validation losses")

@@ -97,6 +97,16 @@ def test_packed_training_trains_the_same_rows(tiny_base, tokenized, tmp_path):
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
 
 
+def test_row_weighting_changes_the_gradient_not_the_logged_loss(tiny_base, tokenized, tmp_path):
+    runs = [train(small_config(packing=True, micro_batch_tokens=512, grad_accum=2, max_steps=3, logging_steps=1,
+                               loss_weighting=weighting), tiny_base, tokenized, tmp_path / weighting / "adapter",
+                  tmp_path / weighting / "ckpt", None)[0] for weighting in ("tokens", "rows")]
+    # The first loss is computed before any update: the token mean either way.
+    assert runs[1]["first_train_loss"] == runs[0]["first_train_loss"]
+    # The updates differ, so the later losses do.
+    assert runs[1]["final_train_loss"] != runs[0]["final_train_loss"]
+
+
 @pytest.mark.parametrize(("key", "value", "message"), [
     ("kernels", "liger", "train.kernels: liger needs a CUDA GPU"),
     ("attention", "varlen", "train.attention: varlen runs on CUDA"),

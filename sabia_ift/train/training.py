@@ -33,7 +33,7 @@ from ..modeling import (
     pick_dtype,
     resolve_base,
 )
-from . import distributed, fused_lora, kernels
+from . import distributed, fused_lora, kernels, weighting
 from .packing import CountingCollator, RowBatchSampler
 from .progress import progress_callbacks, project_curves, show_tqdm, trainer_report_to
 
@@ -111,6 +111,7 @@ def build_model(cfg: TrainConfig, folder: Path, device: str, dtype, attn_impleme
     model = load_model(folder, quantization=cfg.quantization, double_quant=cfg.double_quant,
                        dtype=dtype, device=device, attn_implementation=attn_implementation)
     check_target_modules(model, cfg.lora.target_modules)
+    weighting.check_targets(cfg.loss_weighting, cfg.lora.target_modules)
     if cfg.gradient_checkpointing != "off":
         # Non-reentrant recompute saves nothing but what it needs; the offload
         # variant uses the reentrant one, whose only saved tensors are the layer
@@ -150,11 +151,32 @@ def _make_trainer_class():
         sampler: RowBatchSampler
         save_seconds: list[float]
         checkpoint_bytes: int | None = None
+        row_weighting: weighting.RowWeighting | None = None
 
         def get_train_dataloader(self):
             # Already sharded by rank: not passed through accelerate's re-sharding.
             return EpochLoader(self.train_dataset, batch_sampler=self.sampler, collate_fn=self.data_collator,
                                num_workers=0, pin_memory=self.args.dataloader_pin_memory)
+
+        def get_batch_samples(self, epoch_iterator, num_batches, device):
+            # An optimizer step's micro-batches arrive together here: the only place that
+            # sees the step's rows and tokens before its first forward pass.
+            batches, items = super().get_batch_samples(epoch_iterator, num_batches, device)
+            if self.row_weighting is not None:
+                world = self.args.world_size
+                gather = ((lambda totals: self.accelerator.gather(totals.to(device)).view(world, -1).sum(0).cpu())
+                          if world > 1 else None)
+                weighting.weigh_step(batches, gather)
+            return batches, items
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if self.row_weighting is None:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            self.row_weighting.weights = inputs.pop(weighting.KEY, None)
+            try:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            finally:
+                self.row_weighting.weights = None
 
         def evaluate(self, *args, **kwargs):
             self.data_collator.counting = False
@@ -356,6 +378,9 @@ def train(cfg: TrainConfig, base_dir: str | Path, tokenized_dir: str | Path, ada
         processing_class=tokenizer, callbacks=callbacks,
     )
     trainer.sampler = sampler
+    if cfg.loss_weighting == "rows":
+        trainer.row_weighting = weighting.RowWeighting()
+        trainer.row_weighting.attach(model.get_base_model().model)
     if run.device == "cuda":
         # The peak of training itself: weights and everything a step allocates, not loading spikes.
         torch.cuda.reset_peak_memory_stats()
