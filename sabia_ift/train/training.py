@@ -33,7 +33,7 @@ from ..modeling import (
     pick_dtype,
     resolve_base,
 )
-from . import distributed, fused_lora, kernels, weighting
+from . import distributed, fused_lora, kernels, recompute, weighting
 from .packing import CountingCollator, RowBatchSampler
 from .progress import progress_callbacks, project_curves, show_tqdm, trainer_report_to
 
@@ -112,15 +112,14 @@ def build_model(cfg: TrainConfig, folder: Path, device: str, dtype, attn_impleme
                        dtype=dtype, device=device, attn_implementation=attn_implementation)
     check_target_modules(model, cfg.lora.target_modules)
     weighting.check_targets(cfg.loss_weighting, cfg.lora.target_modules)
-    if cfg.gradient_checkpointing != "off":
-        # Non-reentrant recompute saves nothing but what it needs; the offload
-        # variant uses the reentrant one, whose only saved tensors are the layer
-        # inputs, and moves exactly those to CPU memory.
-        reentrant = cfg.gradient_checkpointing == "offload"
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
-        if reentrant:
-            model.enable_input_require_grads()  # reentrant recompute needs inputs that require grad
-            kernels.ActivationOffload().attach(model.model)
+    if cfg.gradient_checkpointing == "on":
+        # Non-reentrant recompute saves nothing but what it needs.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif cfg.gradient_checkpointing == "offload":
+        # Reentrant halves (recompute.split_checkpointing, once LoRA is attached), whose
+        # only saved tensors are their inputs: ActivationOffload moves exactly those.
+        model.enable_input_require_grads()  # reentrant recompute needs inputs that require grad
+        kernels.ActivationOffload().attach(model.model)
     model.config.use_cache = False
     lora = LoraConfig(
         r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
@@ -129,6 +128,8 @@ def build_model(cfg: TrainConfig, folder: Path, device: str, dtype, attn_impleme
     model = get_peft_model(model, lora)
     if cfg.fused_lora:
         fused_lora.fuse_lora(model)
+    if cfg.gradient_checkpointing == "offload":
+        recompute.split_checkpointing(model)
     return model
 
 

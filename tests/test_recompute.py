@@ -1,0 +1,98 @@
+"""Split checkpointing: the gradients of no checkpointing, with frozen output projections computed once."""
+
+import copy
+
+import pytest
+import torch
+
+from sabia_ift.modeling import load_model
+from sabia_ift.train.kernels import ActivationOffload
+from sabia_ift.train.recompute import split_checkpointing
+
+
+def _peft(base, targets):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=targets, task_type="CAUSAL_LM"))
+    torch.manual_seed(0)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # zero B would leave A without a gradient
+            torch.nn.init.normal_(param, std=0.05)
+    model.config.use_cache = False
+    return model
+
+
+def _step(model, ids):
+    model.train()
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    return loss.detach(), grads
+
+
+def _split(model):
+    """What the train stage does for gradient_checkpointing: offload."""
+    split = copy.deepcopy(model)
+    split.get_base_model().enable_input_require_grads()
+    ActivationOffload().attach(split.get_base_model().model)
+    return split, split_checkpointing(split)
+
+
+def _count_real_forwards(model, names):
+    calls = {"n": 0}
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in names and hasattr(module, "_sabia_forward"):
+            original = module._sabia_forward
+
+            def counted(*args, _original=original, **kwargs):
+                calls["n"] += 1
+                return _original(*args, **kwargs)
+
+            module._sabia_forward = counted
+    return calls
+
+
+@pytest.mark.parametrize(("quantization", "tolerance"), [("none", 1e-5), ("nf4", 2e-3)])
+def test_split_halves_give_the_gradients_of_no_checkpointing(tiny_base, quantization, tolerance):
+    base = load_model(tiny_base, quantization=quantization, double_quant=True, dtype=torch.float32, device="cpu")
+    plain = _peft(base, ["q_proj", "v_proj", "up_proj"])
+    split, (layers, skipped) = _split(plain)
+    assert (layers, skipped) == (plain.config.num_hidden_layers, 2 * plain.config.num_hidden_layers)
+    ids = torch.randint(3, plain.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(5))
+    loss_p, grads_p = _step(plain, ids)
+    calls = _count_real_forwards(split, {"o_proj", "down_proj"})
+    loss_s, grads_s = _step(split, ids)
+    # Each frozen output projection ran once (the first pass), not again in the recompute.
+    assert calls["n"] == 2 * plain.config.num_hidden_layers
+    torch.testing.assert_close(loss_s, loss_p)
+    assert grads_s.keys() == grads_p.keys() and len(grads_p) == 2 * 3 * plain.config.num_hidden_layers
+    for name in grads_p:
+        assert grads_p[name].abs().sum() > 0, name
+        torch.testing.assert_close(grads_s[name], grads_p[name], rtol=tolerance, atol=tolerance * 1e-2, msg=name)
+
+
+def test_tuned_output_projections_are_recomputed(tiny_base):
+    base = load_model(tiny_base, quantization="none", double_quant=False, dtype=torch.float32, device="cpu")
+    plain = _peft(base, ["q_proj", "o_proj", "down_proj"])
+    split, (layers, skipped) = _split(plain)
+    assert skipped == 0
+    ids = torch.randint(3, plain.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(6))
+    loss_p, grads_p = _step(plain, ids)
+    loss_s, grads_s = _step(split, ids)
+    torch.testing.assert_close(loss_s, loss_p)
+    for name in grads_p:
+        torch.testing.assert_close(grads_s[name], grads_p[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_evaluation_runs_the_layers_whole(tiny_base):
+    base = load_model(tiny_base, quantization="none", double_quant=False, dtype=torch.float32, device="cpu")
+    plain = _peft(base, ["q_proj", "v_proj"])
+    split, _ = _split(plain)
+    ids = torch.randint(3, plain.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(7))
+    plain.eval()
+    split.eval()
+    calls = _count_real_forwards(split, {"o_proj", "down_proj"})
+    with torch.no_grad():
+        torch.testing.assert_close(split(input_ids=ids).logits, plain(input_ids=ids).logits)
+    assert calls["n"] == 2 * plain.config.num_hidden_layers
