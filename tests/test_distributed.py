@@ -49,9 +49,11 @@ def run_stage(tmp_path, tiny_base, tokenized, name, train):
             load_file(folder / "adapter/adapter_model.safetensors"), [float(r["loss"]) for r in curve])
 
 
-@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
-def test_two_processes_match_one_with_the_same_global_batch(tmp_path, tiny_base, tokenized, packing):
-    layout = {"packing": packing, "micro_batch_size": 4, "micro_batch_tokens": 600}
+@pytest.mark.parametrize(("packing", "weighting"), [(False, "tokens"), (True, "tokens"), (True, "rows")],
+                         ids=["padded", "packed", "packed-rows"])
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path, tiny_base, tokenized, packing, weighting):
+    # rows: each process weighs its rows by the step's rows and tokens over both processes.
+    layout = {"packing": packing, "micro_batch_size": 4, "micro_batch_tokens": 600, "loss_weighting": weighting}
     one = run_stage(tmp_path, tiny_base, tokenized, "one", {**layout, "devices": 1, "grad_accum": 2})
     two = run_stage(tmp_path, tiny_base, tokenized, "two", {**layout, "devices": 2, "grad_accum": 2})
     (m1, t1, a1, c1), (m2, t2, a2, c2) = one, two

@@ -233,6 +233,9 @@ def training_arguments(cfg: TrainConfig, checkpoint_dir: Path, device: str, dtyp
         data_seed=cfg.seed,
         use_cpu=device == "cpu",
         dataloader_num_workers=0,
+        # The loss of a step is divided by its trained tokens over every process (the
+        # transformers default, relied on by train.loss_weighting: rows).
+        average_tokens_across_devices=True,
         # Only LoRA weights train; every one of them gets a gradient each step.
         ddp_find_unused_parameters=False,
         ddp_backend=("gloo" if device == "cpu" else "nccl") if world.size > 1 else None,
