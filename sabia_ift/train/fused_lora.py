@@ -15,6 +15,7 @@ under bf16 autocast); only their bf16 copies enter the GEMMs, as under autocast.
 
 from __future__ import annotations
 
+import functools
 import logging
 import types
 from typing import Any
@@ -41,19 +42,9 @@ def _compute_dtype(x):
     return x.dtype
 
 
-class _LoraLinear:
-    """Built lazily so importing this module does not import torch."""
-
-    fn: Any = None
-
-    @classmethod
-    def get(cls):
-        if cls.fn is None:
-            cls.fn = _make_function()
-        return cls.fn
-
-
-def _make_function():
+@functools.cache
+def _lora_linear():
+    """The autograd function, built on first use so importing this module does not import torch."""
     import torch
 
     class LoraLinear(torch.autograd.Function):
@@ -99,16 +90,15 @@ def _fused_forward(self, x, *args, **kwargs):
     name = self.active_adapters[0]
     if name not in self.lora_A:
         return self._peft_forward(x)
-    return _LoraLinear.get().apply(x, self.lora_A[name].weight, self.lora_B[name].weight, self.get_base_layer(),
+    return _lora_linear().apply(x, self.lora_A[name].weight, self.lora_B[name].weight, self.get_base_layer(),
                                    float(self.scaling[name]))
 
 
 def _eligible(module) -> str | None:
     """Why this LoRA layer cannot take the fused path, or None when it can."""
     import torch
-    from peft.tuners.lora import LoraLayer
 
-    if not isinstance(module, LoraLayer) or not hasattr(module, "lora_A"):
+    if not hasattr(module, "lora_A"):
         return "not a LoRA layer"
     base = module.get_base_layer()
     if not isinstance(base, torch.nn.Linear):

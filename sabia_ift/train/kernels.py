@@ -144,24 +144,24 @@ def apply_liger(device: str) -> None:
 class _Offloaded:
     """One saved tensor's trip to CPU memory and back."""
 
-    __slots__ = ("cpu", "device", "gpu", "ready", "shared")
+    __slots__ = ("cpu", "device", "gpu", "index", "ready", "shared")
 
-    def __init__(self, cpu, device) -> None:
-        self.cpu, self.device, self.shared = cpu, device, False
+    def __init__(self, cpu, device, index: int) -> None:
+        self.cpu, self.device, self.index, self.shared = cpu, device, index, False
         self.gpu: Any = None
         self.ready: Any = None
 
 
 class ActivationOffload:
-    """Checkpointed layer inputs go to pinned CPU memory during the forward pass and
-    come back for the backward pass, so GPU memory no longer grows with the
-    number of layers times the micro-batch.
+    """The inputs of checkpointed layers (or half layers: recompute.py) go to pinned
+    CPU memory during the forward pass and come back for the backward pass, so
+    GPU memory no longer grows with the number of layers times the micro-batch.
 
     Used with reentrant checkpointing, whose only saved tensors are each
-    layer's inputs: a saved-tensor hook moves exactly those. The copies run on
-    a side stream, so the GPU keeps computing while they travel; in backward,
-    the next layer's input is fetched while the current layer recomputes. A
-    tensor every layer saves (RoPE's cos/sin) travels once.
+    checkpoint's inputs: a saved-tensor hook moves exactly those. The copies run
+    on a side stream, so the GPU keeps computing while they travel; in backward,
+    the next checkpoint's input is fetched while the current one recomputes. A
+    tensor every checkpoint saves travels once.
     """
 
     MIN_ELEMENTS = 1 << 16  # smaller tensors stay where they are: their trip costs more than their memory
@@ -225,7 +225,7 @@ class ActivationOffload:
         if seen is not None and seen[0]() is tensor:
             seen[1].shared = True
             return seen[1]
-        item = _Offloaded(self._copy_out(tensor), tensor.device)
+        item = _Offloaded(self._copy_out(tensor), tensor.device, len(self._order))
         self._order.append(item)
         self._seen[id(tensor)] = (weakref.ref(tensor), item)
         return item
@@ -238,9 +238,9 @@ class ActivationOffload:
                 raise RuntimeError("an offloaded activation was asked for twice")
             self._copy_in(item)
         # Backward runs the layers in reverse: start the one before this one now.
-        index = next((i for i, other in enumerate(self._order) if other is item), None)
-        if index:
-            earlier = self._order[index - 1]
+        # (Only for this forward pass's items: another pass's index points into another list.)
+        if item.index and item.index < len(self._order) and self._order[item.index] is item:
+            earlier = self._order[item.index - 1]
             if earlier.gpu is None and earlier.cpu is not None:
                 self._copy_in(earlier)
         tensor = self._arrived(item)
