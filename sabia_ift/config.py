@@ -224,8 +224,8 @@ class TrainConfig(_Section):
                             "fewer passes over the activations, same numbers (any device); false: peft's forward")
     group_by_length: bool = _key("batch rows of similar length so padding wastes little (unpacked only)")
     loss_weighting: Literal["tokens", "rows"] = _key(
-        "tokens: every trained token of a step counts alike; rows: every row counts alike, its tokens sharing "
-        "its weight (the logged train loss stays the token mean)")
+        "tokens: every trained token of a step counts alike; rows: every row of the run counts alike, its "
+        "tokens sharing its weight, however many rows a step holds (the logged train loss stays the token mean)")
     lora: LoraConfigSection = _key("LoRA adapter shape")
     logging_steps: PositiveInt = _key("optimizer steps between train-loss logs")
     eval_steps: PositiveInt = _key("optimizer steps between validation losses")

@@ -1,4 +1,4 @@
-"""Row weighting: each row an equal share of the step's gradient, whatever the batch layout."""
+"""Row weighting: every row the same share of the gradient over the run, whatever the batch layout."""
 
 import pytest
 import torch
@@ -25,16 +25,23 @@ def test_shares_of_padded_rows_follow_the_batch_rows():
     assert (tokens, rows) == (4, 2)
 
 
-def test_step_weights_scale_shares_by_the_step_tokens_per_row():
+def test_step_weights_scale_shares_by_the_step_tokens_over_the_run_rows_per_step():
     first = {"labels": torch.tensor([[X, 5, 6, 7]])}
     second = {"labels": torch.tensor([[X, 8, X, X]])}
-    weighting.weigh_step([first, second])
-    # 4 trained tokens, 2 rows: each row's weights add up to 4 / 2.
+    weighting.weigh_step([first, second], rows_per_step=2.0)
+    # 4 trained tokens, 2 rows a step on average: each row's weights add up to 4 / 2.
     torch.testing.assert_close(first[weighting.KEY], torch.tensor([[2 / 3, 2 / 3, 2 / 3, 0.0]]))
     torch.testing.assert_close(second[weighting.KEY], torch.tensor([[2.0, 0.0, 0.0, 0.0]]))
     gathered = []
-    weighting.weigh_step([first], gather=lambda totals: gathered.append(totals.tolist()) or totals * 2)
-    assert gathered == [[3.0, 1.0]]
+    weighting.weigh_step([first], rows_per_step=4.0,
+                         gather=lambda tokens: gathered.append(tokens.tolist()) or tokens * 2)
+    assert gathered == [[3.0]]
+    torch.testing.assert_close(first[weighting.KEY], torch.tensor([[0.5, 0.5, 0.5, 0.0]]))
+
+
+def test_rows_per_step_counts_every_process_micro_batches():
+    # 96 rows in 24 micro-batches a epoch, 4 a step: 6 steps of 16 rows on average.
+    assert weighting.rows_per_step(96, 24, 4) == 16.0
 
 
 def _rows(vocab):
@@ -67,23 +74,23 @@ def _grads(model):
     return grads
 
 
-def _row_mean_reference(model, rows):
-    """Each row alone: the mean of its trained tokens' losses; then the mean over rows."""
+def _row_mean_reference(model, rows, rows_per_step):
+    """Each row alone: the mean of its trained tokens' losses; summed over rows, over the rows a step."""
     losses = []
     for row in rows:
         ids, labels = torch.tensor([row["input_ids"]]), torch.tensor([row["labels"]])
         logits = model(input_ids=ids).logits[0, :-1]
         losses.append(torch.nn.functional.cross_entropy(logits, labels[0, 1:], ignore_index=X))
-    torch.stack(losses).mean().backward()
+    (torch.stack(losses).sum() / rows_per_step).backward()
     return _grads(model)
 
 
-def _weighted_step(model, micro_batches, weigh=True):
+def _weighted_step(model, micro_batches, weigh=True, rows_per_step=4.0):
     """What the Trainer does with a step's micro-batches: summed token losses over the step's tokens."""
-    holder = weighting.RowWeighting()
+    holder = weighting.RowWeighting(rows_per_step)
     holder.attach(model.get_base_model().model)
     if weigh:
-        weighting.weigh_step(micro_batches)
+        weighting.weigh_step(micro_batches, rows_per_step)
     tokens = sum(int((b["labels"][:, 1:] != X).sum()) for b in micro_batches)
     for batch in micro_batches:
         inputs = dict(batch)
@@ -94,14 +101,15 @@ def _weighted_step(model, micro_batches, weigh=True):
 
 
 @pytest.mark.parametrize("packing", [True, False])
-def test_weighted_step_gradient_is_the_mean_over_rows_of_row_means(tiny_base, tokenizer, packing):
+@pytest.mark.parametrize("rows_per_step", [4.0, 6.5])
+def test_weighted_step_gradient_is_the_sum_of_row_means_over_rows_a_step(tiny_base, tokenizer, packing,
+                                                                           rows_per_step):
     model = _model(tiny_base)
     rows = _rows(model.config.vocab_size)
-    expected = _row_mean_reference(model, rows)
+    expected = _row_mean_reference(model, rows, rows_per_step)
     collate = CountingCollator(tokenizer, packing=packing, varlen=False, pad_to_multiple_of=None)
     # Two micro-batches in one optimizer step, rows of different lengths in each.
-    steps = [collate(rows[:2]), collate(rows[2:])]
-    got = _weighted_step(model, steps)
+    got = _weighted_step(model, [collate(rows[:2]), collate(rows[2:])], rows_per_step=rows_per_step)
     plain = _weighted_step(model, [collate(rows[:2]), collate(rows[2:])], weigh=False)
     assert expected.keys() == got.keys() and len(got) == 2 * 3 * model.config.num_hidden_layers
     for name in expected:
@@ -112,7 +120,7 @@ def test_weighted_step_gradient_is_the_mean_over_rows_of_row_means(tiny_base, to
 
 def test_evaluation_and_unweighted_forwards_are_untouched(tiny_base):
     model = _model(tiny_base)
-    holder = weighting.RowWeighting()
+    holder = weighting.RowWeighting(rows_per_step=8.0)
     holder.attach(model.get_base_model().model)
     ids = torch.randint(3, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(4))
     reference = model(input_ids=ids, labels=ids).loss

@@ -164,10 +164,9 @@ def _make_trainer_class():
             # sees the step's rows and tokens before its first forward pass.
             batches, items = super().get_batch_samples(epoch_iterator, num_batches, device)
             if self.row_weighting is not None:
-                world = self.args.world_size
-                gather = ((lambda totals: self.accelerator.gather(totals.to(device)).view(world, -1).sum(0).cpu())
-                          if world > 1 else None)
-                weighting.weigh_step(batches, gather)
+                gather = ((lambda tokens: self.accelerator.gather(tokens.to(device)).sum(0, keepdim=True).cpu())
+                          if self.args.world_size > 1 else None)
+                weighting.weigh_step(batches, self.row_weighting.rows_per_step, gather)
             return batches, items
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -383,7 +382,8 @@ def train(cfg: TrainConfig, base_dir: str | Path, tokenized_dir: str | Path, ada
     )
     trainer.sampler = sampler
     if cfg.loss_weighting == "rows":
-        trainer.row_weighting = weighting.RowWeighting()
+        rows_per_step = weighting.rows_per_step(len(train_set), len(sampler.batches(0)), cfg.grad_accum)
+        trainer.row_weighting = weighting.RowWeighting(rows_per_step)
         trainer.row_weighting.attach(model.get_base_model().model)
     if run.device == "cuda":
         # The peak of training itself: weights and everything a step allocates, not loading spikes.

@@ -2,11 +2,12 @@
 
 `train.loss_weighting: tokens` is the Trainer's own loss: the mean over every
 trained token of the step, so a long answer weighs as much as many short ones.
-`rows` gives every row one equal share, split among its own tokens, which is
-what length-grouped padded batches roughly did: a batch of short answers gave
-each of their few tokens, the end-of-sequence token included, a large share.
-Packed and randomly mixed batches lose that (measured on the embedded default:
-the tuned model stops on fewer prompts; BENCHMARKS.md).
+`rows` gives every row of the run one equal share, split among its own
+tokens, which is what batches of a fixed number of rows of similar length
+did: a batch of short answers gave each of their few tokens, the
+end-of-sequence token included, a large share. Packed batches lose that, as a
+step of many short rows weighs as much as a step of a few long ones
+(BENCHMARKS.md measures what that does on the embedded default).
 
 The weights act on the gradient of the decoder's last hidden states, the
 input of the output projection and its cross-entropy. The loss itself is
@@ -14,8 +15,8 @@ untouched, so every cross-entropy kernel keeps working (Liger's fused one never
 materialises per-token losses), and the logged train loss stays the token mean
 that compares with `eval_loss`. Every trainable weight sits upstream of those
 hidden states (the output projection is refused as a LoRA target in this
-mode), so the gradient is exactly that of the mean over rows of each row's
-mean loss.
+mode), so the gradient is exactly that of the rows' mean losses, summed and
+divided by the run's average rows per step.
 """
 
 from __future__ import annotations
@@ -67,23 +68,31 @@ def row_shares(batch) -> tuple[Any, int, int]:
     return shares, int(mask.sum()), int(counts.numel())
 
 
-def weigh_step(batches: list, gather=None) -> None:
+def weigh_step(batches: list, rows_per_step: float, gather=None) -> None:
     """Add each micro-batch's gradient weights for one optimizer step, in place.
 
     The Trainer divides the step's summed token losses by its trained tokens
     N (over every process). A weight of N / (R * n) on a token of a row with n
-    trained tokens, R rows in the step, turns that into the mean over rows of
-    each row's mean loss. `gather` sums (tokens, rows) over processes.
+    trained tokens turns that into the sum of each row's mean loss over R,
+    the run's average rows per optimizer step: every row weighs the same in
+    the whole run, as in batches of a fixed number of rows, even when a packed
+    step holds many short rows or few long ones. `gather` sums the trained
+    tokens over processes.
     """
     import torch
 
     found = [row_shares(batch) for batch in batches]
-    totals = torch.tensor([sum(f[1] for f in found), sum(f[2] for f in found)], dtype=torch.float64)
+    tokens = torch.tensor([float(sum(f[1] for f in found))], dtype=torch.float64)
     if gather is not None:
-        totals = gather(totals)
-    tokens, rows = float(totals[0]), float(totals[1])
+        tokens = gather(tokens)
+    scale = float(tokens[0]) / rows_per_step
     for batch, (shares, _, _) in zip(batches, found, strict=True):
-        batch[KEY] = shares * (tokens / rows) if rows else shares
+        batch[KEY] = shares * scale
+
+
+def rows_per_step(rows: int, micro_batches_per_epoch: int, micro_batches_per_step: int) -> float:
+    """The run's average rows per optimizer step (every process together)."""
+    return rows / max(micro_batches_per_epoch // micro_batches_per_step, 1)
 
 
 @functools.cache
@@ -108,7 +117,8 @@ def _scale_grad():
 class RowWeighting:
     """Applies a micro-batch's weights to the decoder's output while the Trainer computes its loss."""
 
-    def __init__(self) -> None:
+    def __init__(self, rows_per_step: float) -> None:
+        self.rows_per_step = rows_per_step
         self.weights = None
 
     def attach(self, decoder) -> None:
