@@ -62,9 +62,15 @@ def test_split_halves_give_the_gradients_of_no_checkpointing(tiny_base, quantiza
     ids = torch.randint(3, plain.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(5))
     loss_p, grads_p = _step(plain, ids)
     calls = _count_real_forwards(split, {"o_proj", "down_proj"})
+    activations = {"n": 0}
+    for name, module in split.named_modules():
+        if name.endswith("mlp.act_fn"):
+            module.register_forward_hook(lambda *_: activations.__setitem__("n", activations["n"] + 1))
     loss_s, grads_s = _step(split, ids)
-    # Each frozen output projection ran once (the first pass), not again in the recompute.
+    # Each frozen output projection, and the activation feeding down_proj, ran once
+    # (the first pass), not again in the recompute.
     assert calls["n"] == 2 * plain.config.num_hidden_layers
+    assert activations["n"] == plain.config.num_hidden_layers
     torch.testing.assert_close(loss_s, loss_p)
     assert grads_s.keys() == grads_p.keys() and len(grads_p) == 2 * 3 * plain.config.num_hidden_layers
     for name in grads_p:

@@ -9,7 +9,9 @@ attention and MLP, whose inputs (the residual stream before and after
 attention) go to CPU memory with ActivationOffload. Recomputing a half then
 stops being about its output: a frozen output projection hands back an
 unfilled tensor, and its backward computes the input gradient from the weight
-alone. At 7B that is 30% of the recomputed products (BENCHMARKS.md).
+alone. At 7B that is 30% of the recomputed products (BENCHMARKS.md). In a
+SwiGLU MLP whose down projection is skipped, the activation (silu(gate) * up)
+is skipped too: its backward needs only gate and up, as it always did.
 
 Only frozen, plain (or 4-bit) projections are skipped; a LoRA-tuned one needs
 its input for its own gradient and is recomputed as before. Layers of another
@@ -73,6 +75,58 @@ def _residual_in_recompute():
     return ResidualInRecompute
 
 
+@functools.cache
+def _deferred_swiglu():
+    """Forward: an unfilled output of down_proj(silu(a) * b). Backward: dX through the frozen
+    down projection, then the activation's own backward, from a and b alone."""
+    import torch
+
+    class DeferredSwiGLU(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, a, b, down, liger):
+            ctx.save_for_backward(a, b)
+            ctx.down, ctx.liger, ctx.dtype = down, liger, _compute_dtype(a)
+            out_dtype = a.dtype if getattr(down.weight, "quant_state", None) is not None else ctx.dtype
+            return a.new_empty((*a.shape[:-1], down.out_features), dtype=out_dtype)
+
+        @staticmethod
+        def backward(ctx, grad):
+            a, b = ctx.saved_tensors
+            g = grad.reshape(-1, grad.shape[-1]).to(ctx.dtype)
+            dh = torch.mm(g, _dense_weight(ctx.down, ctx.dtype)).view(a.shape).to(a.dtype)
+            if ctx.liger:
+                # The kernel the first pass used; it writes the gradients over a and b, read by nothing else.
+                from liger_kernel.ops.swiglu import swiglu_backward
+
+                da, db = swiglu_backward(a, b, dh)
+            else:
+                # The ops autograd runs for act_fn(a) * b, so the numbers are those of the plain layer.
+                db = dh * torch.nn.functional.silu(a)
+                da = torch.ops.aten.silu_backward(dh * b, a)
+            return da, db, None, None
+
+    return DeferredSwiGLU
+
+
+def _swiglu_kind(mlp) -> str | None:
+    """'liger' or 'torch' for an MLP computing down(silu(gate(x)) * up(x)); None for any other."""
+    kind = type(mlp).__name__
+    silu = getattr(getattr(mlp, "config", None), "hidden_act", None) in ("silu", "swish")
+    if kind == "LigerSwiGLUMLP" and type(mlp).__module__.startswith("liger_kernel"):
+        return "liger"
+    if kind == "LlamaMLP" and type(mlp).__module__.startswith("transformers") and silu:
+        return "torch"
+    return None
+
+
+def _mlp_forward(self, x):
+    """A SwiGLU MLP with a frozen down projection: its activation and output skipped in a recompute."""
+    if not _recomputing():
+        return self._sabia_forward(x)
+    return _deferred_swiglu().apply(self.gate_proj(x), self.up_proj(x), self.down_proj,
+                                    self._sabia_swiglu == "liger")
+
+
 def _add_residual(x, branch):
     # A recomputed half's output only carries the graph back to its input: skip the add.
     return _residual_in_recompute().apply(x, branch) if _recomputing() else x + branch
@@ -134,7 +188,8 @@ def _splittable(layer) -> bool:
 
 def split_checkpointing(model) -> tuple[int, int]:
     """Checkpoint every LLaMA decoder layer of a (peft) causal LM in two halves that
-    skip their frozen output projections when recomputed; call after LoRA is attached.
+    skip their frozen output projections (and a SwiGLU activation feeding one)
+    when recomputed; call after LoRA is attached.
 
     Returns (layers split, projections skipped in recompute). Other layers are
     checkpointed whole by transformers.
@@ -157,6 +212,10 @@ def split_checkpointing(model) -> tuple[int, int]:
                 tail._sabia_forward = tail.forward
                 tail.forward = types.MethodType(_tail_forward, tail)
                 skipped += 1
+        kind = _swiglu_kind(layer.mlp)
+        if kind is not None and hasattr(layer.mlp.down_proj, "_sabia_forward"):
+            layer.mlp._sabia_forward, layer.mlp._sabia_swiglu = layer.mlp.forward, kind
+            layer.mlp.forward = types.MethodType(_mlp_forward, layer.mlp)
     log.info("split checkpointing: %d layers in two halves, %d frozen output projections not recomputed",
              len(split), skipped)
     return len(split), skipped
