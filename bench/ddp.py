@@ -7,6 +7,9 @@ train.devices > 1) with the Sabiá-7B preset's fast settings on the random
 LLaMA-7B folder and real Portuguese rows: packed micro-batches of 8,192
 tokens, 2 micro-batches per optimizer step (1 GPU accumulates both, 2 GPUs
 take one each). Writes <out>/<card>-<date>-ddp.json.
+
+--checkpointing offload and --loss-weighting rows check those two under DDP
+(same losses as one GPU accumulating); --tag names such a run's file.
 """
 
 from __future__ import annotations
@@ -32,6 +35,9 @@ def main() -> None:
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--checkpointing", choices=["off", "offload"], default="off")
+    parser.add_argument("--loss-weighting", choices=["tokens", "rows"], default="tokens")
+    parser.add_argument("--tag", default="ddp", help="suffix of the results file name")
     args = parser.parse_args()
 
     import torch
@@ -47,7 +53,8 @@ def main() -> None:
         "base": {"source": "pretrained", "name_or_path": str(model_dir)},
         "fetch": {"source": "file", "path": str(args.rows), "max_rows": None},
         "format": {"val_size": 16, "test_size": 16},
-        "train": {**FAST, "lora": LORA, "max_steps": args.steps + 2, "logging_steps": 1, "eval_steps": 100000,
+        "train": {**FAST, "gradient_checkpointing": args.checkpointing, "loss_weighting": args.loss_weighting,
+                  "lora": LORA, "max_steps": args.steps + 2, "logging_steps": 1, "eval_steps": 100000,
                   "save_steps": 100000, "report_to": []},
     }
     params = write_params(work / "params.yaml", common)
@@ -69,7 +76,7 @@ def main() -> None:
             fh.seek(start)
             losses = [float(m) for m in re.findall(r"\{'loss': '([0-9.]+)'", fh.read())]
         result["runs"][name] = {**timings, "losses": losses}
-        (out / f"{card.replace(' ', '-').lower()}-{time.strftime('%Y-%m-%d')}-ddp.json").write_text(
+        (out / f"{card.replace(' ', '-').lower()}-{time.strftime('%Y-%m-%d')}-{args.tag}.json").write_text(
             json.dumps(result, indent=2))
     one, two = result["runs"]["1gpu"], result["runs"]["2gpu"]
     result.update({"tokens_per_s_1gpu": one["steady_input_tokens_per_s"],
@@ -77,7 +84,7 @@ def main() -> None:
                    "scaling": round(two["steady_input_tokens_per_s"] / one["steady_input_tokens_per_s"], 3),
                    "peak_memory_gib_per_rank": {"1gpu": one.get("peak_step_memory_gib"),
                                                  "2gpu": two.get("peak_step_memory_gib")}})
-    (out / f"{card.replace(' ', '-').lower()}-{time.strftime('%Y-%m-%d')}-ddp.json").write_text(
+    (out / f"{card.replace(' ', '-').lower()}-{time.strftime('%Y-%m-%d')}-{args.tag}.json").write_text(
         json.dumps(result, indent=2))
     print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=1))
     print("losses 1 GPU:", one["losses"][:6], "\nlosses 2 GPU:", two["losses"][:6])
