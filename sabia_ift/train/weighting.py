@@ -50,8 +50,8 @@ def row_ids(labels, position_ids=None):
     return (torch.cumsum(starts, 0) - 1).view_as(labels)
 
 
-def row_shares(batch) -> tuple[Any, int, int]:
-    """(per-position share, trained tokens, rows) of one micro-batch on CPU tensors.
+def row_shares(batch) -> tuple[Any, int]:
+    """(per-position share, trained tokens) of one micro-batch on CPU tensors.
 
     A position's share is 1 / (its row's trained tokens) where it predicts a
     trained token, else 0: every row's shares add up to 1. A row's first token
@@ -65,7 +65,7 @@ def row_shares(batch) -> tuple[Any, int, int]:
     _, inverse, counts = torch.unique(ids[mask], return_inverse=True, return_counts=True)
     shares = torch.zeros(labels.shape, dtype=torch.float32)
     shares[mask] = 1.0 / counts[inverse].float()
-    return shares, int(mask.sum()), int(counts.numel())
+    return shares, int(mask.sum())
 
 
 def weigh_step(batches: list, rows_per_step: float, gather=None) -> None:
@@ -86,7 +86,7 @@ def weigh_step(batches: list, rows_per_step: float, gather=None) -> None:
     if gather is not None:
         tokens = gather(tokens)
     scale = float(tokens[0]) / rows_per_step
-    for batch, (shares, _, _) in zip(batches, found, strict=True):
+    for batch, (shares, _) in zip(batches, found, strict=True):
         batch[KEY] = shares * scale
 
 
