@@ -1,5 +1,6 @@
 """Packed micro-batches compute exactly what the rows alone compute; the sampler loses and repeats nothing."""
 
+import random
 from collections import Counter
 
 import pytest
@@ -7,7 +8,13 @@ import torch
 
 from sabia_ift.modeling import load_model
 from sabia_ift.template import IGNORE_INDEX, build_prompt, encode_prompt
-from sabia_ift.train.packing import CountingCollator, RowBatchSampler, pack_rows, split_to_multiple
+from sabia_ift.train.packing import (
+    CountingCollator,
+    RowBatchSampler,
+    pack_rows,
+    split_to_multiple,
+    trade_equal_lengths,
+)
 
 
 def test_pack_rows_places_every_row_once_within_the_budget():
@@ -19,6 +26,27 @@ def test_pack_rows_places_every_row_once_within_the_budget():
     assert pack_rows(lengths, 320) == bins  # deterministic
     # Best fit: no bin could take another bin's smallest row.
     assert len(bins) <= 6
+
+
+def test_trading_equal_lengths_keeps_each_bins_tokens_and_changes_company():
+    lengths = [(i * 13) % 9 + 3 for i in range(60)]  # many rows of each length
+    bins = pack_rows(lengths, 40)
+    traded = trade_equal_lengths(bins, lengths, random.Random(1))
+    assert sorted(i for b in traded for i in b) == list(range(len(lengths)))
+    assert [sorted(lengths[i] for i in b) for b in traded] == [sorted(lengths[i] for i in b) for b in bins]
+    assert traded != bins
+    assert trade_equal_lengths(bins, lengths, random.Random(1)) == traded  # deterministic per seed
+
+
+def test_packed_bins_regroup_each_epoch_with_the_same_step_count():
+    lengths = [(i * 37) % 200 + 5 for i in range(103)] * 2
+    sampler = RowBatchSampler(lengths, packing=True, micro_batch_size=4, micro_batch_tokens=256, by_length=True,
+                              seed=3, per_step=2)
+    epochs = [sampler.batches(e) for e in (0, 1)]
+    assert len(epochs[0]) == len(epochs[1])
+    assert sorted(sum(lengths[i] for i in b) for b in epochs[0]) == \
+        sorted(sum(lengths[i] for i in b) for b in epochs[1])
+    assert {tuple(b) for b in epochs[0]} != {tuple(b) for b in epochs[1]}  # new company, not only a new order
 
 
 def test_split_to_multiple_keeps_every_row():

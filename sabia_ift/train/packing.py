@@ -10,6 +10,9 @@ Two layouts share one batch sampler:
   block-diagonal mask elsewhere), so each row is computed exactly as if alone,
   and no compute is spent on padding.
 
+Packed bins keep their token counts for the run, but rows of equal length trade
+bins every epoch, so a row meets other rows, as in padded batches formed anew.
+
 The sampler is rank-aware: every process builds the same batches from the same
 seed and takes every world_size-th. The number of batches is made a multiple
 of the micro-batches in one optimizer step (all processes together) by
@@ -89,6 +92,25 @@ def split_to_multiple(batches: list[list[int]], multiple: int, lengths: list[int
     return batches
 
 
+def trade_equal_lengths(bins: list[list[int]], lengths: list[int], rng: random.Random) -> list[list[int]]:
+    """The same bins with rows of equal length shuffled among them.
+
+    Every bin keeps its token count (so its cost and the run's step count), but
+    a row meets different rows each epoch, as padded batches regrouped by epoch do.
+    """
+    slots: dict[int, list[tuple[int, int]]] = {}
+    for b, rows in enumerate(bins):
+        for k, row in enumerate(rows):
+            slots.setdefault(lengths[row], []).append((b, k))
+    out = [list(rows) for rows in bins]
+    for places in slots.values():
+        rows = [bins[b][k] for b, k in places]
+        rng.shuffle(rows)
+        for (b, k), row in zip(places, rows):
+            out[b][k] = row
+    return [sorted(rows) for rows in out]
+
+
 class RowBatchSampler:
     """Yields this process's micro-batches (lists of row indices) for one epoch at a time."""
 
@@ -104,8 +126,9 @@ class RowBatchSampler:
         self.world_size = world_size
         self.rank = rank
         self.epoch = 0
-        # Packed bins are fixed for the run (only their order changes by epoch), so
-        # the number of optimizer steps is known up front, as the scheduler needs.
+        # The bins' token counts are fixed for the run, so the number of optimizer
+        # steps is known up front, as the scheduler needs; which rows fill them and
+        # the bins' order change by epoch.
         self._bins = (split_to_multiple(pack_rows(self.lengths, micro_batch_tokens), per_step, self.lengths)
                       if packing else None)
 
@@ -116,9 +139,10 @@ class RowBatchSampler:
         """Every process's batches for an epoch, in order; this process takes every world_size-th."""
         seed = self.seed + epoch
         if self._bins is not None:
-            order = list(range(len(self._bins)))
-            random.Random(seed).shuffle(order)
-            return [self._bins[i] for i in order]
+            rng = random.Random(seed)
+            bins = trade_equal_lengths(self._bins, self.lengths, rng)
+            rng.shuffle(bins)
+            return bins
         return split_to_multiple(group_rows(self.lengths, self.micro_batch_size, seed, self.by_length),
                                  self.per_step, self.lengths)
 
