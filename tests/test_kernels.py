@@ -110,7 +110,7 @@ class _Stack(torch.nn.Module):
         return x
 
 
-def test_offload_moves_each_layer_input_once_prefetches_the_next_and_keeps_gradients():
+def test_offload_moves_each_layer_input_once_prefetches_the_next_two_and_keeps_gradients():
     x = torch.randn(4, 8, requires_grad=True)
     shared = torch.rand(4, 8) + 0.5
     plain = _Stack()
@@ -129,8 +129,8 @@ def test_offload_moves_each_layer_input_once_prefetches_the_next_and_keeps_gradi
     ins = [e[1] for e in offload.log if e[0] == "in"]
     assert sorted(ins) == list(range(5))  # everything came back exactly once
     uses = [e for e in offload.log if e[0] != "out"]
-    # Backward starts at the last layer and fetches the input of the layer before it at once.
-    assert uses[:3] == [("in", 4), ("in", 3), ("use", 4)]
+    # Backward starts at the last layer and fetches the inputs of the two layers before it at once.
+    assert uses[:4] == [("in", 4), ("in", 3), ("in", 2), ("use", 4)]
     assert all(item.cpu is None for i, item in enumerate(offload._order) if not item.shared)
     assert sum(item.shared for item in offload._order) == 1
 

@@ -31,12 +31,37 @@ def _step(model, ids):
     return loss.detach(), grads
 
 
-def _split(model):
+class _HostOffload(ActivationOffload):
+    """The offload's bookkeeping on CPU: every large tensor is cloned out and back, and counted."""
+
+    MIN_ELEMENTS = 64
+
+    def __init__(self):
+        super().__init__()
+        self.shapes_out, self.fetched = [], 0
+
+    def _offloadable(self, tensor):
+        return tensor.numel() >= self.MIN_ELEMENTS
+
+    def _copy_out(self, tensor):
+        self.shapes_out.append(tuple(tensor.shape))
+        return tensor.detach().clone()
+
+    def _copy_in(self, item):
+        item.gpu, item.ready = item.cpu.clone(), True
+        self.fetched += 1
+
+    def _arrived(self, item):
+        return item.gpu
+
+
+def _split(model, offload=None):
     """What the train stage does for gradient_checkpointing: offload."""
     split = copy.deepcopy(model)
     split.get_base_model().enable_input_require_grads()
-    ActivationOffload().attach(split.get_base_model().model)
-    return split, split_checkpointing(split)
+    offload = offload or ActivationOffload()
+    offload.attach(split.get_base_model().model)
+    return split, split_checkpointing(split, offload)
 
 
 def _count_real_forwards(model, names):
@@ -102,3 +127,59 @@ def test_evaluation_runs_the_layers_whole(tiny_base):
     with torch.no_grad():
         torch.testing.assert_close(split(input_ids=ids).logits, plain(input_ids=ids).logits)
     assert calls["n"] == 2 * plain.config.num_hidden_layers
+
+
+def test_attention_runs_once_and_its_backward_reads_the_first_pass(tiny_base, monkeypatch):
+    from sabia_ift.train import recompute
+
+    base = load_model(tiny_base, quantization="none", double_quant=False, dtype=torch.float32, device="cpu")
+    plain = _peft(base, ["q_proj", "k_proj", "v_proj", "o_proj"])
+    offload = _HostOffload()
+    split, _ = _split(plain, offload)
+    ids = torch.randint(3, plain.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(8))
+    loss_p, grads_p = _step(plain, ids)
+
+    calls = {"first": 0, "sdpa": 0}
+    first = recompute._cpu_attention_forward
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def counted_first(*args):
+        calls["first"] += 1
+        return first(*args)
+
+    def counted_sdpa(*args, **kwargs):
+        calls["sdpa"] += 1
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(recompute, "_cpu_attention_forward", counted_first)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counted_sdpa)
+    loss_s, grads_s = _step(split, ids)
+    layers = plain.config.num_hidden_layers
+    # One attention forward per layer (the first pass), none in the recompute, and no SDPA at all.
+    assert calls == {"first": layers, "sdpa": 0}
+    # Per layer: the attention output and log-sum-exp, the layer input and the middle
+    # of the layer went out (and the final norm's input); everything came back.
+    heads, dim = plain.config.num_attention_heads, plain.config.hidden_size // plain.config.num_attention_heads
+    assert offload.shapes_out.count((2, 24, heads, dim)) == layers
+    assert offload.shapes_out.count((2, heads, 24)) == layers
+    assert offload.shapes_out.count((2, 24, plain.config.hidden_size)) == 2 * layers + 1
+    assert offload.fetched == len(offload.shapes_out)
+    torch.testing.assert_close(loss_s, loss_p)
+    for name in grads_p:  # o_proj is tuned: its input is the reused attention output
+        assert grads_p[name].abs().sum() > 0, name
+        torch.testing.assert_close(grads_s[name], grads_p[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_attention_with_a_padding_mask_is_recomputed(tiny_base):
+    base = load_model(tiny_base, quantization="none", double_quant=False, dtype=torch.float32, device="cpu")
+    plain = _peft(base, ["q_proj", "v_proj"])
+    split, _ = _split(plain, _HostOffload())
+    ids = torch.randint(3, plain.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(9))
+    mask = torch.ones_like(ids)
+    mask[1, 12:] = 0
+    for model in (plain, split):
+        model.train()
+        model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss.backward()
+    for (name, p), (_, s) in zip(plain.named_parameters(), split.named_parameters(), strict=True):
+        if p.requires_grad:
+            torch.testing.assert_close(s.grad, p.grad, rtol=1e-5, atol=1e-7, msg=name)

@@ -33,7 +33,7 @@ def _packed_rows(query, key, value, kwargs):
     return q, k, v, cu_q, cu_k, int(kwargs["max_length_q"]), int(kwargs["max_length_k"])
 
 
-def _equal_rows_attention(q, k, v, rows: int, length: int, scaling):
+def _equal_rows_attention(module, q, k, v, rows: int, length: int, scaling):
     """Rows of one length are a dense batch: SDPA, preferring cuDNN's attention.
 
     On an NVIDIA H100 80GB, cuDNN's kernel takes 2.7 ms forward and backward
@@ -44,8 +44,13 @@ def _equal_rows_attention(q, k, v, rows: int, length: int, scaling):
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    from . import recompute
+
     tokens, heads, dim = q.shape
     qb, kb, vb = (t.reshape(rows, length, heads, dim).transpose(1, 2) for t in (q, k, v))
+    out = recompute.saved_causal_attention(module, qb, kb, vb, scaling)  # None outside a checkpointed half
+    if out is not None:
+        return out.transpose(1, 2).reshape(1, tokens, heads, dim)
     order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
              SDPBackend.MATH]
     with sdpa_kernel(order, set_priority=True):
@@ -70,7 +75,7 @@ def _varlen_attention(module, query, key, value, attention_mask, scaling=None, d
     # Every row is at most max_q long, so they all are exactly that when they fill the batch
     # (known from shapes alone: no GPU synchronisation).
     if max_q * rows == q.shape[0] and max_k == max_q and k.shape[0] == q.shape[0]:
-        return _equal_rows_attention(q, k, v, rows, max_q, scaling), None
+        return _equal_rows_attention(module, q, k, v, rows, max_q, scaling), None
     from torch.nn.attention.varlen import varlen_attn
 
     out = varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scaling, **_CAUSAL)
@@ -144,10 +149,11 @@ def apply_liger(device: str) -> None:
 class _Offloaded:
     """One saved tensor's trip to CPU memory and back."""
 
-    __slots__ = ("cpu", "device", "gpu", "index", "ready", "shared")
+    __slots__ = ("cpu", "device", "gpu", "index", "numel", "ready", "shared")
 
     def __init__(self, cpu, device, index: int) -> None:
         self.cpu, self.device, self.index, self.shared = cpu, device, index, False
+        self.numel = cpu.numel()
         self.gpu: Any = None
         self.ready: Any = None
 
@@ -160,11 +166,13 @@ class ActivationOffload:
     Used with reentrant checkpointing, whose only saved tensors are each
     checkpoint's inputs: a saved-tensor hook moves exactly those. The copies run
     on a side stream, so the GPU keeps computing while they travel; in backward,
-    the next checkpoint's input is fetched while the current one recomputes. A
-    tensor every checkpoint saves travels once.
+    the next checkpoints' inputs are fetched while the current one recomputes. A
+    tensor every checkpoint saves travels once. `stash` and `fetch` send other
+    tensors the same way (recompute.py: attention outputs), in the same order.
     """
 
     MIN_ELEMENTS = 1 << 16  # smaller tensors stay where they are: their trip costs more than their memory
+    PREFETCH = 3  # items looked at behind the one in use
 
     def __init__(self) -> None:
         import torch
@@ -237,16 +245,30 @@ class ActivationOffload:
             if item.cpu is None:
                 raise RuntimeError("an offloaded activation was asked for twice")
             self._copy_in(item)
-        # Backward runs the layers in reverse: start the one before this one now.
+        # Backward uses the items in reverse: start the ones before this one now, up to
+        # the second as large as it (small ones, like a log-sum-exp, ride along), so a
+        # trip has a whole half layer's recompute to finish in.
         # (Only for this forward pass's items: another pass's index points into another list.)
-        if item.index and item.index < len(self._order) and self._order[item.index] is item:
-            earlier = self._order[item.index - 1]
-            if earlier.gpu is None and earlier.cpu is not None:
-                self._copy_in(earlier)
+        if item.index < len(self._order) and self._order[item.index] is item:
+            large = 0
+            for earlier in reversed(self._order[max(0, item.index - self.PREFETCH):item.index]):
+                if earlier.gpu is None and earlier.cpu is not None:
+                    self._copy_in(earlier)
+                large += earlier.numel >= item.numel
+                if large == 2:
+                    break
         tensor = self._arrived(item)
         if not item.shared:  # used once: let both copies go
             item.gpu = item.cpu = None
         return tensor
+
+    def stash(self, tensor):
+        """Send a tensor made in a checkpoint's first pass on the trip; `fetch` gives it back."""
+        return self._pack(tensor)
+
+    def fetch(self, handle):
+        """The stashed tensor, back on its device (once)."""
+        return self._unpack(handle)
 
     def attach(self, decoder) -> None:
         """Offload for the duration of the decoder stack's forward pass."""

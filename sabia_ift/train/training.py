@@ -112,6 +112,7 @@ def build_model(cfg: TrainConfig, folder: Path, device: str, dtype, attn_impleme
                        dtype=dtype, device=device, attn_implementation=attn_implementation)
     check_target_modules(model, cfg.lora.target_modules)
     weighting.check_targets(cfg.loss_weighting, cfg.lora.target_modules)
+    offload = None
     if cfg.gradient_checkpointing == "on":
         # Non-reentrant recompute saves nothing but what it needs.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -119,7 +120,8 @@ def build_model(cfg: TrainConfig, folder: Path, device: str, dtype, attn_impleme
         # Reentrant halves (recompute.split_checkpointing, once LoRA is attached), whose
         # only saved tensors are their inputs: ActivationOffload moves exactly those.
         model.enable_input_require_grads()  # reentrant recompute needs inputs that require grad
-        kernels.ActivationOffload().attach(model.model)
+        offload = kernels.ActivationOffload()
+        offload.attach(model.model)
     model.config.use_cache = False
     lora = LoraConfig(
         r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
@@ -129,7 +131,7 @@ def build_model(cfg: TrainConfig, folder: Path, device: str, dtype, attn_impleme
     if cfg.fused_lora:
         fused_lora.fuse_lora(model)
     if cfg.gradient_checkpointing == "offload":
-        recompute.split_checkpointing(model)
+        recompute.split_checkpointing(model, offload)
     return model
 
 
