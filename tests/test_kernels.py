@@ -110,7 +110,8 @@ class _Stack(torch.nn.Module):
         return x
 
 
-def test_offload_moves_each_layer_input_once_prefetches_the_next_two_and_keeps_gradients():
+def _offloaded_stack(resident: int) -> _HostOffload:
+    """Train the stack once with and once without the offload; the gradients must agree."""
     x = torch.randn(4, 8, requires_grad=True)
     shared = torch.rand(4, 8) + 0.5
     plain = _Stack()
@@ -119,11 +120,16 @@ def test_offload_moves_each_layer_input_once_prefetches_the_next_two_and_keeps_g
     x.grad = None
 
     stack, offload = _Stack(), _HostOffload()
+    offload.RESIDENT = resident
     offload.attach(stack)
     stack(x, shared).sum().backward()
-    got = [p.grad for p in stack.parameters()] + [x.grad]
-    for g, w in zip(got, want, strict=True):
+    for g, w in zip([p.grad for p in stack.parameters()] + [x.grad], want, strict=True):
         torch.testing.assert_close(g, w)
+    return offload
+
+
+def test_offload_moves_each_layer_input_once_prefetches_the_next_two_and_keeps_gradients():
+    offload = _offloaded_stack(resident=0)
     # Four layer inputs and the shared tensor, each out once; the shared one is the second saved.
     assert [e for e in offload.log if e[0] == "out"] == [("out", (4, 8))] * 5
     ins = [e[1] for e in offload.log if e[0] == "in"]
@@ -133,6 +139,14 @@ def test_offload_moves_each_layer_input_once_prefetches_the_next_two_and_keeps_g
     assert uses[:4] == [("in", 4), ("in", 3), ("in", 2), ("use", 4)]
     assert all(item.cpu is None for i, item in enumerate(offload._order) if not item.shared)
     assert sum(item.shared for item in offload._order) == 1
+
+
+def test_the_last_items_saved_stay_on_the_device():
+    offload = _offloaded_stack(resident=2)
+    # Five items saved; the inputs of the last two layers never left, the other three went and came back.
+    assert [e for e in offload.log if e[0] == "out"] == [("out", (4, 8))] * 3
+    assert sorted(e[1] for e in offload.log if e[0] == "in") == [0, 1, 2]
+    assert {e[1] for e in offload.log if e[0] == "use"} == {0, 1, 2}  # 3 and 4 were used where they were
 
 
 def test_offload_leaves_small_tensors_and_evaluation_alone():

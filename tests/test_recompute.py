@@ -35,6 +35,7 @@ class _HostOffload(ActivationOffload):
     """The offload's bookkeeping on CPU: every large tensor is cloned out and back, and counted."""
 
     MIN_ELEMENTS = 64
+    RESIDENT = 0  # every item makes the trip
 
     def __init__(self):
         super().__init__()
@@ -183,3 +184,34 @@ def test_attention_with_a_padding_mask_is_recomputed(tiny_base):
     for (name, p), (_, s) in zip(plain.named_parameters(), split.named_parameters(), strict=True):
         if p.requires_grad:
             torch.testing.assert_close(s.grad, p.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_backward_dequantises_each_4bit_weight_once(tiny_base, monkeypatch):
+    import collections
+
+    import bitsandbytes.functional as bnbf
+
+    from sabia_ift.train import fused_lora
+
+    base = load_model(tiny_base, quantization="nf4", double_quant=True, dtype=torch.float32, device="cpu")
+    plain = _peft(base, ["q_proj", "v_proj"])
+    fused_lora.fuse_lora(plain)
+    split, _ = _split(plain)
+    quantized = {m.weight.data_ptr(): n for n, m in split.named_modules()
+                 if getattr(getattr(m, "weight", None), "quant_state", None) is not None}
+    assert len(quantized) == 7 * plain.config.num_hidden_layers
+    ids = torch.randint(3, plain.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(10))
+    split.train()
+    loss = split(input_ids=ids, labels=ids).loss
+
+    counts = collections.Counter()
+    dequantize = bnbf.dequantize_4bit
+
+    def counted(weight, *args, **kwargs):
+        counts[quantized[weight.data_ptr()]] += 1
+        return dequantize(weight, *args, **kwargs)
+
+    monkeypatch.setattr(bnbf, "dequantize_4bit", counted)
+    loss.backward()
+    # The recompute dequantises q/k/v/gate/up and their backward reuses it; o/down only in backward.
+    assert counts == collections.Counter(dict.fromkeys(quantized.values(), 1))

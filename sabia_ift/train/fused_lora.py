@@ -17,10 +17,22 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 import types
 from typing import Any
 
 log = logging.getLogger(__name__)
+# 4-bit weights dequantised while a checkpointed half is recomputed, read again by its backward
+# (recompute.py); per thread, as autograd runs backward (and so the recompute) in its own.
+_dequantized = threading.local()
+
+
+def keep_dequantized(fill: bool) -> None:
+    """fill=True: forget the kept weights and keep each one dequantised from now on;
+    fill=False: stop adding, but hand out those kept (until the next fill=True)."""
+    if fill:
+        _dequantized.weights = {}
+    _dequantized.fill = fill
 
 
 def _dense_weight(base, dtype):
@@ -29,7 +41,14 @@ def _dense_weight(base, dtype):
     if getattr(weight, "quant_state", None) is not None:  # bitsandbytes Params4bit
         import bitsandbytes.functional as bnbf
 
-        return bnbf.dequantize_4bit(weight.data, weight.quant_state).to(dtype)
+        kept = getattr(_dequantized, "weights", None)
+        key = (id(weight), dtype)
+        if kept is not None and key in kept:
+            return kept[key]
+        dense = bnbf.dequantize_4bit(weight.data, weight.quant_state).to(dtype)
+        if kept is not None and _dequantized.fill:
+            kept[key] = dense
+        return dense
     return weight.to(dtype)
 
 

@@ -147,14 +147,15 @@ def apply_liger(device: str) -> None:
 
 
 class _Offloaded:
-    """One saved tensor's trip to CPU memory and back."""
+    """One saved tensor's trip to CPU memory and back (or its stay, for the last ones saved)."""
 
-    __slots__ = ("cpu", "device", "gpu", "index", "numel", "ready", "shared")
+    __slots__ = ("cpu", "device", "gpu", "home", "index", "numel", "ready", "shared")
 
-    def __init__(self, cpu, device, index: int) -> None:
-        self.cpu, self.device, self.index, self.shared = cpu, device, index, False
-        self.numel = cpu.numel()
-        self.gpu: Any = None
+    def __init__(self, tensor, index: int) -> None:
+        self.gpu: Any = tensor  # until its trip starts
+        self.cpu: Any = None
+        self.home = True  # not sent yet: backward may take it as it is
+        self.device, self.index, self.shared, self.numel = tensor.device, index, False, tensor.numel()
         self.ready: Any = None
 
 
@@ -169,10 +170,15 @@ class ActivationOffload:
     the next checkpoints' inputs are fetched while the current one recomputes. A
     tensor every checkpoint saves travels once. `stash` and `fetch` send other
     tensors the same way (recompute.py: attention outputs), in the same order.
+
+    A tensor leaves only once RESIDENT later ones have been saved, so the last
+    ones of a forward pass (the last layer's, which backward needs first) never
+    make the round trip that backward would have to wait for.
     """
 
     MIN_ELEMENTS = 1 << 16  # smaller tensors stay where they are: their trip costs more than their memory
     PREFETCH = 3  # items looked at behind the one in use
+    RESIDENT = 5  # one LLaMA layer's items (attention output, log-sum-exp, two inputs) and the final norm's input
 
     def __init__(self) -> None:
         import torch
@@ -233,14 +239,27 @@ class ActivationOffload:
         if seen is not None and seen[0]() is tensor:
             seen[1].shared = True
             return seen[1]
-        item = _Offloaded(self._copy_out(tensor), tensor.device, len(self._order))
+        item = _Offloaded(tensor, len(self._order))
         self._order.append(item)
         self._seen[id(tensor)] = (weakref.ref(tensor), item)
+        if len(self._order) > self.RESIDENT:
+            self._send(self._order[-self.RESIDENT - 1])
         return item
+
+    def _send(self, item: _Offloaded) -> None:
+        if item.home and item.gpu is not None:
+            item.cpu, item.gpu, item.home = self._copy_out(item.gpu), None, False
 
     def _unpack(self, item):
         if not isinstance(item, _Offloaded):
             return item
+        if item.home:  # never sent: it is where it was made
+            tensor = item.gpu
+            if tensor is None:
+                raise RuntimeError("an offloaded activation was asked for twice")
+            if not item.shared:
+                item.gpu = None
+            return tensor
         if item.gpu is None:
             if item.cpu is None:
                 raise RuntimeError("an offloaded activation was asked for twice")

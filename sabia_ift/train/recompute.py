@@ -18,7 +18,9 @@ pass travel to CPU memory with the layer inputs, so the recompute skips the
 attention forward too and its backward reads them (dense causal attention
 without a mask on an sm90 GPU with cuDNN, or on CPU; other attention is
 recomputed). At 7B on an NVIDIA H100 80GB that is 128 MiB more each way per
-layer, and the 0.6 ms forward of each layer no longer runs twice.
+layer, and the 0.6 ms forward of each layer no longer runs twice. The 4-bit
+weights a recompute dequantises are kept for the half's backward, which reads
+them again at once (fused_lora.keep_dequantized).
 
 Only frozen, plain (or 4-bit) projections are skipped; a LoRA-tuned one needs
 its input for its own gradient and is recomputed as before. Layers of another
@@ -33,11 +35,13 @@ import threading
 import types
 from typing import Any
 
-from .fused_lora import _compute_dtype, _dense_weight
+from .fused_lora import _compute_dtype, _dense_weight, keep_dequantized
 
 log = logging.getLogger(__name__)
 
 TAILS = (("self_attn", "o_proj"), ("mlp", "down_proj"))
+HEADS = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"), ("mlp", "gate_proj"),
+         ("mlp", "up_proj"))
 _state = threading.local()  # set while a half is being recomputed, in the thread that recomputes it
 
 
@@ -115,6 +119,34 @@ def _deferred_swiglu():
     return DeferredSwiGLU
 
 
+@functools.cache
+def _kept_linear():
+    """A frozen 4-bit projection in a recompute: its dequantised weight kept for its backward."""
+    import torch
+
+    class KeptLinear(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, base):
+            ctx.base, ctx.x_shape = base, x.shape
+            out = torch.mm(x.reshape(-1, x.shape[-1]), _dense_weight(base, x.dtype).t())
+            return out.view(*x.shape[:-1], out.shape[-1])
+
+        @staticmethod
+        def backward(ctx, grad):
+            g = grad.reshape(-1, grad.shape[-1])
+            return torch.mm(g, _dense_weight(ctx.base, g.dtype)).view(ctx.x_shape), None
+
+    return KeptLinear
+
+
+def _head_forward(self, x, *args, **kwargs):
+    """A frozen 4-bit input projection: in a recompute, one dequantisation for its forward and backward."""
+    if (not _recomputing() or args or kwargs or self.bias is not None
+            or not x.dtype == _compute_dtype(x) == (self.compute_dtype or x.dtype)):
+        return self._sabia_forward(x, *args, **kwargs)
+    return _kept_linear().apply(x, self)
+
+
 def _swiglu_kind(mlp) -> str | None:
     """'liger' or 'torch' for an MLP computing down(silu(gate(x)) * up(x)); None for any other."""
     kind = type(mlp).__name__
@@ -155,10 +187,14 @@ def _run_half(function, x):
     # The first pass runs without grad inside the checkpoint; the recompute runs with it.
     _state.recomputing = torch.is_grad_enabled()
     _state.half = True
+    # A recompute dequantises the half's 4-bit weights; its backward, which follows at
+    # once, reads them again (one half's weights kept: up to 172 MiB at 7B).
+    keep_dequantized(_state.recomputing)
     try:
         return function(x)
     finally:
         _state.recomputing = _state.half = False
+        keep_dequantized(False)
 
 
 def _attention_ops(q):
@@ -353,6 +389,13 @@ def split_checkpointing(model, offload=None) -> tuple[int, int]:
                 tail._sabia_forward = tail.forward
                 tail.forward = types.MethodType(_tail_forward, tail)
                 skipped += 1
+        for parent, name in HEADS:
+            head = getattr(getattr(layer, parent), name, None)
+            head = head.get_base_layer() if hasattr(head, "get_base_layer") else head
+            if (head is not None and _is_frozen_linear(head) and not hasattr(head, "_sabia_forward")
+                    and getattr(head.weight, "quant_state", None) is not None):
+                head._sabia_forward = head.forward
+                head.forward = types.MethodType(_head_forward, head)
         kind = _swiglu_kind(layer.mlp)
         if kind is not None and hasattr(layer.mlp.down_proj, "_sabia_forward"):
             layer.mlp._sabia_forward, layer.mlp._sabia_swiglu = layer.mlp.forward, kind
