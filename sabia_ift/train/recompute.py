@@ -390,7 +390,7 @@ def split_checkpointing(model, offload=None) -> tuple[int, int]:
                 tail.forward = types.MethodType(_tail_forward, tail)
                 skipped += 1
         for parent, name in HEADS:
-            head = getattr(getattr(layer, parent), name, None)
+            head: Any = getattr(getattr(layer, parent), name, None)
             head = head.get_base_layer() if hasattr(head, "get_base_layer") else head
             if (head is not None and _is_frozen_linear(head) and not hasattr(head, "_sabia_forward")
                     and getattr(head.weight, "quant_state", None) is not None):
