@@ -128,7 +128,8 @@ def _kept_linear():
         @staticmethod
         def forward(ctx, x, base):
             ctx.base, ctx.x_shape = base, x.shape
-            out = torch.mm(x.reshape(-1, x.shape[-1]), _dense_weight(base, x.dtype).t())
+            x2 = x.reshape(-1, x.shape[-1])
+            out = torch.mm(x2, _dense_weight(base, x.dtype, x2.shape[0]).t())
             return out.view(*x.shape[:-1], out.shape[-1])
 
         @staticmethod
@@ -188,7 +189,8 @@ def _run_half(function, x):
     _state.recomputing = torch.is_grad_enabled()
     _state.half = True
     # A recompute dequantises the half's 4-bit weights; its backward, which follows at
-    # once, reads them again (one half's weights kept: up to 172 MiB at 7B).
+    # once, reads them again (one half's weights kept: up to 172 MiB at 7B, where the
+    # micro-batch is large enough; fused_lora._dense_weight).
     keep_dequantized(_state.recomputing)
     try:
         return function(x)
