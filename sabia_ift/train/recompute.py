@@ -49,6 +49,14 @@ def _recomputing() -> bool:
     return getattr(_state, "recomputing", False)
 
 
+def _frozen_input_grad(grad, base, dtype, shape, out_dtype):
+    """dX = dY W of a frozen projection (4-bit or not), computed in `dtype`, returned as its input was."""
+    import torch
+
+    g = grad.reshape(-1, grad.shape[-1]).to(dtype)
+    return torch.mm(g, _dense_weight(base, dtype)).view(shape).to(out_dtype)
+
+
 @functools.cache
 def _deferred_linear():
     """Forward: an unfilled output of the right shape. Backward: dX = dY W, the only gradient a frozen weight gives."""
@@ -62,9 +70,7 @@ def _deferred_linear():
 
         @staticmethod
         def backward(ctx, grad):
-            g = grad.reshape(-1, grad.shape[-1]).to(ctx.dtype)
-            dx = torch.mm(g, _dense_weight(ctx.base, ctx.dtype))
-            return dx.view(ctx.x_shape).to(ctx.x_dtype), None, None
+            return _frozen_input_grad(grad, ctx.base, ctx.dtype, ctx.x_shape, ctx.x_dtype), None, None
 
     return DeferredLinear
 
@@ -103,8 +109,7 @@ def _deferred_swiglu():
         @staticmethod
         def backward(ctx, grad):
             a, b = ctx.saved_tensors
-            g = grad.reshape(-1, grad.shape[-1]).to(ctx.dtype)
-            dh = torch.mm(g, _dense_weight(ctx.down, ctx.dtype)).view(a.shape).to(a.dtype)
+            dh = _frozen_input_grad(grad, ctx.down, ctx.dtype, a.shape, a.dtype)
             if ctx.liger:
                 # The kernel the first pass used; it writes the gradients over a and b, read by nothing else.
                 from liger_kernel.ops.swiglu import swiglu_backward
@@ -134,8 +139,7 @@ def _kept_linear():
 
         @staticmethod
         def backward(ctx, grad):
-            g = grad.reshape(-1, grad.shape[-1])
-            return torch.mm(g, _dense_weight(ctx.base, g.dtype)).view(ctx.x_shape), None
+            return _frozen_input_grad(grad, ctx.base, grad.dtype, ctx.x_shape, grad.dtype), None
 
     return KeptLinear
 
