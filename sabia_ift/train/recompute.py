@@ -211,9 +211,17 @@ def _attention_ops(q):
         return _cpu_attention_forward, _cpu_attention_backward
     # cuDNN's kernel, the one SDPA picks on these cards; elsewhere SDPA is left to choose.
     if (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] <= 128 and q.shape[-1] % 8 == 0
-            and torch.backends.cuda.cudnn_sdp_enabled() and torch.cuda.get_device_capability(q.device) >= (9, 0)):
+            and torch.backends.cuda.cudnn_sdp_enabled() and _sm90_or_later(q.device.index)):
         return _cudnn_attention_forward, _cudnn_attention_backward
     return None
+
+
+@functools.cache
+def _sm90_or_later(device_index: int | None) -> bool:
+    """Asked once per card rather than on every layer's attention call."""
+    import torch
+
+    return torch.cuda.get_device_capability(device_index) >= (9, 0)
 
 
 def _cpu_attention_forward(q, k, v, scale):
@@ -350,17 +358,16 @@ def _sdpa_or_saved(module, query, key, value, attention_mask, dropout=0.0, scali
     return out.transpose(1, 2).contiguous(), None
 
 
-def _use_saved_sdpa(base) -> bool:
+def _use_saved_sdpa(base) -> None:
     """Switch a model on transformers' SDPA to the same attention that can reuse its first pass."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     if base.config._attn_implementation != "sdpa":
-        return False
+        return
     AttentionInterface.register(SAVED_SDPA, _sdpa_or_saved)
     AttentionMaskInterface.register(SAVED_SDPA, sdpa_mask)
     base.set_attn_implementation(SAVED_SDPA)
-    return True
 
 
 def split_checkpointing(model, offload=None) -> tuple[int, int]:

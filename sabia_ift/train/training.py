@@ -118,7 +118,8 @@ def build_model(cfg: TrainConfig, folder: Path, device: str, dtype, attn_impleme
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     elif cfg.gradient_checkpointing == "offload":
         # Reentrant halves (recompute.split_checkpointing, once LoRA is attached), whose
-        # only saved tensors are their inputs: ActivationOffload moves exactly those.
+        # only saved tensors are their inputs, plus the attention output and log-sum-exp
+        # that the recompute reuses: ActivationOffload moves exactly those.
         model.enable_input_require_grads()  # reentrant recompute needs inputs that require grad
         offload = kernels.ActivationOffload()
         offload.attach(model.model)
