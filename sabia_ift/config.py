@@ -221,7 +221,8 @@ class TrainConfig(_Section):
     kernels: Literal["none", "liger"] = _key("liger: Liger Kernel's fused RMSNorm, RoPE, SwiGLU and linear "
                                              "cross-entropy (CUDA only)")
     fused_lora: bool = _key("each LoRA projection and its frozen (4-bit) weight in one autograd function: "
-                            "fewer passes over the activations, same numbers (any device); false: peft's forward")
+                            "projections of one input (q/k/v, gate/up) together, fewer passes over the "
+                            "activations, same numbers (any device); false: peft's forward")
     group_by_length: bool = _key("batch rows of similar length so padding wastes little (unpacked only)")
     loss_weighting: Literal["tokens", "rows"] = _key(
         "tokens: every trained token of a step counts alike; rows: every row of the run counts alike, its "

@@ -116,3 +116,48 @@ def test_bf16_autocast_computes_in_bf16_and_keeps_fp32_gradients(tiny_base):
     for name in grads[0]:
         cos = torch.nn.functional.cosine_similarity(grads[0][name].flatten(), grads[1][name].flatten(), dim=0)
         assert cos > 0.99, name
+
+
+def test_siblings_of_one_input_are_projected_in_one_call_and_nothing_stays_pending(tiny_base, monkeypatch):
+    from sabia_ift.train import fused_lora
+
+    base = load_model(tiny_base, quantization="none", double_quant=False, dtype=torch.float32, device="cpu")
+    model = _peft_model(base)
+    fuse_lora(model)
+    calls = []
+    real = fused_lora._project
+    monkeypatch.setattr(fused_lora, "_project", lambda x, layers, names: calls.append(len(layers)) or
+                        real(x, layers, names))
+    model(input_ids=torch.tensor([[5, 6, 7, 8]]), labels=torch.tensor([[5, 6, 7, 8]])).loss.backward()
+    layers = model.config.num_hidden_layers
+    # q/k/v, o, gate/up, down: four calls a layer instead of seven
+    assert sorted(calls) == sorted([3, 1, 2, 1] * layers)
+    groups = {id(m._sabia_group): m._sabia_group for m in model.modules() if hasattr(m, "_sabia_group")}
+    assert len(groups) == 2 * layers and all(g["pending"] is None for g in groups.values())
+
+
+def test_siblings_called_on_different_inputs_or_partly_used_match_peft(tiny_base):
+    base = load_model(tiny_base, quantization="none", double_quant=False, dtype=torch.float32, device="cpu")
+    plain = _peft_model(base, targets=["q_proj", "k_proj", "v_proj"])
+    fused = copy.deepcopy(plain)
+    fuse_lora(fused)
+    hidden = fused.config.hidden_size
+    gen = torch.Generator().manual_seed(5)
+    x1, x2 = torch.randn(2, 6, hidden, generator=gen), torch.randn(2, 6, hidden, generator=gen)
+    grads = []
+    for model in (plain, fused):
+        attn = model.base_model.model.model.layers[0].self_attn
+        a, b = x1.clone().requires_grad_(True), x2.clone().requires_grad_(True)
+        # q from one input, k and v from another (as cross-attention would); v's output is never used
+        q, k, _ = attn.q_proj(a), attn.k_proj(b), attn.v_proj(b)
+        (q.square().sum() + (k * 3).sum()).backward()
+        lora = {n: p.grad for n, p in attn.named_parameters() if "lora" in n}
+        grads.append((q.detach(), k.detach(), a.grad, b.grad, lora))
+    (q_p, k_p, a_p, b_p, lora_p), (q_f, k_f, a_f, b_f, lora_f) = grads
+    for got, want in ((q_f, q_p), (k_f, k_p), (a_f, a_p), (b_f, b_p)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for name, want in lora_p.items():
+        if "v_proj" in name:  # v's output took no part in the loss
+            assert lora_f[name] is None or not lora_f[name].any(), name
+        else:
+            torch.testing.assert_close(lora_f[name], want, rtol=1e-4, atol=1e-6, msg=name)

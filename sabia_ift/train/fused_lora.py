@@ -1,12 +1,16 @@
-"""LoRA projections as one autograd function: base matmul and adapter in two GEMMs each way.
+"""LoRA projections as one autograd function, with no pass over the activations but the products.
 
 peft's LoRA forward computes the frozen projection, copies it ("defensive
 clone" for 4-bit), computes B(A(x)), scales it in a separate pass and adds it in
 another; autograd then sums the input gradients of the two branches in yet
-another pass. At 7B those passes over (tokens x 4,096) activations cost about
-as much as the attention. Here the adapter is added inside the output GEMM
-(`addmm_`), the backward adds its input gradient inside the dX GEMM, and the
-frozen weight (4-bit or not) is dequantised once per pass, as bitsandbytes does.
+another pass. At 7B each such pass over (tokens x 4,096) activations costs
+about as much as the attention. Here the adapter's small product writes the
+output and the frozen weight's product accumulates onto it (`addmm_`); in
+backward the input gradient is built the same way. Projections that read one
+input (LLaMA's q/k/v, gate/up) run as one function: one x A^T for all their
+adapters and one input-gradient buffer they all add into, where autograd
+would sum one tensor per projection. The frozen weight (4-bit or not) is
+dequantised once per pass, as bitsandbytes does.
 
 Numerically the same LoRA: the tests compare outputs and gradients with peft's
 own forward. The adapter weights stay in their own dtype (fp32 master weights
@@ -68,55 +72,130 @@ def _compute_dtype(x):
 
 
 @functools.cache
-def _lora_linear():
+def _lora_projections():
     """The autograd function, built on first use so importing this module does not import torch."""
     import torch
 
-    class LoraLinear(torch.autograd.Function):
+    class LoraProjections(torch.autograd.Function):
+        """LoRA projections of one input x: out_i = x W_i^T + s_i (x A_i^T) B_i^T, for each member i.
+
+        Every memory-bound pass over a (tokens x out) tensor is a cost at 7B, so:
+        the adapter's rank-r product writes each output and the large product
+        adds itself on top (`addmm_`, whose read of the output hides behind its
+        arithmetic); all members' x A^T is one product; in backward the input
+        gradient is one buffer that every member's products add into, instead
+        of one tensor per member that autograd then sums.
+        """
+
         @staticmethod
-        def forward(ctx, x, lora_a, lora_b, base, scaling: float):
+        def forward(ctx, x, members, *adapters):
             dtype = _compute_dtype(x)
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-            a, b = lora_a.to(dtype), lora_b.to(dtype)
-            out = torch.mm(x2, _dense_weight(base, dtype, x2.shape[0]).t())
-            if base.bias is not None:
-                out += base.bias.to(dtype)
-            xa = torch.mm(x2, a.t())
-            out.addmm_(xa, b.t(), alpha=scaling)
-            ctx.save_for_backward(x2, xa, lora_a, lora_b)
-            ctx.base, ctx.scaling, ctx.dtype, ctx.x_shape, ctx.x_dtype = base, scaling, dtype, x.shape, x.dtype
-            return out.view(*x.shape[:-1], out.shape[-1])
+            tokens = x2.shape[0]
+            a_all = torch.cat([a.to(dtype) for a in adapters[0::2]])
+            xa = torch.mm(x2, a_all.t())  # (tokens, sum of ranks)
+            outs, col = [], 0
+            for (base, scaling), b in zip(members, adapters[1::2]):
+                rank = b.shape[1]
+                # s B rounded once from its fp32 master, as s (xA) B would be rounded once.
+                out = torch.mm(xa[:, col:col + rank], (b * scaling).to(dtype).t())
+                if base.bias is not None:
+                    out += base.bias.to(dtype)
+                out.addmm_(x2, _dense_weight(base, dtype, tokens).t())
+                outs.append(out.view(*x.shape[:-1], out.shape[-1]))
+                col += rank
+            ctx.save_for_backward(x2, xa, *adapters)
+            ctx.members, ctx.dtype, ctx.x_shape, ctx.x_dtype = members, dtype, x.shape, x.dtype
+            ctx.set_materialize_grads(False)
+            return tuple(outs)
 
         @staticmethod
-        def backward(ctx, grad):
-            x2, xa, lora_a, lora_b = ctx.saved_tensors
-            dtype, scaling = ctx.dtype, ctx.scaling
-            g = grad.reshape(-1, grad.shape[-1]).to(dtype)
-            a, b = lora_a.to(dtype), lora_b.to(dtype)
-            gb = torch.mm(g, b)  # (tokens, r)
-            dx = grad_a = grad_b = None
+        def backward(ctx, *grads):
+            x2, xa, *adapters = ctx.saved_tensors
+            dtype, members = ctx.dtype, ctx.members
+            live, gbs, a_scaled, col = [], [], [], 0
+            adapter_grads: list[Any] = [None] * len(adapters)
+            for i, ((base, scaling), grad) in enumerate(zip(members, grads)):
+                a, b = adapters[2 * i], adapters[2 * i + 1]
+                rank = b.shape[1]
+                if grad is not None:  # an output nothing read gives no gradient
+                    g = grad.reshape(-1, grad.shape[-1]).to(dtype)
+                    gbs.append(torch.mm(g, b.to(dtype)))  # (tokens, r)
+                    a_scaled.append((a * scaling).to(dtype))
+                    live.append((i, base, g))
+                    if ctx.needs_input_grad[3 + 2 * i]:
+                        grad_b = torch.mm(g.t(), xa[:, col:col + rank]).mul_(scaling)
+                        adapter_grads[2 * i + 1] = grad_b.to(b.dtype)
+                col += rank
+            if not live:
+                return (None, None, *adapter_grads)
+            gb = torch.cat(gbs, dim=1) if len(gbs) > 1 else gbs[0]
+            grad_a_all = torch.mm(gb.t(), x2) if any(ctx.needs_input_grad[2 + 2 * i] for i, _, _ in live) else None
+            row = 0
+            for i, _, _ in live:
+                a, scaling = adapters[2 * i], members[i][1]
+                if grad_a_all is not None and ctx.needs_input_grad[2 + 2 * i]:
+                    adapter_grads[2 * i] = grad_a_all[row:row + a.shape[0]].mul(scaling).to(a.dtype)
+                row += a.shape[0]
+            dx = None
             if ctx.needs_input_grad[0]:
-                dx = torch.mm(g, _dense_weight(ctx.base, dtype))
-                dx.addmm_(gb, a, alpha=scaling)
+                dx = torch.mm(gb, torch.cat(a_scaled) if len(a_scaled) > 1 else a_scaled[0])
+                for _, base, g in live:
+                    dx.addmm_(g, _dense_weight(base, dtype))
                 dx = dx.view(ctx.x_shape).to(ctx.x_dtype)
-            if ctx.needs_input_grad[1]:
-                grad_a = torch.mm(gb.t(), x2).mul_(scaling).to(lora_a.dtype)
-            if ctx.needs_input_grad[2]:
-                grad_b = torch.mm(g.t(), xa).mul_(scaling).to(lora_b.dtype)
-            return dx, grad_a, grad_b, None, None
+            return (dx, None, *adapter_grads)
 
-    return LoraLinear
+    return LoraProjections
+
+
+def _active(layer) -> str | None:
+    """The one active adapter the fused path can take for this layer now, or None."""
+    if layer.disable_adapters or layer.merged or len(layer.active_adapters) != 1:
+        return None
+    name = layer.active_adapters[0]
+    return name if name in layer.lora_A else None
+
+
+def _project(x, layers, names):
+    members = tuple((layer.get_base_layer(), float(layer.scaling[name])) for layer, name in zip(layers, names))
+    adapters = [w for layer, name in zip(layers, names)
+                for w in (layer.lora_A[name].weight, layer.lora_B[name].weight)]
+    return _lora_projections().apply(x, members, *adapters)
 
 
 def _fused_forward(self, x, *args, **kwargs):
-    """A peft LoRA Linear's forward, fused when it is plain LoRA with one active adapter."""
-    if args or kwargs or self.disable_adapters or self.merged or len(self.active_adapters) != 1:
+    """A peft LoRA Linear's forward, fused when it is plain LoRA with one active adapter.
+
+    In a group of siblings that read the same input (q/k/v, gate/up), the first
+    one called projects all of them and the others take their outputs when
+    called with that same tensor.
+    """
+    name = None if args or kwargs else _active(self)
+    if name is None:
         return self._peft_forward(x, *args, **kwargs)
-    name = self.active_adapters[0]
-    if name not in self.lora_A:
-        return self._peft_forward(x)
-    return _lora_linear().apply(x, self.lora_A[name].weight, self.lora_B[name].weight, self.get_base_layer(),
-                                   float(self.scaling[name]))
+    group = getattr(self, "_sabia_group", None)
+    if group is None:
+        return _project(x, [self], [name])[0]
+    pending = group["pending"]
+    if pending is not None and pending[0] is x and self in pending[1]:
+        out = pending[1].pop(self)
+        if not pending[1]:
+            group["pending"] = None
+        return out
+    layers, names = [self], [name]
+    for other in group["members"]:
+        other_name = _active(other) if other is not self else None
+        if other_name is not None:
+            layers.append(other)
+            names.append(other_name)
+    outs = _project(x, layers, names)
+    # Held only until the siblings are called, which LLaMA's attention and MLP do at once.
+    group["pending"] = (x, dict(zip(layers[1:], outs[1:]))) if len(layers) > 1 else None
+    return outs[0]
+
+
+# Sibling projections that LLaMA-family layers apply to one input.
+GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
 def _eligible(module) -> str | None:
@@ -158,7 +237,17 @@ def fuse_lora(model) -> int:
         layer._peft_forward = layer.forward
         layer.forward = types.MethodType(_fused_forward, layer)
         fused += 1
+    grouped = 0
+    for module in model.modules():
+        for names in GROUPS:
+            siblings: list[Any] = [getattr(module, n) for n in names
+                                   if hasattr(getattr(module, n, None), "_peft_forward")]
+            if len(siblings) > 1:
+                group = {"members": siblings, "pending": None}
+                for sibling in siblings:
+                    sibling._sabia_group = group
+                grouped += 1
     for why, count in skipped.items():
         log.info("fused LoRA: %d layer(s) keep peft's forward: %s", count, why)
-    log.info("fused LoRA: %d projection(s) fused", fused)
+    log.info("fused LoRA: %d projection(s) fused, %d group(s) of siblings projected together", fused, grouped)
     return fused
