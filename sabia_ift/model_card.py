@@ -76,7 +76,7 @@ def _load_snippet(kind: Kind, facts: CardFacts, repo_id: str | None) -> str:
         return (
             "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
             f'tokenizer = AutoTokenizer.from_pretrained("{where}")\n'
-            f'model = AutoModelForCausalLM.from_pretrained("{where}", dtype="auto")'
+            f'model = AutoModelForCausalLM.from_pretrained("{where}", dtype="auto")  # on a GPU: device_map="auto"'
         )
     adapter = repo_id or "path/to/models/adapter"
     if facts.base_is_hub:
@@ -95,6 +95,55 @@ def _load_snippet(kind: Kind, facts: CardFacts, repo_id: str | None) -> str:
         f'model = PeftModel.from_pretrained(base, "{adapter}")\n'
         f'tokenizer = AutoTokenizer.from_pretrained("{adapter}")'
     )
+
+
+# Greedy, at most 128 new tokens: what `sabia-ift generate` answers with its defaults. The
+# tokenizer's chat template (template.chat_template) writes the one BOS and the training prompt.
+GENERATE_SNIPPET = """
+
+# The instruction goes in "content"; an input, if any, in "input" (the prompt's "### Entrada:" block).
+messages = [{"role": "user", "content": "Quanto é 3 mais 4?", "input": ""}]
+inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True,
+                                       return_tensors="pt", sanitize_control_tokens=True).to(model.device)
+output = model.generate(**inputs, max_new_tokens=128, do_sample=False)
+print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip())"""
+
+ASK_WITH_CHAT_TEMPLATE = (
+    "The tokenizer's chat template writes the prompt below with one `<s>` (BOS) before it: exactly the token "
+    "ids the model was trained and evaluated on, so add no BOS of your own and do not write `<s>` into the "
+    "text. It takes one user message, the instruction in `content` and an optional input in `input`; a system "
+    "message or several turns are refused, as the model was tuned on single instructions. With "
+    "`sanitize_control_tokens=True` a literal `<s>` or `</s>` in your text stays text, as it did in training. "
+    "The answer ends with `</s>` (EOS), where generation stops; these greedy lines answer as `sabia-ift "
+    "generate` does."
+)
+ASK_BY_HAND = (
+    "Ask it exactly as it was trained: one BOS id, then the prompt below with `{instruction}` (and `{input}`) "
+    "filled in, tokenized without special tokens: "
+    "`[tokenizer.bos_token_id] + tokenizer(prompt, add_special_tokens=False)[\"input_ids\"]`. The prompt "
+    "holds no `<s>`: do not write one into it, nor let the tokenizer add a second. The answer ends with `</s>` "
+    "(EOS), where generation stops. `sabia-ift export` adds a chat template that does this to the tokenizer "
+    "it exports."
+)
+
+
+def _export_section(export: dict[str, Any]) -> list[str]:
+    """How the merged weights were made and how closely they answer like the evaluated model."""
+    asked = export.get("dtype_asked")
+    why = (f" (`--dtype auto`: the dtype `sabia-ift generate` runs the adapter in on {export.get('device')})"
+           if asked == "auto" else "")
+    lines = [f"Weights in {export['dtype']}{why}, merged from the base loaded unquantised: a 4-bit base is "
+             "dequantised first, never merged into 4-bit weights.", ""]
+    agreement = export.get("agreement")
+    if agreement is None:
+        lines.append(f"Agreement with the evaluated model (the base with the adapter): {export.get('not_measured')}.")
+    else:
+        lines.append(
+            f"Greedy answers of this model, asked as above (at most {agreement['max_new_tokens']} new tokens, on "
+            f"{agreement['device']}), equal those of the evaluated model (the base with the adapter, loaded as "
+            f"the evaluate stage loads it) on **{agreement['agreeing']} of {agreement['prompts']}** test prompts "
+            f"({agreement['agreeing'] / agreement['prompts']:.0%}) of `{agreement['source']}`.")
+    return lines
 
 
 def _data_section(data: dict[str, Any] | None) -> list[str]:
@@ -134,8 +183,13 @@ def _metrics_section(metrics: dict[str, Any]) -> list[str]:
     return lines or ["Not in this card: `sabia-ift export` adds metrics/*.json after the evaluate stage has run."]
 
 
-def render(facts: CardFacts, kind: Kind, *, repo_id: str | None = None) -> str:
-    """The README.md of an adapter folder or a merged model."""
+def render(facts: CardFacts, kind: Kind, *, repo_id: str | None = None, chat: bool = False,
+           export: dict[str, Any] | None = None) -> str:
+    """The README.md of an adapter folder or a merged model.
+
+    `chat`: the folder's tokenizer carries the training prompt as its chat
+    template. `export`: how `sabia-ift export` merged it (dtype, agreement).
+    """
     front = {
         "language": ["pt"],
         "library_name": "peft" if kind == "adapter" else "transformers",
@@ -152,9 +206,8 @@ def render(facts: CardFacts, kind: Kind, *, repo_id: str | None = None) -> str:
         f"# {facts.base_name.rsplit('/', 1)[-1]}, instruction-tuned (sabia-ift)", "",
         f"{what} for `{facts.base_name}`{revision}, instruction-tuned on Portuguese "
         "Alpaca-format data by the sabia-ift pipeline.", "",
-        "## Use", "", "```python", _load_snippet(kind, facts, repo_id), "```", "",
-        "Ask it exactly as it was trained: `<s>` + the prompt below with `{instruction}` (and "
-        "`{input}`) filled in; the answer ends with `</s>` (EOS), where generation stops.", "",
+        "## Use", "", "```python", _load_snippet(kind, facts, repo_id) + (GENERATE_SNIPPET if chat else ""), "```",
+        "", ASK_WITH_CHAT_TEMPLATE if chat else ASK_BY_HAND, "",
         "## Prompt template", "", "Without input:", "", "```", PROMPT_NO_INPUT + "{output}</s>", "```", "",
         "With input:", "", "```", PROMPT_WITH_INPUT + "{output}</s>", "```", "",
         "## Training data", "", *_data_section(facts.data), "",
@@ -166,12 +219,15 @@ def render(facts: CardFacts, kind: Kind, *, repo_id: str | None = None) -> str:
     else:
         lines.append("Not in this card (params.yaml was not found when it was written).")
     lines += ["", "## Metrics", "", *_metrics_section(facts.metrics), ""]
+    if export is not None:
+        lines += ["## This export", "", *_export_section(export), ""]
     return "\n".join(lines)
 
 
-def write_card(folder: str | Path, facts: CardFacts, kind: Kind, *, repo_id: str | None = None) -> Path:
+def write_card(folder: str | Path, facts: CardFacts, kind: Kind, *, repo_id: str | None = None, chat: bool = False,
+               export: dict[str, Any] | None = None) -> Path:
     path = Path(folder) / CARD
-    write_text(path, render(facts, kind, repo_id=repo_id))
+    write_text(path, render(facts, kind, repo_id=repo_id, chat=chat, export=export))
     return path
 
 

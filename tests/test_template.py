@@ -67,3 +67,71 @@ def test_special_token_strings_in_text_stay_text(tokenizer):
     assert prompt[0] == tokenizer.bos_token_id and prompt.count(tokenizer.bos_token_id) == 1
     assert tokenizer.eos_token_id not in prompt
     assert encode_text(tokenizer, [text, "x"])[0] == ids
+
+
+# --- The training prompt as a chat template (exported tokenizers) ----------------------------
+
+
+def _training_row_ids(tokenizer, instruction: str, input: str, output: str) -> list[int]:
+    from sabia_ift.template import encode_text
+
+    return [tokenizer.bos_token_id, *encode_text(tokenizer, build_prompt(instruction, input) + output),
+            tokenizer.eos_token_id]
+
+
+def test_chat_template_renders_the_training_prompt_and_rows(tokenizer):
+    from sabia_ift.template import chat_messages, chat_template_for, encode_prompt
+
+    template = chat_template_for(tokenizer)
+    for instruction, input in (("Qual é a capital do Ceará?", ""), ("Ordene as palavras.", "uva, abacaxi")):
+        messages = chat_messages(instruction, input)
+        text = tokenizer.apply_chat_template(messages, chat_template=template, add_generation_prompt=True,
+                                             tokenize=False)
+        ids = tokenizer.apply_chat_template(messages, chat_template=template, add_generation_prompt=True,
+                                            tokenize=True, return_dict=False)
+        prompt = encode_prompt(tokenizer, build_prompt(instruction, input))
+        assert ids == prompt and ids.count(tokenizer.bos_token_id) == 1
+        # The text is what the training ids read as: `<s>`, then the prompt.
+        assert text == tokenizer.decode(prompt) and text.endswith(build_prompt(instruction, input))
+        # Without the generation prompt the answer header is left for the model's turn.
+        bare = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False)
+        assert text == bare + "### Resposta:\n"
+        # With the answer: the whole training row, answer and EOS.
+        row = tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": "Fortaleza."}],
+                                            chat_template=template, tokenize=True, return_dict=False)
+        assert row == _training_row_ids(tokenizer, instruction, input, "Fortaleza.")
+
+
+@pytest.mark.parametrize("messages", [
+    [{"role": "system", "content": "Seja breve."}, {"role": "user", "content": "Oi"}],
+    [{"role": "user", "content": "Oi"}, {"role": "assistant", "content": "Olá"}, {"role": "user", "content": "E?"}],
+    [{"role": "assistant", "content": "Olá"}],
+    [{"role": "user", "content": [{"type": "text", "text": "Oi"}]}],
+], ids=["system", "two-turns", "no-user", "content-list"])
+def test_chat_template_refuses_what_training_never_saw(tokenizer, messages):
+    from jinja2.exceptions import TemplateError
+
+    from sabia_ift.template import chat_template_for
+
+    with pytest.raises(TemplateError, match="this model answers one user message|as text"):
+        tokenizer.apply_chat_template(messages, chat_template=chat_template_for(tokenizer), tokenize=False)
+
+
+@pytest.mark.parametrize(("prepend_scheme", "start"), [("first", "<s> Abaixo"), ("always", "<s>Abaixo")])
+def test_chat_template_fits_how_the_tokenizer_marks_word_starts(tokenizer, prepend_scheme, start):
+    """Newer LLaMA conversions mark only a string's first word as a word start, older ones every
+    segment: the template writes the space after `<s>` only where that gives the training ids."""
+    import copy
+
+    from tokenizers.pre_tokenizers import Metaspace
+
+    from sabia_ift.template import chat_messages, chat_template_for, encode_prompt
+
+    other = copy.deepcopy(tokenizer)
+    other.backend_tokenizer.pre_tokenizer = Metaspace(replacement="▁", prepend_scheme=prepend_scheme, split=False)
+    template = chat_template_for(other)
+    messages = chat_messages("Quanto é 3 mais 4?")
+    assert other.apply_chat_template(messages, chat_template=template, add_generation_prompt=True,
+                                     tokenize=False).startswith(start)
+    assert other.apply_chat_template(messages, chat_template=template, add_generation_prompt=True,
+                                     return_dict=False) == encode_prompt(other, build_prompt("Quanto é 3 mais 4?"))
