@@ -13,8 +13,9 @@ def main(args: argparse.Namespace) -> None:
     metrics, _ = run_benchmark(load_section("benchmark", args.params), args.base, args.adapter)
     write_json(args.metrics, metrics)
     for name, m in metrics.items():
-        print(f"{name}: {m['metric']} base {m['base']} tuned {m['tuned']} ({m['n']} examples, "
-              f"{m['num_fewshot']}-shot)")
+        constant = "" if m["majority_baseline"] is None else f", a constant answer {m['majority_baseline']}"
+        print(f"{name}: {m['metric']} base {m['base']} tuned {m['tuned']}{constant} "
+              f"({m['n']} of {m['n_available']} examples, {m['num_fewshot']}-shot)")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,13 @@ PT_EVAL = SHARED / "pt-eval"
 EXAM = {"name": "exame", "kind": "multiple_choice", "path": str(REPO / "data/sample/benchmark/exame.jsonl"),
         "columns": {"id": "id", "question": "pergunta", "choices": "alternativas", "answer": "resposta"},
         "num_fewshot": 2}
+
+# A classification file sorted by label, 28 "par" rows then 12 "ímpar" ones.
+SORTED_PARITY = "".join(json.dumps({"id": f"n{n}", "texto": f"O número sorteado foi {n}.",
+                                    "classe": "par" if n < 56 else "ímpar"}, ensure_ascii=False) + "\n"
+                        for n in list(range(0, 56, 2)) + list(range(57, 81, 2)))
+SORTED_TASK = {"name": "ordenado", "kind": "classification", "labels": ["par", "ímpar"], "num_fewshot": 2,
+               "columns": {"id": "id", "text": "texto", "label": "classe"}, "scoring": "loglikelihood"}
 
 
 def _utils():
@@ -77,8 +85,8 @@ def test_default_params_name_tasks_that_load():
     cfg = load_section("benchmark", REPO / "params.yaml")
     assert cfg.tasks
     for i, task in enumerate(cfg.tasks):
-        data = benchmark_data.load_task_data(task, i, root=REPO)
-        assert len(data.fewshot) == task.num_fewshot and len(data.test) >= cfg.limit
+        data = benchmark_data.load_task_data(task, i, root=REPO, seed=cfg.seed, limit=cfg.limit)
+        assert len(data.fewshot) == task.num_fewshot and len(data.test) == cfg.limit
 
 
 # Generic tasks from params ---------------------------------------------------------
@@ -181,6 +189,58 @@ def test_fewshot_examples_are_held_out_of_the_test_rows():
     assert len(data.test) + len(shots) == benchmark_sets.EXAM_ROWS
 
 
+def test_more_fewshot_examples_than_the_data_holds_names_the_task_and_the_key(tmp_path):
+    held_out = config({**EXAM, "num_fewshot": benchmark_sets.EXAM_ROWS})
+    with pytest.raises(ConfigError) as err:
+        benchmark_data.load_task_data(held_out.tasks[0], 0)
+    assert str(err.value) == (f"benchmark.tasks.0.num_fewshot: task exame asks for {benchmark_sets.EXAM_ROWS} few-shot "
+                              f"examples held out of its {benchmark_sets.EXAM_ROWS} rows, which leaves none to score; "
+                              "lower num_fewshot or set fewshot_path")
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text("".join(line + "\n" for line in (REPO / EXAM["path"]).read_text().splitlines()[:3]))
+    separate = config({**EXAM, "name": "outra", "fewshot_path": str(pool), "num_fewshot": 5})
+    with pytest.raises(ConfigError) as err:
+        prepare_tasks(separate, tmp_path / "work")
+    assert str(err.value) == (f"benchmark.tasks.0.num_fewshot: task outra asks for 5 few-shot examples, but its "
+                              f"few-shot pool (fewshot_path {pool}) has 3 rows")
+
+
+def test_a_scored_sample_of_a_label_sorted_file_holds_both_labels(tmp_path, caplog):
+    """The first rows of a label-sorted file are one class; limit draws both, and what is left out is counted."""
+    path = tmp_path / "ordenado.jsonl"
+    path.write_text(SORTED_PARITY)
+    cfg = config({**SORTED_TASK, "path": str(path)}, limit=6)
+    with caplog.at_level("WARNING"):
+        prepared = prepare_tasks(cfg, tmp_path / "work")
+    scored = [json.loads(line) for line in (tmp_path / "work/ordenado/test.jsonl").read_text().splitlines()]
+    shots = [json.loads(line) for line in (tmp_path / "work/ordenado/fewshot.jsonl").read_text().splitlines()]
+    assert len(scored) == 6 and {r["label"] for r in scored} == {"par", "ímpar"}
+    assert not {r["text"] for r in shots} & {r["text"] for r in scored}
+    assert prepared["ordenado"]["sample"] == {"majority_baseline": 0.4, "n_available": 38, "n_duplicates_removed": 0,
+                                              "n_fewshot_duplicates_removed": 0}
+    assert "ordenado" not in caplog.text  # a constant answer scores 0.4 here: no warning
+    # All of one class, as limit: 6 made it before: the stage says so.
+    path.write_text("".join(line + "\n" for line in SORTED_PARITY.splitlines()[:20]))
+    with caplog.at_level("WARNING"):
+        prepared = prepare_tasks(cfg, tmp_path / "work")
+    assert prepared["ordenado"]["sample"]["majority_baseline"] == 1.0
+    assert "benchmark task ordenado: every scored item has the answer 'par'" in caplog.text
+
+
+def test_repeated_rows_are_scored_once_and_counted(tmp_path):
+    path = tmp_path / "repetido.jsonl"
+    rows = [json.loads(line) for line in SORTED_PARITY.splitlines()]
+    copies = [{**rows[0], "id": "c1", "texto": rows[0]["texto"].upper()},
+              {**rows[0], "id": "c2", "texto": "  " + rows[0]["texto"].replace(" ", "\u00a0")},
+              {**rows[30], "id": "c3"}]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows + copies))
+    cfg = config({**SORTED_TASK, "name": "repetido", "path": str(path), "num_fewshot": 0}, limit=None)
+    data = benchmark_data.load_task_data(cfg.tasks[0], 0, limit=None)
+    assert data.duplicates_removed == 3 and data.fewshot_duplicates_removed == 0
+    assert len(data.test) == data.available == 40
+    assert {r["id"] for r in data.test} == {r["id"] for r in rows}
+
+
 def test_a_hub_task_reads_the_leaderboards_copy_at_its_revision(monkeypatch, caplog):
     import datasets
 
@@ -229,24 +289,38 @@ def test_answer_readers():
 # Base vs tuned through lm-eval ----------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def run(tiny_base, adapter):
+def run(tiny_base, adapter, tmp_path_factory):
+    path = tmp_path_factory.mktemp("sorted") / "ordenado.jsonl"
+    path.write_text(SORTED_PARITY)
     cfg = config({**EXAM, "name": "exame_ll", "scoring": "loglikelihood"}, {**EXAM, "name": "exame_gen"},
-                 limit=6, max_gen_toks=4)
+                 {**SORTED_TASK, "path": str(path)}, limit=6, max_gen_toks=4)
     metrics, raw = run_benchmark(cfg, tiny_base, adapter, log_samples=True)
     return cfg, metrics, raw
 
 
 def test_metrics_shape(run):
-    _, metrics, _ = run
-    assert list(metrics) == ["exame_ll", "exame_gen"]
+    _, metrics, raw = run
+    assert list(metrics) == ["exame_ll", "exame_gen", "ordenado"]
     for m in metrics.values():
-        assert set(m) == {"metric", "base", "tuned", "delta", "n", "num_fewshot"}
-        assert m["metric"] == "acc" and m["n"] == 6 and m["num_fewshot"] == 2
+        assert set(m) == {"metric", "base", "tuned", "delta", "n", "num_fewshot", "majority_baseline",
+                          "n_available", "n_duplicates_removed", "n_fewshot_duplicates_removed"}
+        assert m["n"] == 6 and m["num_fewshot"] == 2 and m["n_duplicates_removed"] == 0
         assert m["delta"] == pytest.approx(m["tuned"] - m["base"], abs=1e-4)
+    assert metrics["exame_ll"]["metric"] == metrics["exame_gen"]["metric"] == "acc"
+    assert metrics["exame_ll"]["n_available"] == benchmark_sets.EXAM_ROWS - 2
+    # The same seeded sample under both scorings, and a constant answer's accuracy on it.
+    docs = {name: [s["doc"] for s in raw["base"]["samples"][name]] for name in ("exame_ll", "exame_gen")}
+    assert docs["exame_ll"] == docs["exame_gen"]
+    top = max(Counter(d["answer"] for d in docs["exame_ll"]).values())
+    assert metrics["exame_ll"]["majority_baseline"] == round(top / 6, 4)
+    # The label-sorted file: both labels scored, and what always answering "par" scores reported.
+    assert metrics["ordenado"]["metric"] == "f1_macro" and metrics["ordenado"]["majority_baseline"] == 0.4
+    assert Counter(s["doc"]["label"] for s in raw["base"]["samples"]["ordenado"]) == {"par": 4, "ímpar": 2}
 
 
 def test_the_stage_scores_what_lm_eval_scores_on_its_own(run, tiny_base, adapter, tmp_path):
-    """Same YAML, lm-eval loading the model itself (pretrained=<folder>, peft=<adapter>)."""
+    """Same YAML and rows, lm-eval loading the model itself (pretrained=<folder>, peft=<adapter>) and
+    scoring it with its own HFLM (the stage's keeps only the continuation's logits)."""
     from lm_eval.models.huggingface import HFLM
 
     cfg, metrics, _ = run
@@ -254,9 +328,10 @@ def test_the_stage_scores_what_lm_eval_scores_on_its_own(run, tiny_base, adapter
     names = [t.name for t in cfg.tasks]
     for side, model_args in (("base", {}), ("tuned", {"peft": str(adapter)})):
         lm = HFLM(pretrained=str(tiny_base), device="cpu", batch_size=4, dtype="float32", **model_args)
-        direct = evaluate_tasks(lm, names, tmp_path, limit=cfg.limit, seed=cfg.seed)
+        direct = evaluate_tasks(lm, names, tmp_path, limit=None, seed=cfg.seed)
         for name in names:
-            assert direct["results"][name]["acc,none"] == pytest.approx(metrics[name][side], abs=1e-4), (side, name)
+            score = direct["results"][name][f"{metrics[name]['metric']},none"]
+            assert score == pytest.approx(metrics[name][side], abs=1e-4), (side, name)
 
 
 def test_the_adapter_is_applied_and_both_see_the_same_prompts(run):
@@ -297,7 +372,8 @@ def test_pt_eval_files_convert_to_the_builtin_tasks():
     assert {r["answer"] for r in data["enem"].test} == set("ABCDE")
     # ASSIN 2: the leaderboard's first 15 few-shot pair ids, from the train file, in its order.
     assert [r["id"] for r in data["assin2_rte"].fewshot] == list(benchmark_data.ASSIN2_FEWSHOT_IDS[:15])
-    assert len(data["assin2_rte"].test) == 2448
+    # Its test file repeats 12 pairs word for word: each is scored once.
+    assert len(data["assin2_rte"].test) == 2448 - 12 and data["assin2_rte"].duplicates_removed == 12
     assert {r["label"] for r in data["assin2_rte"].fewshot} == {"Sim", "Não"}
     assert all(1.0 <= r["score"] <= 5.0 for r in data["assin2_sts"].test)
     # FaQuAD-NLI: each of the 63 dev questions paired with each sentence of its paragraph.
@@ -310,6 +386,23 @@ def test_pt_eval_files_convert_to_the_builtin_tasks():
     assert len(faquad.test) > 3 * 63
     # TweetSentBR: the file's own test rows; 25 few-shot rows from its train rows.
     assert len(data["tweetsentbr"].test) == 80 and len(data["tweetsentbr"].fewshot) == 25
+
+
+@needs_pt_eval
+def test_pt_eval_samples_keep_the_files_label_shares_and_apart_from_the_examples():
+    from sabia_ift.evaluation import sampling
+
+    cfg = config(*PT_TASKS)
+    for i, task in enumerate(cfg.tasks):
+        if task.kind not in ("faquad_nli", "tweetsentbr", "assin2_rte"):
+            continue
+        every = benchmark_data.load_task_data(task, i, seed=cfg.seed)
+        drawn = benchmark_data.load_task_data(task, i, seed=cfg.seed, limit=40)
+        assert drawn.fewshot == every.fewshot and drawn.available == len(every.test)
+        shares = Counter(r["label"] for r in every.test)
+        assert Counter(r["label"] for r in drawn.test) == sampling.proportional_quotas(shares, 40), task.name
+        shown = {sampling.prompt_key(r, task.kind) for r in drawn.fewshot}
+        assert not shown & {sampling.prompt_key(r, task.kind) for r in every.test}, task.name
 
 
 @needs_pt_eval
@@ -339,14 +432,18 @@ def test_benchmark_rows_mark_regressions():
 
     old = {"enem": {"metric": "acc", "base": 0.5, "tuned": 0.55, "delta": 0.05, "n": 10, "num_fewshot": 3},
            "gone": {"metric": "acc", "base": 0.1, "tuned": 0.2, "delta": 0.1, "n": 10, "num_fewshot": 3}}
-    new = {"enem": {"metric": "acc", "base": 0.5, "tuned": 0.45, "delta": -0.05, "n": 10, "num_fewshot": 3},
-           "sts": {"metric": "pearson", "base": None, "tuned": 0.3, "delta": None, "n": 10, "num_fewshot": 15},
+    new = {"enem": {"metric": "acc", "base": 0.5, "tuned": 0.45, "delta": -0.05, "n": 10, "num_fewshot": 3,
+                    "majority_baseline": 0.3},
+           "sts": {"metric": "pearson", "base": None, "tuned": 0.3, "delta": None, "n": 10, "num_fewshot": 15,
+                   "majority_baseline": None},
            "rte": {"metric": "f1_macro", "base": 0.4, "tuned": 0.6, "delta": 0.2, "n": 10, "num_fewshot": 15}}
     rows = benchmark_rows(old, new)
     assert all(len(r) == len(BENCHMARK_HEADERS) for r in rows)
-    assert rows[0] == ["enem", "acc", "0.5000", "0.4500", "-0.0500", "0.5500", "10", "3",
+    assert BENCHMARK_HEADERS[5] == "constant answer"
+    assert rows[0] == ["enem", "acc", "0.5000", "0.4500", "-0.0500", "0.3000", "0.5500", "10", "3",
                        "❌ tuned below base; ❌ tuned below the previous run"]
-    assert rows[1][2] == "—" and rows[1][-1] == ""
+    # Pearson has no constant answer; a file written before the baseline existed shows none either.
+    assert rows[1][2] == rows[1][5] == rows[2][5] == "—" and rows[1][-1] == ""
     assert rows[2][-1] == "✅ tuned above base"
-    assert rows[3] == ["gone", "acc", "—", "—", "—", "0.2000", "—", "—", "removed"]
-    assert benchmark_rows(None, new)[0][5] == "—"
+    assert rows[3] == ["gone", "acc", "—", "—", "—", "—", "0.2000", "—", "—", "removed"]
+    assert benchmark_rows(None, new)[0][6] == "—"

@@ -4,37 +4,34 @@ Rows come out as {instruction, input, output, source_row}, where source_row is
 the 1-based row in the source, so every later complaint can point back to it.
 Structural problems (bad JSON, invalid UTF-8, a missing or non-string field)
 stop the run here with the file and row named; content problems (empty
-fields, duplicates) are the format stage's to count.
+fields, duplicates) are the format stage's to count. Rows stream from the
+file to data/raw one at a time (sabia_ift/datafiles.py reads the file).
 """
 
 from __future__ import annotations
 
-import contextlib
-import csv
-import gzip
-import io
-import json
 import logging
 import random
-import re
-import sys
-import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from ..artifacts import RAW_MANIFEST, RAW_ROWS
 from ..config import ColumnMap, FetchConfig, is_commit_sha
+from ..datafiles import (
+    SURROGATE,
+    check_readable,
+    is_gzipped,
+    iter_records,
+    not_an_object,
+    row_unit,
+    suffix_format,
+)
 from ..errors import ConfigError, DataError, hub_errors
 from ..io import atomic_path, sha256_file, write_json, write_jsonl
 
 FIELDS = ("instruction", "input", "output")
 log = logging.getLogger(__name__)
-
-
-def is_gzipped(path: Path) -> bool:
-    return path.suffix.lower() == ".gz"
-
 
 def detect_format(path: Path, declared: str) -> str:
     """The file's format: declared, or from its suffix (before a `.gz`, which means gzip)."""
@@ -43,168 +40,13 @@ def detect_format(path: Path, declared: str) -> str:
         raise ConfigError(f"fetch.path: {path}: parquet compresses its own data; read it without gzip")
     if declared != "auto":
         return declared
-    suffix = Path(path.stem).suffix.lower() if gz else path.suffix.lower()
-    formats = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
-    if suffix not in formats:
+    found = suffix_format(path)
+    if found is None:
         raise ConfigError(
             f"fetch.file_format: cannot tell the format of {path} from its suffix; "
             "set it to json, jsonl, csv or parquet"
         )
-    return formats[suffix]
-
-
-# Compressed or archive files named like plain data: what their first bytes say.
-_MAGIC = {b"\x1f\x8b": "gzip", b"PK\x03\x04": "zip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz",
-          b"\x28\xb5\x2f\xfd": "zstd"}
-
-
-def _check_readable(path: Path) -> None:
-    """One clear line for a path that names no readable data file."""
-    if not path.exists():
-        raise DataError(f"{path}: no such data file (fetch.path)")
-    if path.is_dir():
-        raise DataError(f"{path}: is a folder; fetch.path must name a data file")
-    if not path.is_file():
-        raise DataError(f"{path}: not a regular file (a device, pipe or socket); fetch.path must name a data file")
-
-
-def _check_compression(path: Path, fmt: str) -> None:
-    """A compressed file named as plain text is named for what it is, not as invalid UTF-8."""
-    if fmt == "parquet" or is_gzipped(path):
-        return
-    try:
-        with path.open("rb") as fh:
-            head = fh.read(6)
-    except OSError as exc:
-        raise DataError(f"{path}: cannot be read: {exc.strerror or exc} (fetch.path)") from None
-    for magic, kind in _MAGIC.items():
-        if head.startswith(magic):
-            hint = f"; name it {path.name}.gz to read it as is" if kind == "gzip" else "; decompress it first"
-            raise DataError(f"{path}: is a {kind}-compressed file, not plain {fmt} text{hint}")
-
-
-@contextlib.contextmanager
-def _open_bytes(path: Path):
-    """The file's bytes, decompressed when it ends in .gz; a damaged archive is a DataError."""
-    fh = gzip.open(path, "rb") if is_gzipped(path) else path.open("rb")
-    try:
-        with fh:
-            yield fh
-    except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
-        raise DataError(f"{path}: not a valid gzip file ({str(exc) or type(exc).__name__})") from None
-
-
-_BOM = b"\xef\xbb\xbf"
-# Lone surrogates: what surrogateescape makes of invalid UTF-8 bytes, or a bad \\udXXX JSON escape.
-_SURROGATE = re.compile(r"[\ud800-\udfff]")
-
-
-def _decode(raw: bytes, path: Path, line: int) -> str:
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: line {line}: invalid UTF-8 at byte {exc.start} of the line") from None
-
-
-def _read_text(path: Path) -> str:
-    """A whole file as text, without a leading BOM (Excel writes one).
-
-    Invalid UTF-8 bytes survive as lone surrogates (surrogateescape), so the
-    row that holds them is named by normalize_record rather than the file as a whole.
-    """
-    with _open_bytes(path) as fh:
-        raw = fh.read()
-    if raw.startswith(_BOM):
-        raw = raw[len(_BOM):]
-    return raw.decode("utf-8", errors="surrogateescape")
-
-
-def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
-    """(line number, record) for each non-blank line: JSON Lines rows are named by
-    their physical line, which an editor or `sed -n Np` finds, blank lines and all."""
-    with _open_bytes(path) as fh:
-        for line_no, raw in enumerate(fh, start=1):
-            if line_no == 1 and raw.startswith(_BOM):
-                raw = raw[len(_BOM):]
-            if not raw.strip():
-                continue
-            line = _decode(raw, path, line_no)
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                hint = " (the line looks truncated)" if not raw.endswith(b"\n") else ""
-                raise DataError(f"{path}: line {line_no}: not valid JSON{hint}: {exc.msg}") from None
-            except RecursionError:
-                raise DataError(f"{path}: line {line_no}: JSON nested too deeply to read") from None
-            yield line_no, record
-
-
-def _iter_json(path: Path) -> Iterator[tuple[int, Any]]:
-    text = _read_text(path)
-    if not text.strip():
-        return
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}: not valid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
-    except RecursionError:
-        raise DataError(f"{path}: JSON nested too deeply to read; expected a list of row objects") from None
-    if not isinstance(data, list):
-        raise DataError(f"{path}: expected a JSON list of row objects, got {type(data).__name__}")
-    yield from enumerate(data, start=1)
-
-
-def _raise_csv_field_limit() -> None:
-    """Python's csv refuses cells over 131,072 characters; a long context is a valid cell.
-
-    The largest limit the platform's C long holds (sys.maxsize overflows it on Windows).
-    """
-    limit = sys.maxsize
-    while True:
-        try:
-            csv.field_size_limit(limit)
-            return
-        except OverflowError:
-            limit //= 2
-
-
-def _iter_csv(path: Path, columns: ColumnMap) -> Iterator[tuple[int, Any]]:
-    _raise_csv_field_limit()
-    text = _read_text(path)
-    reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
-    row = 0  # data rows after the header, 1-based like every source_row
-    header = None
-    try:
-        header = reader.fieldnames or []
-        if header:
-            _check_columns(path, header, columns)
-            repeated = sorted({name for name in header if header.count(name) > 1
-                               and name in columns.model_dump().values()})
-            if repeated:
-                raise DataError(f"{path}: the header repeats column {repeated[0]!r}; "
-                                "a mapped column must appear once")
-        for record in reader:
-            row += 1
-            if None in record:
-                raise DataError(f"{path}: row {row}: more fields than the header has columns")
-            if any(value is None for value in record.values()):
-                raise DataError(f"{path}: row {row}: fewer fields than the header has columns")
-            yield row, record
-    except csv.Error as exc:
-        where = "header" if header is None else f"row {row + 1}"
-        raise DataError(f"{path}: {where}: CSV error: {exc}") from None
-
-
-def _iter_parquet(path: Path, columns: ColumnMap) -> Iterator[tuple[int, Any]]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        table = pq.read_table(path)
-    except (pa.ArrowException, OSError) as exc:
-        raise DataError(f"{path}: not a readable parquet file: {exc}") from None
-    _check_columns(path, table.column_names, columns)
-    yield from enumerate(table.to_pylist(), start=1)
+    return found
 
 
 def _check_columns(path: Path | str, available: Iterable[str], columns: ColumnMap) -> None:
@@ -216,6 +58,14 @@ def _check_columns(path: Path | str, available: Iterable[str], columns: ColumnMa
                 f"{path}: fetch.columns.{field} names column {name!r}, which the data lacks; "
                 f"its columns are {', '.join(map(repr, available)) or 'none'}"
             )
+
+
+def _check_header(path: Path, header: list[str], columns: ColumnMap) -> None:
+    """A csv header or parquet schema must hold each mapped column, a csv header each once."""
+    _check_columns(path, header, columns)
+    repeated = sorted({name for name in header if header.count(name) > 1 and name in columns.model_dump().values()})
+    if repeated:
+        raise DataError(f"{path}: the header repeats column {repeated[0]!r}; a mapped column must appear once")
 
 
 def _kind(value: Any) -> str:
@@ -236,7 +86,7 @@ def normalize_record(record: Any, row: int, columns: ColumnMap, where: str, unit
     """
     at = f"{where}: {unit} {row}"
     if not isinstance(record, dict):
-        raise DataError(f"{at}: expected an object with fields, got {type(record).__name__}")
+        raise not_an_object(at, record)
     out: dict[str, Any] = {}
     for field in FIELDS:
         name = getattr(columns, field)
@@ -254,7 +104,7 @@ def normalize_record(record: Any, row: int, columns: ColumnMap, where: str, unit
             value = ""
         if not isinstance(value, str):
             raise DataError(f"{at}: field {name!r} must be a string, got {_kind(value)}")
-        bad = _SURROGATE.search(value)
+        bad = SURROGATE.search(value)
         if bad:
             raise DataError(
                 f"{at}: field {name!r} is not valid UTF-8 text "
@@ -265,35 +115,45 @@ def normalize_record(record: Any, row: int, columns: ColumnMap, where: str, unit
     return out
 
 
-def read_file(path: str | Path, file_format: str, columns: ColumnMap) -> list[dict[str, Any]]:
+def read_file(path: str | Path, file_format: str, columns: ColumnMap) -> Iterator[dict[str, Any]]:
+    """The rows of a local file, normalized, in file order, one at a time.
+
+    A file is judged as a whole before its rows are: an unreadable file, then a
+    file without rows, then an input column that no row has, and only then the
+    first row with a bad field. So past a bad row the rest of the file is still
+    read (not yielded), and whatever is wrong with the file as a whole is said first.
+    """
     path = Path(path)
-    _check_readable(path)
+    check_readable(path, "fetch.path")
     fmt = detect_format(path, file_format)
-    _check_compression(path, fmt)
-    if fmt == "jsonl":
-        records = _iter_jsonl(path)
-    elif fmt == "json":
-        records = _iter_json(path)
-    elif fmt == "csv":
-        records = _iter_csv(path, columns)
-    else:
-        records = _iter_parquet(path, columns)
-    try:
-        loaded = list(records)
-    except OSError as exc:
-        raise DataError(f"{path}: cannot be read: {exc.strerror or exc} (fetch.path)") from None
-    if not loaded:
+    records = iter_records(path, fmt, key="fetch.path",
+                           on_columns=lambda header: _check_header(path, header, columns))
+    unit, where, name = row_unit(fmt), str(path), columns.input
+    # A mapping that matches no row at all is a typo, not rows without input (csv and parquet
+    # headers were checked already).
+    input_seen = fmt not in ("json", "jsonl") or name is None
+    seen_any = False
+    first_bad: DataError | None = None
+    for row, record in records:
+        seen_any = True
+        input_seen = input_seen or (isinstance(record, dict) and name in record)
+        if first_bad is not None:
+            continue
+        try:
+            normalized = normalize_record(record, row, columns, where, unit)
+        except DataError as exc:
+            first_bad = exc
+            continue
+        yield normalized
+    if not seen_any:
         raise DataError(f"{path}: the data file holds no rows")
-    name = columns.input
-    if fmt in ("json", "jsonl") and name is not None:
-        # A mapping that matches no row at all is a typo, not rows without input.
-        if not any(isinstance(r, dict) and name in r for _, r in loaded):
-            raise DataError(
-                f"{path}: fetch.columns.input names column {name!r}, which no row has; "
-                "set it to the right name, or to null for data without inputs"
-            )
-    unit = "line" if fmt == "jsonl" else "row"
-    return [normalize_record(record, row, columns, str(path), unit) for row, record in loaded]
+    if not input_seen:
+        raise DataError(
+            f"{path}: fetch.columns.input names column {name!r}, which no row has; "
+            "set it to the right name, or to null for data without inputs"
+        )
+    if first_bad is not None:
+        raise first_bad
 
 
 def subsample(n: int, max_rows: int | None, seed: int) -> list[int]:
@@ -303,8 +163,9 @@ def subsample(n: int, max_rows: int | None, seed: int) -> list[int]:
     return sorted(random.Random(seed).sample(range(n), max_rows))
 
 
-def read_hub(cfg: FetchConfig) -> tuple[list[dict[str, Any]], int, dict[str, Any]]:
-    """Rows of a Hub dataset at a pinned revision; the token, if any, comes from HF_TOKEN."""
+def read_hub(cfg: FetchConfig) -> tuple[Iterator[dict[str, Any]], int, dict[str, Any]]:
+    """Rows of a Hub dataset at a pinned revision (read lazily), their number in the split, and
+    where they came from; the token, if any, comes from HF_TOKEN."""
     import datasets
 
     commit = resolve_dataset_revision(cfg.dataset, cfg.revision)
@@ -320,7 +181,7 @@ def read_hub(cfg: FetchConfig) -> tuple[list[dict[str, Any]], int, dict[str, Any
     _check_columns(where, ds.column_names, cfg.columns)
     keep = subsample(len(ds), cfg.max_rows, cfg.seed)
     picked = ds.select(keep)
-    rows = [normalize_record(rec, i + 1, cfg.columns, where) for i, rec in zip(keep, picked)]
+    rows = (normalize_record(rec, i + 1, cfg.columns, where) for i, rec in zip(keep, picked))
     return rows, len(ds), {"dataset": cfg.dataset, "revision": commit, "requested_revision": cfg.revision,
                            "split": cfg.split}
 
@@ -345,25 +206,46 @@ def resolve_dataset_revision(dataset: str, revision: str) -> str:
     return commit
 
 
+def _keep_lines(source: Path, target: Path, keep: list[int]) -> None:
+    """Copy the lines of `source` at the (sorted, 0-based) indices `keep` into `target`, byte for byte."""
+    wanted = iter(keep)
+    nxt = next(wanted, None)
+    with source.open("rb") as src, target.open("wb") as out:
+        for i, line in enumerate(src):
+            if i == nxt:
+                out.write(line)
+                nxt = next(wanted, None)
+                if nxt is None:
+                    break
+
+
 def fetch(cfg: FetchConfig, out_dir: str | Path) -> dict[str, Any]:
     """Run the fetch stage: write rows.jsonl and manifest.json into out_dir."""
-    if cfg.source == "file":
-        assert cfg.path is not None  # the schema requires a path for files
-        rows = read_file(cfg.path, cfg.file_format, cfg.columns)
-        total = len(rows)
-        rows = [rows[i] for i in subsample(total, cfg.max_rows, cfg.seed)]
-        origin = {"path": cfg.path, "format": detect_format(Path(cfg.path), cfg.file_format),
-                  "compression": "gzip" if is_gzipped(Path(cfg.path)) else None, "sha256": sha256_file(cfg.path)}
-    else:
-        rows, total, origin = read_hub(cfg)
     with atomic_path(out_dir, is_dir=True) as tmp:
-        write_jsonl(tmp / RAW_ROWS, rows)
+        if cfg.source == "file":
+            assert cfg.path is not None  # the schema requires a path for files
+            path = Path(cfg.path)
+            # Every row goes to disk first; max_rows then picks among them, as it would from a list.
+            every = tmp / f".all-{RAW_ROWS}"
+            total = write_jsonl(every, read_file(path, cfg.file_format, cfg.columns))
+            if cfg.max_rows is not None and cfg.max_rows < total:
+                _keep_lines(every, tmp / RAW_ROWS, subsample(total, cfg.max_rows, cfg.seed))
+                every.unlink()
+                written = cfg.max_rows
+            else:
+                every.rename(tmp / RAW_ROWS)
+                written = total
+            origin = {"path": cfg.path, "format": detect_format(path, cfg.file_format),
+                      "compression": "gzip" if is_gzipped(path) else None, "sha256": sha256_file(path)}
+        else:
+            rows, total, origin = read_hub(cfg)
+            written = write_jsonl(tmp / RAW_ROWS, rows)
         manifest = {
             "source": cfg.source,
             **origin,
             "columns": cfg.columns.model_dump(),
             "rows_in_source": total,
-            "rows_written": len(rows),
+            "rows_written": written,
             "max_rows": cfg.max_rows,
             "seed": cfg.seed,
             "rows_sha256": sha256_file(tmp / RAW_ROWS),

@@ -5,7 +5,11 @@ scoring (the Open Portuguese LLM Leaderboard's formats for the built-in
 tasks). At run time every task of params' `benchmark.tasks` gets a small YAML
 in a temporary folder that includes its template and names its data: rows
 written there as JSON Lines by benchmark_data.py, whether they came from a
-local file or the Hub. lm-eval then reads only local files.
+local file or the Hub. Which rows are scored (`limit`, a seeded sample
+stratified by the gold answer) and shown as examples, with duplicates
+removed and counted, is sampling.py's choice; lm-eval then reads only local
+files and scores every row written. Log-likelihoods come from harness_lm.py,
+which keeps only the continuation's logits.
 
 The base is loaded once, with the adapter on top (modeling.load_tuned, as
 every stage loads it); the base scores come from the same model object with
@@ -28,6 +32,7 @@ from ..config import GENERIC_TASKS, BenchmarkConfig, BenchmarkTask
 from ..io import write_jsonl
 from ..modeling import load_tuned, pick_device
 from .benchmark_data import load_task_data
+from .sampling import majority_baseline, warn_if_constant_wins
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +54,17 @@ def template(task: BenchmarkTask) -> Path:
 
 
 def prepare_tasks(cfg: BenchmarkConfig, workdir: str | Path, root: str | Path = ".") -> dict[str, dict]:
-    """Write each task's rows and YAML under `workdir`; returns name -> {num_fewshot, n_test, source}."""
+    """Write each task's scored rows, few-shot rows and YAML under `workdir`; returns name ->
+    {num_fewshot, n_test, source, kind, sample: the keys summarize adds about the rows scored}."""
     workdir = Path(workdir)
     prepared = {}
     for index, task in enumerate(cfg.tasks):
-        data = load_task_data(task, index, root=root, seed=cfg.seed)
+        data = load_task_data(task, index, root=root, seed=cfg.seed, limit=cfg.limit)
+        baseline = majority_baseline(task.kind, data.test, MAIN_METRIC[task.kind])
+        warn_if_constant_wins(task.name, task.kind, data.test, baseline)
+        if data.duplicates_removed or data.fewshot_duplicates_removed:
+            log.info("benchmark task %s: %d rows repeat an earlier row and %d a few-shot example: removed",
+                     task.name, data.duplicates_removed, data.fewshot_duplicates_removed)
         folder = workdir / task.name
         folder.mkdir(parents=True, exist_ok=True)
         write_jsonl(folder / "test.jsonl", data.test)
@@ -79,16 +90,20 @@ def prepare_tasks(cfg: BenchmarkConfig, workdir: str | Path, root: str | Path = 
             spec["description"] = task.description or GENERIC_DESCRIPTION[task.kind]
         (folder / f"{task.name}.yaml").write_text(yaml.safe_dump(spec, allow_unicode=True, sort_keys=False),
                                                    encoding="utf-8")
+        # What a constant answer scores on the same rows (null for Pearson), and what the draw left out.
+        sample = {"majority_baseline": baseline, "n_available": data.available,
+                  "n_duplicates_removed": data.duplicates_removed,
+                  "n_fewshot_duplicates_removed": data.fewshot_duplicates_removed}
         prepared[task.name] = {"num_fewshot": len(data.fewshot), "n_test": len(data.test),
-                               "source": data.source, "kind": task.kind}
+                               "source": data.source, "kind": task.kind, "sample": sample}
     return prepared
 
 
 def make_lm(model, tokenizer, batch_size: int | str, max_length: int | None):
     """An lm-eval model around an already-loaded (Peft)model."""
-    from lm_eval.models.huggingface import HFLM
+    from .harness_lm import ContinuationHFLM
 
-    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+    return ContinuationHFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
 
 
 def evaluate_tasks(lm, names: list[str], include_path: str | Path, *, limit: int | None, seed: int,
@@ -121,7 +136,7 @@ def summarize(prepared: dict[str, dict], base: dict, tuned: dict) -> dict[str, d
         metrics[name] = {
             "metric": metric, "base": b, "tuned": t,
             "delta": round(t - b, 4) if b is not None and t is not None else None,
-            "n": n, "num_fewshot": info["num_fewshot"],
+            "n": n, "num_fewshot": info["num_fewshot"], **info["sample"],
         }
     return metrics
 
@@ -139,8 +154,9 @@ def run_benchmark(cfg: BenchmarkConfig, base_dir: str | Path, adapter_dir: str |
         lm = make_lm(model, tokenizer, cfg.batch_size, getattr(model.config, "max_position_embeddings", None))
         names = list(prepared)
         start = time.perf_counter()
+        # prepare_tasks wrote only the rows to score: no limit for lm-eval (it would take the first ones).
         with model.disable_adapter():
-            base = evaluate_tasks(lm, names, workdir, limit=cfg.limit, seed=cfg.seed, log_samples=log_samples)
-        tuned = evaluate_tasks(lm, names, workdir, limit=cfg.limit, seed=cfg.seed, log_samples=log_samples)
+            base = evaluate_tasks(lm, names, workdir, limit=None, seed=cfg.seed, log_samples=log_samples)
+        tuned = evaluate_tasks(lm, names, workdir, limit=None, seed=cfg.seed, log_samples=log_samples)
         log.info("benchmark: %d tasks, base and tuned, in %.1f s", len(names), time.perf_counter() - start)
     return summarize(prepared, base, tuned), {"base": base, "tuned": tuned}

@@ -4,18 +4,15 @@ The leaderboard's data sets come in their publishers' formats (ENEM JSON,
 ASSIN 2 XML, FaQuAD in SQuAD format, TweetSentBR JSON) or in the layout of
 the Hub copies the leaderboard reads; generic tasks come from any
 json/jsonl/csv/parquet file with columns named in params. Each is converted
-here to the rows sabia_ift/evaluation/tasks/utils.py documents, and split
-into test rows and the few-shot pool. A bad row is a DataError naming the
+here to the rows sabia_ift/evaluation/tasks/utils.py documents; sampling.py
+then picks the few-shot examples and the rows scored. A bad row is a DataError naming the
 file, the 1-based row and the key.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
-import random
 import re
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
@@ -24,7 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from ..config import BenchmarkTask, is_commit_sha
+from ..datafiles import TABLE_FORMATS, cannot_read, iter_rows, open_bytes, read_json, suffix_format
 from ..errors import ConfigError, DataError
+from .sampling import select
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +46,12 @@ HUB_SPLITS = {"enem": ("train", "train"), "assin2_rte": ("test", "train"), "assi
 
 @dataclass
 class TaskData:
-    test: list[dict[str, Any]]
+    test: list[dict[str, Any]]        # the rows scored
     fewshot: list[dict[str, Any]]
     source: dict[str, Any]
+    available: int                    # rows that could be scored, before limit
+    duplicates_removed: int           # rows repeating an earlier row
+    fewshot_duplicates_removed: int   # rows repeating a few-shot example
 
 
 # Reading files -----------------------------------------------------------------
@@ -57,56 +59,22 @@ class TaskData:
 def _format(path: Path, declared: str, key: str) -> str:
     if declared != "auto":
         return declared
-    formats = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv",
-               ".parquet": "parquet", ".xml": "xml"}
-    if path.suffix.lower() not in formats:
+    found = suffix_format(path, {**TABLE_FORMATS, ".xml": "xml"})
+    if found is None:
         raise ConfigError(f"{key}: cannot tell the format of {path} from its suffix; set file_format")
-    return formats[path.suffix.lower()]
+    return found
 
 
-def _load_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8-sig"))
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}: not valid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+def _load_json(path: Path, key: str) -> Any:
+    return read_json(path, key)
 
 
-def read_table(path: Path, file_format: str) -> list[dict[str, Any]]:
-    """Row objects of a json (list), jsonl, csv or parquet file."""
-    if file_format == "jsonl":
-        rows = []
-        with path.open(encoding="utf-8-sig") as fh:
-            for line in fh:
-                if not line.strip():
-                    continue
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{path}: row {len(rows) + 1}: not valid JSON: {exc.msg}") from None
-    elif file_format == "json":
-        rows = _load_json(path)
-        if not isinstance(rows, list):
-            raise DataError(f"{path}: expected a JSON list of row objects, got {type(rows).__name__}")
-    elif file_format == "csv":
-        try:
-            rows = list(csv.DictReader(io.StringIO(path.read_text(encoding="utf-8-sig"), newline="")))
-        except (csv.Error, UnicodeDecodeError) as exc:
-            raise DataError(f"{path}: not a readable CSV file: {exc}") from None
-    elif file_format == "parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            rows = pq.read_table(path).to_pylist()
-        except Exception as exc:
-            raise DataError(f"{path}: not a readable parquet file: {exc}") from None
-    else:
+def read_table(path: Path, file_format: str, key: str) -> list[dict[str, Any]]:
+    """Row objects of a json (list), jsonl, csv or parquet file, read as the fetch stage reads its
+    file (sabia_ift/datafiles.py: gzip, BOM, encodings, nesting, long CSV cells); `key` names it in params."""
+    if file_format not in TABLE_FORMATS.values():
         raise DataError(f"{path}: {file_format} files hold no table of rows; use json, jsonl, csv or parquet")
-    for i, row in enumerate(rows, start=1):
-        if not isinstance(row, dict):
-            raise DataError(f"{path}: row {i}: expected an object with named fields, got {type(row).__name__}")
-    return rows
+    return [row for _, row in iter_rows(path, file_format, key=key)]
 
 
 def _field(row: dict, key: str, where: str) -> Any:
@@ -217,18 +185,30 @@ def assin2_rows(data: list[dict], path: str, *, similarity: bool) -> list[dict[s
     return rows
 
 
-def read_assin2_xml(path: Path) -> list[dict[str, Any]]:
+def read_assin2_xml(path: Path, key: str) -> list[dict[str, Any]]:
+    """The pairs of ASSIN 2's XML corpus (or a gzipped copy); a bad file or pair is one line naming it."""
     try:
-        root = ET.parse(path).getroot()
+        with open_bytes(path) as fh:
+            root = ET.parse(fh).getroot()
     except ET.ParseError as exc:
         raise DataError(f"{path}: not valid XML: {exc}") from None
+    except OSError as exc:
+        raise cannot_read(path, exc, key) from None
     rows = []
     for i, pair in enumerate(root.iter("pair"), start=1):
         t, h = pair.find("t"), pair.find("h")
         if t is None or h is None or "entailment" not in pair.attrib:
             raise DataError(f"{path}: row {i}: key pair: needs <t>, <h> and an entailment attribute")
-        rows.append({"sentence_pair_id": pair.get("id", str(i)), "premise": t.text, "hypothesis": h.text,
-                     "relatedness_score": pair.get("similarity"),
+        ident, similarity = pair.get("id", str(i)), pair.get("similarity")
+        if not ident.strip().isdigit():
+            raise DataError(f"{path}: row {i}: key id: expected a whole number, got {ident!r}")
+        if similarity is not None:
+            try:
+                float(similarity)
+            except ValueError:
+                raise DataError(f"{path}: row {i}: key similarity: expected a number, got {similarity!r}") from None
+        rows.append({"sentence_pair_id": ident, "premise": t.text, "hypothesis": h.text,
+                     "relatedness_score": similarity,
                      "entailment_judgment": 1 if pair.get("entailment") == "Entailment" else 0})
     return rows
 
@@ -305,41 +285,27 @@ def _by_ids(pool: list[dict], ids: tuple, key: Callable[[dict], Any]) -> list[di
     return chosen if len(chosen) == len(ids) else []
 
 
-def split_fewshot(kind: str, rows: list[dict], pool: list[dict] | None, n: int, seed: int) -> tuple[list, list]:
-    """(test rows, few-shot rows). Without a separate pool the few-shot examples are
-    held out of `rows`, so a test question never shows its own answer."""
-    source = rows if pool is None else pool
-    chosen: list[dict] = []
+def listed_fewshot(kind: str, source: list[dict]) -> list[dict]:
+    """The leaderboard's few-shot examples in its order, where `source` holds them all; else none."""
     if kind == "enem":
-        chosen = _by_ids(source, ENEM_FEWSHOT_IDS, lambda r: r["id"].removeprefix("ENEM_"))
-    elif kind in ("assin2_rte", "assin2_sts"):
-        chosen = _by_ids(source, ASSIN2_FEWSHOT_IDS, lambda r: r["id"])
-    elif kind == "faquad_nli":
-        # Sentence pairs of one paragraph sit together; a seeded shuffle mixes "Sim" and "Não".
-        chosen = random.Random(seed).sample(source, len(source))
-    if not chosen:
-        chosen = list(source)
-    chosen = chosen[:n]
-    if len(chosen) < n:
-        raise DataError(f"{n} few-shot examples asked for, but the few-shot pool has {len(chosen)} rows")
-    if pool is None:
-        taken = {id(row) for row in chosen}
-        rows = [row for row in rows if id(row) not in taken]
-    return rows, chosen
+        return _by_ids(source, ENEM_FEWSHOT_IDS, lambda r: r["id"].removeprefix("ENEM_"))
+    if kind in ("assin2_rte", "assin2_sts"):
+        return _by_ids(source, ASSIN2_FEWSHOT_IDS, lambda r: r["id"])
+    return []
 
 
 # Loading a task -------------------------------------------------------------------
 
-def _convert(kind: str, task: BenchmarkTask, path: Path, file_format: str) -> list[dict[str, Any]]:
+def _convert(kind: str, task: BenchmarkTask, path: Path, file_format: str, key: str) -> list[dict[str, Any]]:
     where = str(path)
     if kind in ("multiple_choice", "classification"):
-        table = read_table(path, file_format)
+        table = read_table(path, file_format, key)
         make = multiple_choice_row if kind == "multiple_choice" else classification_row
         return [make(row, task, f"{where}: row {i}", i) for i, row in enumerate(table, start=1)]
     if kind in ("assin2_rte", "assin2_sts"):
-        table = read_assin2_xml(path) if file_format == "xml" else read_table(path, file_format)
+        table = read_assin2_xml(path, key) if file_format == "xml" else read_table(path, file_format, key)
         return assin2_rows(table, where, similarity=kind == "assin2_sts")
-    data = _load_json(path) if file_format == "json" else read_table(path, file_format)
+    data = _load_json(path, key) if file_format == "json" else read_table(path, file_format, key)
     return {"enem": enem_rows, "faquad_nli": faquad_nli_rows, "tweetsentbr": tweetsentbr_rows}[kind](data, where)
 
 
@@ -349,7 +315,7 @@ def _local(task: BenchmarkTask, path_str: str, key: str, root: Path) -> list[dic
         path = root / path
     if not path.is_file():
         raise ConfigError(f"{key}: {path_str} is not a file")
-    rows = _convert(task.kind, task, path, _format(path, task.file_format, f"{key}"))
+    rows = _convert(task.kind, task, path, _format(path, task.file_format, f"{key}"), key)
     if not rows:
         raise DataError(f"{path}: no rows for task {task.name}")
     return rows
@@ -374,29 +340,44 @@ def _hub(task: BenchmarkTask, split: str, key: str) -> list[dict[str, Any]]:
         rows, where)
 
 
-def load_task_data(task: BenchmarkTask, index: int, *, root: str | Path = ".", seed: int = 1234) -> TaskData:
-    """Test rows and few-shot rows of one task from params (benchmark.tasks[index])."""
+def load_task_data(task: BenchmarkTask, index: int, *, root: str | Path = ".", seed: int = 1234,
+                   limit: int | None = None) -> TaskData:
+    """Few-shot rows and the rows scored (at most `limit`, drawn with `seed`: sampling.py) of one
+    task from params (benchmark.tasks[index])."""
     root = Path(root)
     key = f"benchmark.tasks.{index}"
     n = num_fewshot(task)
     if task.path is not None:
         rows = _local(task, task.path, f"{key}.path", root)
         pool = _local(task, task.fewshot_path, f"{key}.fewshot_path", root) if task.fewshot_path else None
+        pool_name = f"fewshot_path {task.fewshot_path}"
         if task.kind == "tweetsentbr" and pool is None and any(r.get("group") for r in rows):
             # The publishers' file marks its own train and test rows.
             pool = [r for r in rows if r.get("group") == "train"]
             rows = [r for r in rows if r.get("group") != "train"]
+            pool_name = f"the train rows of {task.path}"
         source: dict[str, Any] = {"path": task.path,
                                   **({"fewshot_path": task.fewshot_path} if task.fewshot_path else {})}
     else:
         test_split, fewshot_split = HUB_SPLITS[task.kind]
         rows = _hub(task, test_split, key)
         pool = _hub(task, fewshot_split, key) if fewshot_split != test_split else None
+        pool_name = f"split {fewshot_split} of {task.dataset}"
         source = {"dataset": task.dataset, "revision": task.revision}
-    test, fewshot = split_fewshot(task.kind, rows, pool, n, seed) if n else (rows, [])
-    if not test:
-        raise DataError(f"{key}: task {task.name} has no test rows left after taking {n} few-shot examples")
-    return TaskData(test, fewshot, source)
+    where = f"{key}.num_fewshot: task {task.name} asks for {n} few-shot examples"
+    if pool is not None and n > len(pool):
+        raise ConfigError(f"{where}, but its few-shot pool ({pool_name}) has {len(pool)} "
+                          f"row{'' if len(pool) == 1 else 's'}")
+    if pool is None and n >= len(rows):
+        raise ConfigError(f"{where} held out of its {len(rows)} rows, which leaves none to score; "
+                          "lower num_fewshot or set fewshot_path")
+    chosen = select(task.kind, rows, pool, num_fewshot=n, limit=limit, seed=seed,
+                    listed=listed_fewshot(task.kind, rows if pool is None else pool))
+    if not chosen.test:
+        raise DataError(f"{key}: task {task.name} has nothing left to score: each of its "
+                        f"{chosen.fewshot_duplicates_removed} rows repeats one of its {n} few-shot examples")
+    return TaskData(chosen.test, chosen.fewshot, source, chosen.available, chosen.duplicates_removed,
+                    chosen.fewshot_duplicates_removed)
 
 
 def num_fewshot(task: BenchmarkTask) -> int:

@@ -3,15 +3,16 @@
 `benchmark_rows(old, new)` takes two metrics/benchmarks.json contents (`old`
 from the base revision, or None when it has none) and returns table rows
 under BENCHMARK_HEADERS. Scores are the tasks' main metrics as lm-eval
-reports them (0 to 1; Pearson -1 to 1).
+reports them (0 to 1; Pearson -1 to 1); "constant answer" is the majority
+baseline, what always giving the most frequent answer scores on the same rows.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-BENCHMARK_HEADERS = ["task", "metric", "base", "tuned", "tuned − base", "tuned before", "examples",
-                     "shots", "verdict"]
+BENCHMARK_HEADERS = ["task", "metric", "base", "tuned", "tuned − base", "constant answer", "tuned before",
+                     "examples", "shots", "verdict"]
 # Differences smaller than this are rounding, not a change (scores are written to 4 decimals).
 TOLERANCE = 1e-4
 
@@ -48,11 +49,12 @@ def benchmark_rows(old: dict | None, new: dict) -> list[list[str]]:
         before = old.get(name)
         rows.append([
             name, str(task.get("metric", "")), _num(task.get("base")), _num(task.get("tuned")),
-            _signed(task.get("delta")), _num(before.get("tuned")) if before else "—",
+            _signed(task.get("delta")), _num(task.get("majority_baseline")),
+            _num(before.get("tuned")) if before else "—",
             str(task.get("n", "")), str(task.get("num_fewshot", "")), _verdict(task, before),
         ])
     for name, task in old.items():
         if name not in new:
-            rows.append([name, str(task.get("metric", "")), "—", "—", "—", _num(task.get("tuned")), "—", "—",
+            rows.append([name, str(task.get("metric", "")), "—", "—", "—", "—", _num(task.get("tuned")), "—", "—",
                          "removed"])
     return rows
