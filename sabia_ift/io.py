@@ -8,6 +8,7 @@ sibling and renamed into place at the end; rename is atomic on one filesystem.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import math
@@ -18,6 +19,8 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
+
+from .errors import DataError, OutputError
 
 
 def _remove(path: Path) -> None:
@@ -44,25 +47,85 @@ def remove_stale_temporaries(target: Path) -> list[Path]:
     return removed
 
 
+# The machine refusing a write: no permission, a read-only file system, a full disk or quota.
+REFUSED = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT})
+# ...or a file where a folder should be.
+WRITE_ERRNOS = REFUSED | {errno.ENOTDIR, errno.EEXIST}
+_TEMPORARY = re.compile(r"\..+\.(tmp|old)-[a-z0-9_]{8}")
+
+
+def cannot_write(target: Path, exc: OSError) -> OutputError:
+    """One line for a failed write of `target`: the path and what the system refused."""
+    blocker = next((p for p in (target, *target.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None and blocker != target:
+        return OutputError(f"{target}: cannot be written: {blocker} is a file, not a folder")
+    folder = next((p for p in target.parents if p.is_dir()), target.parent)
+    return OutputError(f"{target}: cannot be written: {exc.strerror or exc} in folder {folder}")
+
+
+def _write_failure(exc: OSError, target: Path, tmp: Path | None) -> bool:
+    """Whether `exc` is the system refusing this write of `target`, to be reported by cannot_write.
+
+    Errors about other files (an input read while writing) stay as they are, and
+    a write nested in another one's temporary folder leaves the report to the
+    outer write, which names the output a user knows.
+    """
+    if exc.errno not in WRITE_ERRNOS or any(_TEMPORARY.fullmatch(part.name) for part in target.parents):
+        return False
+    if exc.filename is None:  # write() on a full disk names no file
+        return True
+    path, target = Path(os.fsdecode(exc.filename)).absolute(), target.absolute()
+    ours = [target] if tmp is None else [target, tmp.absolute()]
+    return (path in target.parents  # a folder to create on the way
+            or any(path == p or p in path.parents for p in ours)
+            or (path.parent == target.parent and path.name.startswith(f".{target.name}.")))  # a temporary
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | Path, *, is_dir: bool = False) -> Iterator[Path]:
-    """Yield a temporary path; on success it replaces `target`, on error it vanishes."""
+    """Yield a temporary path; on success it replaces `target`, on error it vanishes.
+
+    A write the system refuses (permission, read-only file system, full disk)
+    is an OutputError naming `target`, for every stage alike.
+    """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(target)
-    prefix = f".{target.name}.tmp-"
-    if is_dir:
-        tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; outputs are shared like any folder
-    else:
-        fd, name = tempfile.mkstemp(prefix=prefix, dir=target.parent)
-        os.close(fd)
-        tmp = Path(name)
+    tmp = None
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(target)
+        prefix = f".{target.name}.tmp-"
+        if is_dir:
+            tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
+            os.chmod(tmp, 0o755)  # mkdtemp makes it private; outputs are shared like any folder
+        else:
+            fd, name = tempfile.mkstemp(prefix=prefix, dir=target.parent)
+            os.close(fd)
+            tmp = Path(name)
+    except OSError as exc:
+        if tmp is not None:
+            _remove(tmp)
+        if _write_failure(exc, target, None):
+            raise cannot_write(target, exc) from None
+        raise
     try:
         yield tmp
-    except BaseException:
-        _remove(tmp)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):  # on a read-only or full disk, the next write removes it
+            _remove(tmp)
+        if isinstance(exc, OSError) and _write_failure(exc, target, tmp):
+            raise cannot_write(target, exc) from None
         raise
+    try:
+        _replace(tmp, target, is_dir)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            _remove(tmp)
+        if _write_failure(exc, target, tmp):
+            raise cannot_write(target, exc) from None
+        raise
+
+
+def _replace(tmp: Path, target: Path, is_dir: bool) -> None:
     if is_dir:
         # A folder cannot be renamed over a non-empty folder: move the old one
         # aside first so the target is never half old, half new.
@@ -71,7 +134,12 @@ def atomic_path(target: str | Path, *, is_dir: bool = False) -> Iterator[Path]:
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
             os.rmdir(old)
             os.replace(target, old)
-        os.replace(tmp, target)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if old is not None:  # the previous output, not nothing
+                os.replace(old, target)
+            raise
         if old is not None:
             _remove(old)
     else:
@@ -120,21 +188,26 @@ def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> int:
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     """Rows of a file an earlier stage wrote; a missing or damaged one is a DataError naming it."""
-    from .errors import DataError
+    return list(iter_jsonl(path))
 
+
+def iter_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
+    """The rows of a file an earlier stage wrote, one at a time; a missing or damaged file is a
+    DataError naming it (and the row)."""
     path = Path(path)
-    rows = []
+    row = 0
     try:
         with path.open(encoding="utf-8") as fh:
             for line in fh:
                 if line.strip():
-                    rows.append(json.loads(line))
+                    record = json.loads(line)
+                    row += 1
+                    yield record
     except FileNotFoundError:
         raise DataError(f"{path}: no such file; run the stage that writes it first (dvc repro)") from None
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise DataError(f"{path}: row {len(rows) + 1}: not valid JSON Lines ({exc}); "
+        raise DataError(f"{path}: row {row + 1}: not valid JSON Lines ({exc}); "
                         "rerun the stage that writes it") from None
-    return rows
 
 
 def sha256_file(path: str | Path) -> str:

@@ -9,7 +9,9 @@ import sys
 import warnings
 from collections.abc import Callable
 
+from .determinism import check_pinned, pin_cpu_numerics
 from .errors import SabiaError
+from .io import REFUSED
 
 
 def quiet_libraries() -> None:
@@ -25,7 +27,26 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
+def quiet_bars() -> None:
+    """Turn library progress bars off where stderr is not a terminal; the project's own progress lines stay.
+
+    A bar redraws with \\r: in a log (`dvc repro` in CI) every redraw piles up into one unreadable
+    line. Called when this module is imported, before the libraries that read these variables
+    at import (tqdm reads TQDM_* into its defaults then; huggingface_hub its own flag).
+    """
+    if sys.stderr is not None and sys.stderr.isatty():
+        return
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # loading weights, downloads
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # saving and mapping datasets
+    # Any tqdm bar whose caller leaves `disable` unset (lm-eval's per-task request building);
+    # callers that pass disable=False themselves are handled where they are called.
+    os.environ.setdefault("TQDM_DISABLE", "1")
+
+
 quiet_libraries()
+quiet_bars()
+# Before any stage imports torch: the same bytes on every x86-64 CPU (determinism.py says how).
+pin_cpu_numerics()
 
 
 def setup_logging() -> None:
@@ -33,11 +54,6 @@ def setup_logging() -> None:
     # The pipeline runs offline by default; a telemetry ping or Hub check would only time out.
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    # Library bars (loading weights, saving datasets) redraw with \r: in a log that is not a
-    # terminal they pile up into unreadable lines. The project's own progress lines stay.
-    if not sys.stderr.isatty():
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 
 
 def run(main: Callable[[argparse.Namespace], None], doc: str | None, *paths: str,
@@ -56,10 +72,20 @@ def run(main: Callable[[argparse.Namespace], None], doc: str | None, *paths: str
     setup_logging()
     args = parser.parse_args(argv)
     try:
+        check_pinned()
         main(args)
     except SabiaError as exc:
         # One line, whatever a wrapped library put in the message.
         message = " ".join(part.strip() for part in str(exc).splitlines() if part.strip())
         print(f"error: {message}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        # Atomic outputs report a refused write themselves (io.atomic_path); files written by
+        # libraries (the Trainer's checkpoints, trackers' logs) get the same one line here.
+        # A full or read-only disk or a missing permission is the machine's state, not a bug.
+        if exc.errno not in REFUSED:
+            raise
+        where = f"{os.fsdecode(exc.filename)}: " if exc.filename is not None else ""
+        print(f"error: {where}{exc.strerror}", file=sys.stderr)
         return 2
     return 0

@@ -1,16 +1,20 @@
 """Same params, same bytes: two fresh copies of the project produce identical outputs.
 
-The pipeline part runs `dvc repro tokenize` (base, fetch, format, tokenize) in two
-project copies side by side and compares what DVC recorded. The unit part checks
-the two seeded choices of the data stages: fetch's max_rows subsample and
-format's train/val/test split.
+The pipeline part runs `dvc repro train` (base, fetch, format, tokenize, train) in two
+project copies, one after the other, under two values of ATEN_CPU_CAPABILITY (and of
+MKL's branch), as two CPUs would give, and compares what DVC recorded. The unit part
+checks that those variables do change torch's results when nothing pins them (so the
+pipeline test can fail), and the two seeded choices of the data stages: fetch's
+max_rows subsample and format's train/val/test split.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -30,19 +34,27 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+# A shell's values that would change torch's and MKL's arithmetic if the stages did not pin them.
+CPU_SETTINGS = {"a": {"PYTHONHASHSEED": "1", "ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "OMP_NUM_THREADS": "1"},
+                "b": {"PYTHONHASHSEED": "2", "ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "AUTO"}}
+PIPELINE_STAGES = (*DATA_STAGES, "train")
+
+
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory) -> list[Path]:
-    """Two fresh project copies, each after `dvc repro tokenize`.
+    """Two fresh project copies, each after `dvc repro train`.
 
-    They sit in different folders and run with different hash seeds, so an
-    absolute path or a set's iteration order leaking into an output shows up.
+    They sit in different folders and run with different hash seeds, so an absolute
+    path or a set's iteration order leaking into an output shows up, and under
+    different CPU settings (CPU_SETTINGS), so a kernel choice that leaks shows up too.
     One after the other: side by side, two torch processes on two cores take longer.
     """
     projects = []
-    for name, hash_seed in (("a", "1"), ("b", "2")):
-        project = make_project(tmp_path_factory.mktemp(name) / "project", FAST_PARAMS)
-        env = {**project_env(project), "PYTHONHASHSEED": hash_seed}
-        done = subprocess.run(["dvc", "repro", "tokenize"], cwd=project, env=env, text=True,
+    overrides = {**FAST_PARAMS, "train": {**FAST_PARAMS["train"], "max_steps": 6}}
+    for name, settings in CPU_SETTINGS.items():
+        project = make_project(tmp_path_factory.mktemp(name) / "project", overrides)
+        env = {**project_env(project), **settings}
+        done = subprocess.run(["dvc", "repro", "train"], cwd=project, env=env, text=True,
                               capture_output=True, timeout=900)
         assert done.returncode == 0, done.stdout + done.stderr
         projects.append(project)
@@ -56,14 +68,15 @@ def lock(project: Path) -> dict:
 def test_repro_twice_gives_identical_outputs(two_runs):
     a, b = two_runs
     lock_a, lock_b = lock(a), lock(b)
-    assert set(lock_a["stages"]) == set(DATA_STAGES)
+    assert set(lock_a["stages"]) == set(PIPELINE_STAGES)
     expected = {
         "base": {"models/base"},
         "fetch": {"data/raw"},
         "format": {"data/formatted", "metrics/format.json"},
         "tokenize": {"data/tokenized", "metrics/tokenize.json", "metrics/detail/tokenize.json"},
+        "train": {"models/adapter", "models/checkpoints", "metrics/curves", "metrics/train.json"},
     }
-    for stage in DATA_STAGES:
+    for stage in PIPELINE_STAGES:
         outs_a = {o["path"]: o for o in lock_a["stages"][stage]["outs"]}
         outs_b = {o["path"]: o for o in lock_b["stages"][stage]["outs"]}
         assert set(outs_a) == expected[stage]
@@ -73,7 +86,8 @@ def test_repro_twice_gives_identical_outputs(two_runs):
     assert lock_a == lock_b
 
     for rel in ("metrics/format.json", "metrics/tokenize.json", "models/base/model.safetensors",
-                "data/raw/rows.jsonl", "data/raw/manifest.json"):
+                "data/raw/rows.jsonl", "data/raw/manifest.json", "models/adapter/adapter_model.safetensors",
+                "models/adapter/adapter_config.json", "metrics/train.json"):
         assert (a / rel).read_bytes() == (b / rel).read_bytes(), f"{rel} differs between two runs"
     # The runs did real work: FAST_PARAMS sizes came through.
     fmt = json.loads((a / "metrics/format.json").read_text())
@@ -85,6 +99,43 @@ def test_repro_twice_gives_identical_outputs(two_runs):
 
 
 # --- Unit level ------------------------------------------------------------------------------
+
+# A softmax over a LLaMA vocabulary: torch's AVX2 and portable kernels sum its terms in other orders.
+SOFTMAX = """
+from sabia_ift import stage
+import hashlib, torch
+x = (torch.arange(64 * 32000) * 2654435761 % 1000003).float().reshape(64, 32000) / 50000
+print(hashlib.sha256(torch.softmax(x, -1).numpy().tobytes()).hexdigest(), torch.backends.cpu.get_cpu_capability())
+"""
+
+
+def softmax_digest(capability: str, numerics: str) -> tuple[str, str]:
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability, "SABIA_IFT_CPU_NUMERICS": numerics,
+           "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", SOFTMAX], env=env, capture_output=True, text=True, check=True)
+    digest, used = done.stdout.split()
+    return digest, used
+
+
+@pytest.mark.skipif("avx2" not in Path("/proc/cpuinfo").read_text(), reason="needs a CPU with AVX2")
+def test_the_cpu_settings_matter_unless_pinned():
+    """Without the pins the capability changes the bits (so the pipeline test above can fail);
+    with them, whatever the shell asks, the stages compute with the portable kernels."""
+    native = {cap: softmax_digest(cap, "native") for cap in ("avx2", "default")}
+    assert native["avx2"][1] == "AVX2" and native["default"][1] == "DEFAULT"
+    assert native["avx2"][0] != native["default"][0]
+    pinned = {cap: softmax_digest(cap, "pinned") for cap in ("avx2", "default")}
+    assert pinned["avx2"] == pinned["default"] and pinned["avx2"][1] == "DEFAULT"
+
+
+def test_a_stage_refuses_torch_loaded_before_the_pins():
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("ATEN_CPU_CAPABILITY", None)
+    code = "import torch\nfrom sabia_ift import stage\nimport sys\nsys.exit(stage.run(lambda args: None, None))"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    if done.returncode == 0:  # this CPU's own choice happened to be the portable one, with two threads
+        pytest.skip("torch chose the pinned settings by itself here")
+    assert "import sabia_ift.stage first" in done.stderr
 
 
 def fetched(tmp_path: Path, name: str, **cfg) -> tuple[bytes, list[int]]:

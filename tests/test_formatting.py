@@ -7,7 +7,7 @@ from conftest import params_for
 from sabia_ift.data.formatting import clean_rows, split_sizes
 from sabia_ift.data.tokenization import tokenize_split
 from sabia_ift.template import IGNORE_INDEX, encode_prompt
-from sabia_ift.text import normalize_text
+from sabia_ift.text import has_invisible, normalize_text
 
 
 def test_normalize_text():
@@ -76,6 +76,14 @@ def test_invisible_and_control_characters_are_removed():
     assert normalize_text("👩\u200d💻") == "👩\u200d💻"  # joiners inside emoji stay
 
 
+def test_vertical_tab_and_form_feed_separate_words():
+    """They space words like a tab: deleting them glued "Resposta\\x0bcom" into one word."""
+    assert normalize_text("Resposta\x0bcom\x0cespaço") == "Resposta com espaço"
+    assert normalize_text("fim\x0b\x0c\nnova linha") == "fim\nnova linha"  # trailing spaces go, as for a tab
+    assert normalize_text("\x0b\x0c") == ""
+    assert not has_invisible("a\x0bb\x0cc")  # not counted as a removed invisible character
+
+
 def test_invisible_rows_are_dropped_and_duplicates_found():
     rows = [
         {"instruction": "A?", "input": "", "output": "a", "source_row": 1},
@@ -112,3 +120,42 @@ def test_a_share_never_rounds_a_split_away():
     assert split_sizes(3, 0.1, 0.1) == (1, 1)
     assert split_sizes(3, 0, 0.1) == (0, 1)
     assert split_sizes(1000, 0.0004, 0) == (1, 0)
+
+
+def test_duplicates_are_whole_rows_not_their_text_run_together():
+    """Rows are told apart by a digest of each field in turn: moving text from one field to the
+    next makes another row."""
+    rows = [
+        {"instruction": "ab", "input": "c", "output": "x", "source_row": 1},
+        {"instruction": "a", "input": "bc", "output": "x", "source_row": 2},
+        {"instruction": "a", "input": "", "output": "bcx", "source_row": 3},
+        {"instruction": "a", "input": "bc", "output": "x", "source_row": 4},
+    ]
+    kept, dropped = clean_rows(rows)
+    assert [r["source_row"] for r in kept] == [1, 2, 3]
+    assert dropped == [{"source_row": 4, "reason": "duplicate", "duplicate_of": 2}]
+
+
+def test_format_streams_to_the_same_splits_as_cleaning_in_memory(tmp_path):
+    """The stage's two passes over the file give clean_rows' rows, split by the seeded shuffle."""
+    import random
+
+    from sabia_ift.data.formatting import format_rows, split_sizes
+    from sabia_ift.io import read_jsonl, write_jsonl
+    from sabia_ift.toy.sample import generate_rows
+
+    rows = [{**r, "source_row": i + 1} for i, r in enumerate(generate_rows(3))]
+    write_jsonl(tmp_path / "raw" / "rows.jsonl", rows)
+    cfg = params_for("format", val_size=0.1, test_size=37, seed=5)
+    counts = format_rows(cfg, tmp_path / "raw", tmp_path / "out")
+    kept, dropped = clean_rows(rows)
+    val_n, test_n = split_sizes(len(kept), cfg.val_size, cfg.test_size)
+    order = list(range(len(kept)))
+    random.Random(cfg.seed).shuffle(order)
+    picks = {"test": order[:test_n], "val": order[test_n:test_n + val_n], "train": order[test_n + val_n:]}
+    for split, chosen in picks.items():
+        assert read_jsonl(tmp_path / "out" / f"{split}.jsonl") == [kept[i] for i in sorted(chosen)]
+        assert counts[f"{split}_rows"] == len(chosen)
+    assert read_jsonl(tmp_path / "out" / "dropped.jsonl") == dropped
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["dropped.jsonl", "test.jsonl", "train.jsonl",
+                                                                     "val.jsonl"]

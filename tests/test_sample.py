@@ -41,7 +41,7 @@ def test_committed_file_is_the_generated_one(tmp_path: Path) -> None:
     write_sample(generate_rows(0), fresh)
     assert COMMITTED.read_bytes() == fresh.read_bytes(), (
         "data/sample/instructions.jsonl was edited by hand or is stale; regenerate it with "
-        "`python -m sabia_ift.sample data/sample/instructions.jsonl`"
+        "`python -m sabia_ift.toy.sample data/sample/instructions.jsonl`"
     )
 
 
@@ -51,6 +51,23 @@ def test_cli_writes_the_same_bytes(tmp_path: Path, rows: list[dict[str, str]]) -
     reference = tmp_path / "reference.jsonl"
     write_sample(rows, reference)
     assert out.read_bytes() == reference.read_bytes()
+
+
+def test_the_documented_command_regenerates_the_file(tmp_path: Path) -> None:
+    """The docs once named `python -m sabia_ift.sample`, a module that does not exist."""
+    import re
+    import subprocess
+    import sys
+
+    repo = COMMITTED.parents[2]
+    for doc in (repo / "data" / "sample" / "README.md", repo / "sabia_ift" / "toy" / "sample.py"):
+        commands = set(re.findall(r"python -m (sabia_ift[\w.]*) data/sample/instructions\.jsonl", doc.read_text()))
+        assert commands == {"sabia_ift.toy.sample"}, f"{doc} documents {commands}"
+    out = tmp_path / "instructions.jsonl"
+    done = subprocess.run([sys.executable, "-m", "sabia_ift.toy.sample", str(out)], cwd=repo,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert out.read_bytes() == COMMITTED.read_bytes()
 
 
 def test_file_format(tmp_path: Path, rows: list[dict[str, str]]) -> None:

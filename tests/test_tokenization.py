@@ -219,3 +219,120 @@ def test_no_training_row_left_is_refused(tokenizer, tmp_path):
     with pytest.raises(ConfigError, match="train.jsonl: no training row fits tokenize.max_length 64"):
         tokenize(params_for("tokenize", max_length=64, max_drop_share=1), tokenizer, 2048, tmp_path / "formatted",
                  tmp_path / "tok")
+
+
+# --- The stage streams: batches of examples, the prompt read from the whole text, Arrow as it goes ---
+
+
+pieces = st.sampled_from(["a", "b", " ", "  ", "\n", "\t", "ã", "é", "\u0301", "<s>", "</s>", "<unk>", "▁",
+                          "👩\u200d💻", "🙂", "中文", "\u00a0", "\ufeff", "\r\n", "12", "###", ":"])
+raw = st.lists(pieces, min_size=1, max_size=12).map("".join) | text.filter(bool)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(pairs=st.lists(st.tuples(raw, raw), min_size=1, max_size=6), template=st.booleans())
+def test_prompt_ids_read_from_the_whole_text_are_the_prompts_own(tokenizer, pairs, template):
+    """The shortcut (no second tokenization of the prompt) gives what tokenizing it alone gives."""
+    from sabia_ift.data.tokenization import encode_pairs, heads_are_prompts
+
+    assert heads_are_prompts(tokenizer)
+    prompts = [build_prompt(p) if template else p for p, _ in pairs]
+    responses = [r for _, r in pairs]
+    assert encode_pairs(tokenizer, prompts, responses, True) == encode_pairs(tokenizer, prompts, responses, False)
+
+
+def test_other_tokenizers_tokenize_the_prompt_alone(tokenizer):
+    from types import SimpleNamespace
+
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers
+
+    from sabia_ift.data.tokenization import heads_are_prompts
+
+    def variant(change):
+        backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+        change(backend)
+        return SimpleNamespace(backend_tokenizer=backend)
+
+    assert heads_are_prompts(variant(lambda b: None))
+    assert heads_are_prompts(variant(lambda b: setattr(b, "normalizer", normalizers.Sequence(
+        [normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")]))))  # LLaMA's older conversion
+    assert not heads_are_prompts(variant(lambda b: setattr(b, "normalizer", normalizers.NFC())))
+    assert not heads_are_prompts(variant(lambda b: setattr(b, "normalizer", normalizers.Replace("ab", ""))))
+    assert not heads_are_prompts(variant(lambda b: setattr(b, "pre_tokenizer", pre_tokenizers.ByteLevel())))
+    assert not heads_are_prompts(variant(lambda b: setattr(b.model, "dropout", 0.1)))
+    assert not heads_are_prompts(SimpleNamespace())  # a slow tokenizer: no backend to inspect
+
+
+@settings(max_examples=100, deadline=None)
+@given(lengths=st.lists(st.tuples(st.integers(0, 40), st.integers(0, 40)), min_size=1, max_size=12),
+       max_length=st.integers(16, 70), overlength=st.sampled_from(["drop", "truncate"]))
+def test_a_batch_of_examples_is_build_example_row_by_row(lengths, max_length, overlength):
+    from sabia_ift.data.tokenization import _as_lists, _examples, _new_counts
+
+    cfg = params_for("tokenize", max_length=max_length, overlength=overlength)
+    ids = [[1000 + 100 * i + j for j in range(p + r)] for i, (p, r) in enumerate(lengths)]
+    chunk = [{"source_row": 10 + i} for i in range(len(lengths))]
+    counts, needed = _new_counts(), []
+    got = _as_lists(_examples(chunk, (ids, [p for p, _ in lengths], 0), 0, cfg, 1, 2, counts, needed))
+    want: dict[str, list] = {name: [] for name in got}
+    statuses = []
+    for i, (p, _) in enumerate(lengths):
+        example, status = build_example(ids[i][:p], ids[i][p:], 1, 2, max_length, overlength)
+        statuses.append(status)
+        if example is not None:
+            want["input_ids"].append(example["input_ids"])
+            want["labels"].append(example["labels"])
+            want["length"].append(len(example["input_ids"]))
+            want["source_row"].append(10 + i)
+            want["prompt_length"].append(1 + p)
+    assert got == want
+    assert counts["rows"] == len(want["length"]) and counts["rows_in"] == len(lengths)
+    assert counts["tokens"] == sum(want["length"])
+    assert counts["trained_tokens"] == sum(sum(t != IGNORE_INDEX for t in lab) for lab in want["labels"])
+    for status in ("truncated", "too_long", "prompt_too_long"):
+        key = status if status == "truncated" else f"dropped_{status}"
+        assert counts[key] == statuses.count(status)
+    assert needed == [p + r + 2 if overlength == "drop" else p + 2 for p, r in lengths]
+
+
+def test_the_stage_writes_what_save_to_disk_writes(tokenizer, tmp_path):
+    """Batches of 1,000 rows and a remainder, rows dropped on the way: the Arrow files, dataset_info.json
+    and state.json (but its fingerprint) are those of Dataset.from_dict(...).save_to_disk."""
+    import datasets
+
+    from sabia_ift.data.tokenization import example_features
+
+    write_formatted(tmp_path / "formatted", {"train": 2300, "val": 7, "test": 0}, long_every=97)
+    cfg = params_for("tokenize", max_length=128, max_drop_share=0.5)
+    metrics = tokenize(cfg, tokenizer, 2048, tmp_path / "formatted", tmp_path / "tok")
+    assert metrics["train"]["dropped"] == 2300 // 97 and metrics["test"]["rows_in"] == 0
+    assert json.loads((tmp_path / "tok" / "dataset_dict.json").read_text()) == {"splits": ["train", "validation"]}
+    for split, name in (("train", "train"), ("val", "validation")):
+        rows = [json.loads(line) for line in (tmp_path / "formatted" / f"{split}.jsonl").read_text().splitlines()]
+        examples, counts = tokenize_split(tokenizer, rows, cfg)
+        assert counts == metrics[split]
+        datasets.Dataset.from_dict(examples, features=example_features()).save_to_disk(str(tmp_path / "ref" / name))
+        ours, ref = tmp_path / "tok" / name, tmp_path / "ref" / name
+        assert sorted(p.name for p in ours.iterdir()) == sorted(p.name for p in ref.iterdir())
+        for file in ("data-00000-of-00001.arrow", "dataset_info.json"):
+            assert (ours / file).read_bytes() == (ref / file).read_bytes(), file
+        state, ref_state = (json.loads((folder / "state.json").read_text()) for folder in (ours, ref))
+        assert {**state, "_fingerprint": None} == {**ref_state, "_fingerprint": None}
+
+
+def test_a_large_split_is_written_in_shards(tokenizer, tmp_path, monkeypatch):
+    import datasets
+
+    from sabia_ift.artifacts import load_tokenized
+
+    monkeypatch.setattr(datasets.config, "MAX_SHARD_SIZE", "150KB")
+    write_formatted(tmp_path / "formatted", {"train": 3000, "val": 0, "test": 0})
+    tokenize(params_for("tokenize", max_length=128), tokenizer, 2048, tmp_path / "formatted", tmp_path / "tok")
+    shards = sorted(p.name for p in (tmp_path / "tok" / "train").glob("*.arrow"))
+    assert len(shards) > 1 and shards[-1] == f"data-{len(shards) - 1:05d}-of-{len(shards):05d}.arrow"
+    train = load_tokenized(tmp_path / "tok")["train"]
+    assert train["source_row"] == list(range(1, 3001))
+    again = tmp_path / "again"
+    tokenize(params_for("tokenize", max_length=128), tokenizer, 2048, tmp_path / "formatted", again)
+    assert ((tmp_path / "tok" / "train" / "state.json").read_bytes()
+            == (again / "train" / "state.json").read_bytes())  # the fingerprint is the files'

@@ -169,3 +169,63 @@ def test_train_without_validation(tiny_base, tokenizer, tmp_path):
     assert metrics["steps"] == 2 and metrics["validation_rows"] == 0
     assert metrics["eval_loss"] is None and metrics["eval_perplexity"] is None
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_adapter_config_lists_its_sets_sorted(tmp_path):
+    """peft writes a set in hash order, which changes from process to process; sorted, the same
+    training writes the same adapter_config.json and dvc.lock does not churn."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sabia_ift.train.training import sort_config_sets
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    targets = ["v_proj", "up_proj", "q_proj", "o_proj", "k_proj", "gate_proj", "down_proj"]
+    model = get_peft_model(model, LoraConfig(r=2, target_modules=targets))
+    assert isinstance(model.peft_config["default"].target_modules, set)
+    sort_config_sets(model)
+    model.save_pretrained(str(tmp_path))
+    written = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert written["target_modules"] == sorted(targets)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "paths", "message"),
+    [
+        ({"grad_accum": 1}, {}, "train.grad_accum: 1 micro-batches per step cannot be split evenly over 3"),
+        ({"precision": "fp16"}, {}, "train.precision: fp16 needs a CUDA GPU"),
+        ({"attention": "varlen", "packing": True}, {}, "train.attention: varlen runs on CUDA"),
+        ({"kernels": "liger"}, {}, "train.kernels: liger needs a CUDA GPU"),
+        ({"loss_weighting": "rows", "lora": {"target_modules": ["q_proj", "lm_head"]}}, {},
+         "train.loss_weighting: rows"),
+        ({}, {"base": "missing-base"}, "missing-base: no such base model folder"),
+        ({}, {"data": "missing-data"}, "missing-data: no tokenized data"),
+    ],
+    ids=["grad-accum", "fp16-on-cpu", "varlen-on-cpu", "liger-on-cpu", "rows-with-lm-head", "no-base", "no-data"],
+)
+def test_what_every_process_would_refuse_is_refused_before_launch(tiny_base, tokenized, tmp_path, overrides, paths,
+                                                                   message):
+    """Found in the processes, each printed it and torchrun added a traceback (exit 1)."""
+    from sabia_ift.errors import SabiaError
+    from sabia_ift.train.training import check_before_launch
+
+    cfg = small_config(**{"device": "cpu", "devices": 3, "grad_accum": 3, **overrides})
+    base = tmp_path / paths["base"] if "base" in paths else tiny_base
+    data = tmp_path / paths["data"] if "data" in paths else tokenized
+    with pytest.raises(SabiaError, match=message.replace(".", r"\.").replace("(", r"\(")):
+        check_before_launch(cfg, 3, base, data)
+    check_before_launch(small_config(device="cpu", devices=3, grad_accum=3), 3, tiny_base, tokenized)
+
+
+def test_tensorboard_events_outlive_the_finished_run(tiny_base, tokenized, tmp_path, monkeypatch):
+    """TensorBoard wrote under models/checkpoints, which a finished run empties: its events were deleted."""
+    pytest.importorskip("tensorboard")
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", "restored after the test")
+    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR")
+    train(small_config(max_steps=2, logging_steps=1, report_to=["tensorboard"]), tiny_base, tokenized,
+          tmp_path / "adapter", tmp_path / "ckpt", None, tmp_path / "logs")
+    assert list((tmp_path / "ckpt").iterdir()) == []
+    events = list((tmp_path / "logs" / "tensorboard").glob("*/events.out.tfevents.*"))
+    # One run folder; the final evaluation after training opens a second event file in it.
+    assert events and len({e.parent for e in events}) == 1 and all(e.stat().st_size > 0 for e in events)

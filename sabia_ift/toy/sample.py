@@ -9,7 +9,7 @@ project (Apache-2.0); nothing is copied from another data set.
 
 Regenerate the committed file with::
 
-    python -m sabia_ift.sample data/sample/instructions.jsonl
+    python -m sabia_ift.toy.sample data/sample/instructions.jsonl
 
 The file holds ``N_ROWS`` (1,200) rows. A few defects are planted on purpose so
 that the pipeline's cleaning filters have something visible to count. Their
@@ -820,7 +820,7 @@ def is_planted_defect(row_or_index: int | Mapping[str, str]) -> bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m sabia_ift.sample",
+        prog="python -m sabia_ift.toy.sample",
         description="Write the bundled Portuguese sample instruction set as JSONL.",
     )
     parser.add_argument("out_path", type=Path, help="JSONL file to write")

@@ -67,7 +67,8 @@ def pretrain(model, tokenizer, cfg: TinyModelConfig) -> list[float]:
     blocks = torch.tensor(pack([[tokenizer.bos_token_id, *ids] for ids in encoded], cfg.pretrain_block))
     generator = torch.Generator().manual_seed(cfg.seed)
     steps = cfg.pretrain_epochs * (len(blocks) // cfg.pretrain_batch)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_lr, weight_decay=0.0)
+    # fused: its CPU kernel's square roots are torch's own, not MKL's (determinism.py says why).
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_lr, weight_decay=0.0, fused=True)
     schedule = get_cosine_schedule_with_warmup(optimizer, max(1, steps // 20), steps)
     model.train()
     losses = []

@@ -14,12 +14,13 @@ import math
 import resource
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from ..artifacts import HF_SPLITS, TrainMeta, load_tokenized
 from ..config import TrainConfig
+from ..determinism import optimizer_name
 from ..errors import DataError
 from ..io import atomic_path, write_json
 from ..model_card import save_adapter_extras
@@ -35,7 +36,14 @@ from ..modeling import (
 )
 from . import distributed, fused_lora, kernels, recompute, weighting
 from .packing import CountingCollator, RowBatchSampler
-from .progress import progress_callbacks, project_curves, show_tqdm, trainer_report_to
+from .progress import (
+    progress_callbacks,
+    project_curves,
+    quiet_trainer_logs,
+    show_tqdm,
+    tracker_folders,
+    trainer_report_to,
+)
 
 log = logging.getLogger(__name__)
 
@@ -220,7 +228,7 @@ def training_arguments(cfg: TrainConfig, checkpoint_dir: Path, device: str, dtyp
         warmup_steps=warmup,
         weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm,
-        optim=cfg.optim,
+        optim=optimizer_name(cfg.optim, device),
         bf16=device == "cuda" and dtype == torch.bfloat16,
         fp16=device == "cuda" and dtype == torch.float16,
         logging_steps=cfg.logging_steps,
@@ -266,11 +274,37 @@ class Setup:
     attention: str
 
 
+def check(cfg: TrainConfig, world_size: int) -> tuple[str, int, str]:
+    """Device, micro-batches per process and attention, after every check of `train` that
+    needs neither the model nor a GPU context (the launcher runs it; it must not hold one)."""
+    device = pick_device(cfg.device, "train.device")
+    if device == "cpu":
+        pick_dtype(cfg.precision, device)  # on CUDA, asking for bf16 support starts a GPU context
+    grad_accum = distributed.accumulation_per_process(cfg.grad_accum, world_size)
+    attention = kernels.attention_implementation(cfg.attention, cfg.packing, device)
+    if cfg.kernels == "liger":
+        kernels.check_liger(device)
+    weighting.check_targets(cfg.loss_weighting, cfg.lora.target_modules)
+    trainer_report_to(cfg.report_to)
+    return device, grad_accum, attention
+
+
+def check_before_launch(cfg: TrainConfig, processes: int, base_dir: str | Path, tokenized_dir: str | Path) -> None:
+    """What the stage checks before torchrun starts `processes` processes.
+
+    A mistake found in the processes is printed by each of them, then torchrun
+    adds a traceback of its own and exits 1: found here, it is one line and exit 2.
+    """
+    check(cfg, processes)
+    resolve_base(base_dir)
+    load_splits(Path(tokenized_dir))
+
+
 def setup(cfg: TrainConfig) -> Setup:
     import torch
 
     world = distributed.current_world()
-    device = pick_device(cfg.device, "train.device")
+    device, grad_accum, attention = check(cfg, world.size)
     if device == "cuda":
         torch.cuda.set_device(world.local_rank)
     dtype = pick_dtype(cfg.precision, device)
@@ -280,8 +314,6 @@ def setup(cfg: TrainConfig) -> Setup:
     if cfg.quantization == "nf4" and device == "cpu":
         log.warning("4-bit on CPU: bitsandbytes' CPU kernels, with the inference repack turned off "
                     "so LoRA keeps its gradients after evaluations (slow; meant for tests)")
-    grad_accum = distributed.accumulation_per_process(cfg.grad_accum, world.size)
-    attention = kernels.attention_implementation(cfg.attention, cfg.packing, device)
     return Setup(device, dtype, world, grad_accum, attention)
 
 
@@ -305,9 +337,21 @@ def adapter_state(model) -> dict:
     return {name: param for name, param in model.named_parameters() if param.requires_grad}
 
 
+def sort_config_sets(model) -> None:
+    """peft keeps target_modules as a set and writes it as a list in hash order, which changes
+    from one process to the next: sorted, the same training writes the same adapter_config.json,
+    and `dvc.lock` does not churn."""
+    for config in model.peft_config.values():
+        for field in fields(config):
+            value = getattr(config, field.name)
+            if isinstance(value, set):
+                setattr(config, field.name, sorted(value))
+
+
 def save_adapter(model, tokenizer, adapter_dir: str | Path, cfg: TrainConfig, ref: BaseRef) -> None:
     """A PEFT adapter folder any PEFT user can load, with its tokenizer and model card."""
     base = {"name_or_path": ref.name_or_path, "revision": ref.revision}
+    sort_config_sets(model)
     with atomic_path(adapter_dir, is_dir=True) as tmp:
         model.save_pretrained(str(tmp), state_dict=adapter_state(model))
         save_adapter_extras(tmp, tokenizer, cfg.model_dump(mode="json"), base)
@@ -326,8 +370,12 @@ def _peak_memory(device: str) -> dict[str, float]:
 
 
 def train(cfg: TrainConfig, base_dir: str | Path, tokenized_dir: str | Path, adapter_dir: str | Path,
-          checkpoint_dir: str | Path, live_dir: str | Path | None) -> tuple[dict[str, Any], dict[str, Any]] | None:
-    """Run the train stage: (results, timings) on the main process, None on the others."""
+          checkpoint_dir: str | Path, live_dir: str | Path | None,
+          logs_dir: str | Path | None = None) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """Run the train stage: (results, timings) on the main process, None on the others.
+
+    `logs_dir` is where the Trainer's trackers (TensorBoard, W&B) write, outside the checkpoints.
+    """
     import torch
     from transformers import set_seed
 
@@ -335,9 +383,8 @@ def train(cfg: TrainConfig, base_dir: str | Path, tokenized_dir: str | Path, ada
     from .guards import NonFiniteLossGuard
 
     base_dir, tokenized_dir, checkpoint_dir = Path(base_dir), Path(tokenized_dir), Path(checkpoint_dir)
-    run = setup(cfg)
+    run = setup(cfg)  # a tracker that is not installed fails here, before the model loads
     world = run.world
-    trainer_report_to(cfg.report_to)  # a tracker that is not installed fails before the model loads
     set_seed(cfg.seed)
 
     ref = resolve_base(base_dir)
@@ -379,11 +426,14 @@ def train(cfg: TrainConfig, base_dir: str | Path, tokenized_dir: str | Path, ada
     callbacks = [NonFiniteLossGuard(cfg.lr), timer, *(progress_callbacks() if world.is_main else [])]
     if project_curves(cfg.report_to) and live_dir is not None and world.is_main:
         callbacks.append(LiveCurves(Path(live_dir)))
+    if logs_dir is not None and world.is_main:
+        tracker_folders(cfg.report_to, logs_dir)  # read when the Trainer builds its trackers
     trainer = _make_trainer_class()(
         model=model, args=args, train_dataset=train_set, eval_dataset=val_set, data_collator=collator,
         processing_class=tokenizer, callbacks=callbacks,
     )
     trainer.sampler = sampler
+    quiet_trainer_logs(trainer)
     if cfg.loss_weighting == "rows":
         rows_per_step = weighting.rows_per_step(len(train_set), len(sampler.batches(0)), cfg.grad_accum)
         trainer.row_weighting = weighting.RowWeighting(rows_per_step)
