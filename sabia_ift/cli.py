@@ -67,8 +67,12 @@ def in_repo(path: str) -> Path:
 def _generate(args: argparse.Namespace) -> None:
     from .evaluation.generation import generate
     from .modeling import load_tuned, pick_device
+    from .serve.chat import Settings, check_instruction
     from .template import build_prompt, encode_prompt
 
+    # The checks `chat --terminal` makes, before a model is loaded.
+    Settings(max_new_tokens=args.max_new_tokens)
+    check_instruction(args.instruction)
     device = pick_device(args.device)
     tokenizer, model = load_tuned(in_repo(args.base), in_repo(args.adapter), device)
     prompt = encode_prompt(tokenizer, build_prompt(args.instruction, args.input))
@@ -113,13 +117,15 @@ def _chat(args: argparse.Namespace) -> None:
         with contextlib.suppress(KeyboardInterrupt):
             subprocess.run(cmd, env=env, check=False)
         return
-    from .serve.chat import Chat
+    from .serve.chat import Chat, check_instruction
     from .serve.terminal import answer_to, repl
 
     settings = _settings(args)
+    if args.instruction is not None:
+        check_instruction(args.instruction)
     chat = Chat.load(args.base, args.adapter, args.device)
     which = ["base", "tuned"] if args.model == "both" else [args.model]
-    if args.instruction:
+    if args.instruction is not None:
         answer_to(sys.stdout, chat, args.instruction, args.input, settings, which)
     else:
         repl(chat, settings, which, ask_input=args.ask_input)
@@ -129,7 +135,8 @@ def _export(args: argparse.Namespace) -> None:
     from .serve.export import export
 
     export(args.base, args.adapter, merged=args.merged, push_to=args.push_to_hub, dtype=args.dtype,
-           device=args.device, private=not args.public)
+           device=args.device, overwrite=args.overwrite, prompts=args.prompts, check_prompts=args.check_prompts,
+           private=not args.public)
 
 
 def _report(args: argparse.Namespace) -> None:
@@ -201,9 +208,19 @@ def parser() -> argparse.ArgumentParser:
     exp = sub.add_parser("export", help="merge the adapter into a standalone model and/or publish it")
     exp.add_argument("--base", default="models/base")
     exp.add_argument("--adapter", default="models/adapter")
-    exp.add_argument("--merged", metavar="OUT", help="write base + adapter merged into one model folder")
-    exp.add_argument("--dtype", default="bf16", help="weights of the merged model: bf16 (default), fp16, fp32")
-    exp.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"], help="where to merge")
+    exp.add_argument("--merged", metavar="OUT",
+                     help="write base + adapter merged into this new folder (such as models/merged)")
+    exp.add_argument("--overwrite", action="store_true",
+                     help="replace OUT if it already holds files (never a folder of the project's own)")
+    exp.add_argument("--dtype", default="auto",
+                     help="weights of the merged model: auto (default: the dtype the model is evaluated in "
+                          "on --device), bf16, fp16, fp32")
+    exp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                     help="where to merge and compare answers")
+    exp.add_argument("--prompts", default="data/formatted/test.jsonl", metavar="FILE",
+                     help="test rows whose greedy answers the merged and the evaluated model are compared on")
+    exp.add_argument("--check-prompts", type=int, default=8, metavar="N",
+                     help="how many of them (default 8; 0 skips the comparison)")
     exp.add_argument("--push-to-hub", metavar="REPO",
                      help="publish to this Hub repo (the merged model if --merged, else the adapter); "
                           "token from HF_TOKEN")

@@ -7,6 +7,7 @@ their dotted name, before any work starts.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import re
 import typing
@@ -53,6 +54,12 @@ Optimizer = Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adam
 Scheduler = Literal["cosine", "linear", "constant", "constant_with_warmup"]
 
 _SHA = re.compile(r"^[0-9a-f]{40}$")
+
+# train.report_to's trackers and the packages that provide each (the first is the one to
+# install); transformers accepts tensorboardX for TensorBoard too.
+TRACKER_PACKAGES = {"dvclive": ("dvclive",), "wandb": ("wandb",), "mlflow": ("mlflow",),
+                    "tensorboard": ("tensorboard", "tensorboardX")}
+Tracker = Literal["dvclive", "wandb", "mlflow", "tensorboard"]
 
 
 def _key(description: str, **constraints: Any) -> Any:
@@ -138,6 +145,17 @@ class ColumnMap(_Section):
     input: str | None = _key("column holding the optional input (null: none)")
     output: str = _key("column holding the expected answer")
 
+    @model_validator(mode="after")
+    def _distinct(self) -> ColumnMap:
+        # One column as instruction and answer would train the model to repeat the question.
+        keys = [key for key in ("instruction", "input", "output") if getattr(self, key) is not None]
+        for i, first in enumerate(keys):
+            for second in keys[i + 1:]:
+                if getattr(self, first) == getattr(self, second):
+                    raise ValueError(f"fetch.columns.{first} and fetch.columns.{second} both name column "
+                                     f"{getattr(self, first)!r}; each must name a column of its own")
+        return self
+
 
 class FetchConfig(_Section):
     """Section `fetch`: where the raw instruction rows come from."""
@@ -196,7 +214,7 @@ class TrainConfig(_Section):
 
     seed: int = _key("seed of weights init, shuffling and dropout")
     epochs: PositiveFloat = _key("passes over the train split")
-    max_steps: int = _key("-1: run for epochs; n > 0: stop after n optimizer steps", ge=-1)
+    max_steps: int = _key("-1: run for epochs; n > 0: stop after n optimizer steps")
     micro_batch_size: PositiveInt = _key("rows per forward pass")
     grad_accum: PositiveInt = _key("micro-batches per optimizer step")
     lr: PositiveFloat = _key("peak learning rate")
@@ -235,8 +253,28 @@ class TrainConfig(_Section):
     device: Device = _key("auto: cuda if present, else cpu")
     devices: Literal["auto"] | PositiveInt = _key("processes training together (DDP under torchrun): auto = "
                                                   "every visible GPU (1 on CPU), or a number")
-    report_to: list[Literal["dvclive", "wandb", "mlflow", "tensorboard"]] = _key(
+    report_to: list[Tracker] = _key(
         "trackers: dvclive (the curves in metrics/curves), wandb, mlflow, tensorboard (installed); [] for none")
+
+    @field_validator("max_steps")
+    @classmethod
+    def _steps(cls, value: int) -> int:
+        # 0 is not "no training": the Trainer would still run a step.
+        if value != -1 and value < 1:
+            raise ValueError(f"must be -1 (run for train.epochs) or a positive number of optimizer steps, got {value}")
+        return value
+
+    @field_validator("report_to")
+    @classmethod
+    def _installed(cls, value: list[str]) -> list[str]:
+        # Checked here, not only when training starts, so `sabia-ift check-params` and
+        # `run-preset` refuse it before `dvc exp run` has removed the stage's outputs.
+        for name in value:
+            packages = TRACKER_PACKAGES[name]
+            if not any(importlib.util.find_spec(package) for package in packages):
+                raise ValueError(f"{name} is not installed (no {' or '.join(packages)} package): "
+                                 f"pip install {packages[0]}, or remove {name} from train.report_to")
+        return value
 
     @field_validator("gradient_checkpointing", mode="before")
     @classmethod
@@ -330,11 +368,11 @@ class BenchmarkConfig(_Section):
     """Section `benchmark`: lm-evaluation-harness tasks, base vs tuned."""
 
     tasks: list[BenchmarkTask] = _key("lm-eval tasks: built-in leaderboard kinds or generic ones from a file")
-    limit: PositiveInt | None = _key("examples per task (null: every example)")
+    limit: PositiveInt | None = _key("examples scored per task: a seeded sample, stratified by answer (null: all)")
     batch_size: Literal["auto"] | PositiveInt = _key("auto: lm-eval finds the largest batch that fits; or a size")
     max_gen_toks: PositiveInt = _key("longest generated answer in tokens (a letter, a label or a number)")
     device: Device = _key("auto: cuda if present, else cpu")
-    seed: int = _key("seed of lm-eval's sampling of few-shot examples")
+    seed: int = _key("seed of the draws of the scored rows (limit) and of the few-shot examples")
 
     @model_validator(mode="after")
     def _unique_names(self) -> BenchmarkConfig:

@@ -20,6 +20,10 @@ class DataError(SabiaError):
     """An input data file is malformed; the message names the file and row."""
 
 
+class OutputError(SabiaError):
+    """A stage output cannot be written: no permission, a read-only file system, a full disk."""
+
+
 class ModelError(SabiaError):
     """A model, tokenizer or adapter cannot be loaded as configured."""
 

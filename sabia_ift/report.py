@@ -3,10 +3,14 @@
 The report compares the tuned model at two revisions ("main → this PR"), with
 the base model as a reference. Each evaluation verdict comes from a paired
 bootstrap over the test prompts both revisions scored (metrics/eval_prompts.jsonl,
-committed to git by the evaluate stage), so a change counts as better or worse
-only when its 95% interval excludes 0: on 100 prompts, one more exact match is
-noise, not progress. The other metrics and the params are `dvc metrics diff`
-and `dvc params diff` as DVC reports them, changed rows only.
+committed to git by the evaluate stage; significance.py), so a change counts as
+better or worse only when its 95% interval excludes 0: on 100 prompts, one more
+exact match is noise, not progress. Before any verdict, the two revisions'
+dvc.lock say whether both were built from the same base model and data
+(provenance.py): when they were not, and nothing that builds them changed, the
+headline says the results are not comparable instead. The other metrics and the
+params are `dvc metrics diff` and `dvc params diff` as DVC reports them, changed
+rows only.
 
 Charts are PNG files next to the report (matplotlib) or, with `--charts mermaid`,
 Mermaid charts inside the Markdown, which GitHub renders in comments and job
@@ -23,13 +27,14 @@ import math
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .artifacts import PROMPT_SCORES
+from .artifacts import BASE_FILE, PROMPT_SCORES
 from .errors import SabiaError
 from .evaluation.metrics import HIGHER_IS_BETTER
+from .provenance import TRACKED, Provenance, compare_locks
+from .significance import DIFFERENT_BASE, MODELS, Comparison, Interval, Row, compare, is_number
 
 WORKSPACE = "workspace"
 # Must match the outputs in dvc.yaml; the report reads them at both revisions.
@@ -40,18 +45,14 @@ TRAIN_TIMINGS = "logs/train-timings.json"
 EVAL_PROMPTS = "metrics/eval_prompts.jsonl"
 CURVES_DIR = "metrics/curves/plots/metrics"
 SAMPLES = "data/eval/samples.jsonl"
+LOCK = "dvc.lock"
+CONSTRAINTS = "constraints.txt"
 CURVES = [("train/loss", "training loss"), ("eval/loss", "validation loss"),
           ("train/lr", "learning rate"), ("train/grad_norm", "gradient norm")]
 CURVES_PNG = "curves.png"
 EVAL_PNG = "eval-metrics.png"
 MARKER = "<!-- sabia-ift report -->"
 MISSING = "-"
-MODELS = ("tuned", "base")
-# metrics/eval.json keys per model, in the order a reviewer reads them.
-EVAL_KEYS = ["eos_stop_rate", "rougeL", "chrf", "exact_match", "repetition", "mean_new_tokens",
-             "val_loss", "val_perplexity"]
-# Per-prompt score behind each eval.json key that has one.
-SCORE_OF = {aggregate: score for score, aggregate in PROMPT_SCORES.items()}
 # Scores in [0, 1] (chrF after /100) share one chart axis.
 UNIT_SCALE = {"eos_stop_rate": 1, "rougeL": 1, "chrf": 100, "exact_match": 1, "repetition": 1}
 COLORS = {"before": "#9e9e9e", "better": "#2e7d32", "worse": "#c62828", "same": "#1565c0", "base": "#212121"}
@@ -194,176 +195,117 @@ def read_curve(rev: Revision, name: str) -> list[tuple[float, float]]:
             for row in csv.DictReader(io.StringIO(text), delimiter="\t")]
 
 
-def read_samples(rev: Revision, limit: int) -> list[dict]:
-    """The head's first samples, or none: the file is a DVC-cached output that may not be here."""
-    if limit <= 0:
-        return []
+def read_output(rev: Revision, path: str) -> str | None:
+    """Text of a DVC-tracked output at `rev`, or None: not pulled, not in the cache, no remote."""
     try:
         if rev.sha is None:
-            text = Path(SAMPLES).read_text(encoding="utf-8")
-        else:
-            import dvc.api
+            return Path(path).read_text(encoding="utf-8")
+        import dvc.api
 
-            with dvc.api.open(SAMPLES, rev=rev.sha, encoding="utf-8") as f:
-                text = f.read()
-        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-    except Exception:  # not pulled, not in the cache, no remote: the excerpt is optional
+        with dvc.api.open(path, rev=rev.sha, encoding="utf-8") as f:
+            return f.read()
+    except Exception:  # whatever DVC raises for an output it cannot find: the caller does without
+        return None
+
+
+def read_samples(rev: Revision, limit: int) -> list[dict]:
+    """The head's first samples, or none: the file is a DVC-cached output that may not be here."""
+    text = read_output(rev, SAMPLES) if limit > 0 else None
+    try:
+        rows = [json.loads(line) for line in (text or "").splitlines() if line.strip()]
+    except json.JSONDecodeError:  # the excerpt is optional
         return []
     return rows[:limit]
 
 
-# --- statistics --------------------------------------------------------------------------------
+def read_lock(rev: Revision) -> dict | None:
+    import yaml
 
-@dataclass(frozen=True)
-class Interval:
-    """Mean per-prompt change (after - before) and its bootstrap percentile interval."""
-
-    change: float
-    low: float
-    high: float
-    prompts: int
-
-    @property
-    def significant(self) -> bool:
-        return self.low > 0 or self.high < 0
+    text = rev.read(LOCK)
+    try:
+        return yaml.safe_load(text) if text else None
+    except yaml.YAMLError as exc:
+        raise ReportError(f"{LOCK} at {rev.where} is not valid YAML: {exc}") from None
 
 
-def paired_bootstrap(before, after, resamples: int = 2000, confidence: float = 0.95, seed: int = 0) -> Interval:
-    """Percentile interval of the mean paired difference, resampling prompts with replacement.
+def read_provenance(base: Revision, head: Revision) -> Provenance:
+    """Whether both revisions were built from the same base model and data, from their dvc.lock."""
+    def base_record(rev: Revision) -> dict | None:
+        text = read_output(rev, f"{TRACKED['base'][0]}/{BASE_FILE}")
+        try:
+            return json.loads(text) if text else None
+        except json.JSONDecodeError:
+            return None
 
-    Paired: a resample draws whole prompts, each with its score at both revisions,
-    so the variation between prompts (some are just hard) cancels out.
-    """
-    import numpy as np
-
-    diff = np.asarray(after, dtype=float) - np.asarray(before, dtype=float)
-    if diff.ndim != 1 or diff.size < 2:
-        raise ValueError(f"a paired bootstrap needs two or more paired scores, got {diff.size}")
-    if not 0 < confidence < 1 or resamples < 1:
-        raise ValueError(f"confidence must be in (0, 1) and resamples positive, got {confidence}, {resamples}")
-    rng = np.random.default_rng(seed)
-    means = np.empty(resamples)
-    chunk = max(1, 2_000_000 // diff.size)  # bounds the index matrix at about 16 MB
-    for start in range(0, resamples, chunk):
-        count = min(chunk, resamples - start)
-        means[start:start + count] = diff[rng.integers(0, diff.size, size=(count, diff.size))].mean(axis=1)
-    tail = (1 - confidence) / 2
-    low, high = np.quantile(means, [tail, 1 - tail])
-    return Interval(float(diff.mean()), float(low), float(high), int(diff.size))
+    # The library versions shape every stage's output, though no stage lists them as a dep.
+    changed = [CONSTRAINTS] if base.read(CONSTRAINTS) != head.read(CONSTRAINTS) else []
+    return compare_locks(read_lock(base), read_lock(head), changed_files=changed,
+                         base_records=lambda: (base_record(base), base_record(head)),
+                         labels=(base.label, head.label))
 
 
-# --- comparing the evaluation at two revisions -------------------------------------------------
-
-@dataclass(frozen=True)
-class Row:
-    """One metric of one model, before and after the change."""
-
-    metric: str
-    before: Any
-    after: Any
-    test: Interval | None
-
-    @property
-    def verdict(self) -> str:
-        """better, worse, 'no significant change', 'changed' (no known direction), or '' (not tested)."""
-        if self.test is None:
-            return ""
-        if not self.test.significant:
-            return "no significant change"
-        direction = HIGHER_IS_BETTER.get(self.metric)
-        if direction is None:
-            return "changed"
-        return "better" if (self.test.change > 0) == direction else "worse"
-
-    @property
-    def plain_diff(self) -> float | None:
-        if _number(self.before) and _number(self.after):
-            return self.after - self.before
-        return None
-
-
-@dataclass(frozen=True)
-class Comparison:
-    tuned: list[Row]
-    base: list[Row] | None  # None: the base model's scores are the same at both revisions
-    base_reference: dict  # the base model's metrics at the head, the charts' reference line
-    shared: int  # prompts both revisions scored
-    prompts: tuple[int, int]  # prompts evaluated at each revision
-    untested: str | None  # why there is no significance test, if there is none
-
-
-# A metric's direction, shown after its name; "" where none is known.
-ARROWS: dict[bool | None, str] = {True: " ↑", False: " ↓", None: ""}
-
-
-def compare(before_eval: dict, after_eval: dict, before_prompts: dict[int, dict] | None,
-            after_prompts: dict[int, dict] | None, before_label: str, after_label: str,
-            resamples: int = 2000, confidence: float = 0.95, seed: int = 0) -> Comparison:
-    missing = [label for label, p in ((before_label, before_prompts), (after_label, after_prompts)) if p is None]
-    shared: list[int] = []
-    if before_prompts is not None and after_prompts is not None:
-        # Pairs by prompt identity: the same source row holding the same prompt and reference.
-        shared = sorted(row for row in before_prompts.keys() & after_prompts.keys()
-                        if before_prompts[row].get("prompt_sha1") == after_prompts[row].get("prompt_sha1"))
-    untested = None
-    if missing:
-        untested = f"no per-prompt scores at {' and '.join(missing)}: no significance test"
-    elif len(shared) < 2:
-        untested = (f"{len(shared)} test prompts in common between {before_label} and {after_label}: "
-                    "no significance test")
-
-    def rows(model: str) -> list[Row]:
-        old, new = before_eval.get(model) or {}, after_eval.get(model) or {}
-        keys = [k for k in EVAL_KEYS if k in old or k in new] + sorted((old.keys() | new.keys()) - set(EVAL_KEYS))
-        out = []
-        for key in keys:
-            test = None
-            if untested is None and key in SCORE_OF and before_prompts is not None and after_prompts is not None:
-                score = SCORE_OF[key]
-                test = paired_bootstrap([before_prompts[r][model][score] for r in shared],
-                                        [after_prompts[r][model][score] for r in shared],
-                                        resamples=resamples, confidence=confidence, seed=seed)
-            out.append(Row(key, old.get(key), new.get(key), test))
-        return out
-
-    base_same = (before_eval.get("base") == after_eval.get("base")
-                 and before_eval.get("samples") == after_eval.get("samples"))
-    return Comparison(tuned=rows("tuned"), base=None if base_same else rows("base"),
-                      base_reference=after_eval.get("base") or {}, shared=len(shared),
-                      prompts=(_count(before_eval, before_prompts), _count(after_eval, after_prompts)),
-                      untested=untested)
-
-
-def _count(evaluation: dict, prompts: dict | None) -> int:
-    return len(prompts) if prompts is not None else int(evaluation.get("samples") or 0)
-
+# --- the headline --------------------------------------------------------------------------
 
 def _join(words: list[str]) -> str:
     return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
 
 
-def headline(cmp: Comparison, before_label: str, after_label: str, confidence: float = 0.95) -> str:
-    """One sentence: better, worse or no significant change, and on which metrics."""
-    change = f"{before_label} → {after_label}"
-    if cmp.untested:
-        return f"{change}: {cmp.untested}; the tables show the plain metrics diff."
-    tested = [r for r in cmp.tuned if r.test is not None and r.metric in HIGHER_IS_BETTER]
-    better = [r.metric for r in tested if r.verdict == "better"]
-    worse = [r.metric for r in tested if r.verdict == "worse"]
-    same = [r.metric for r in tested if r.verdict == "no significant change"]
-    how = f"paired bootstrap over {cmp.shared} test prompts, {confidence:.0%} interval"
+def _verdicts(rows: list[Row]) -> tuple[list[str], list[str], list[str], list[str]]:
+    """The tested metrics with a direction, and those better, worse and not significantly changed."""
+    tested = [r for r in rows if r.test is not None and r.metric in HIGHER_IS_BETTER]
+    return ([r.metric for r in tested], [r.metric for r in tested if r.verdict == "better"],
+            [r.metric for r in tested if r.verdict == "worse"],
+            [r.metric for r in tested if r.verdict == "no significant change"])
+
+
+def _summary(model: str, rows: list[Row], how: str) -> str:
+    """'the tuned model is better on rougeL and worse on chrf (HOW); no significant change on eos_stop_rate'."""
+    tested, better, worse, same = _verdicts(rows)
     if not better and not worse:
-        return f"{change}: no significant change in the tuned model on any of {len(tested)} metrics ({how})."
+        return f"no significant change in {model} on any of {len(tested)} metrics ({how})"
     parts = ([f"better on {_join(better)}"] if better else []) + ([f"worse on {_join(worse)}"] if worse else [])
     rest = f"; no significant change on {_join(same)}" if same else ""
-    return f"{change}: the tuned model is {' and '.join(parts)} ({how}){rest}."
+    return f"{model} is {' and '.join(parts)} ({how}){rest}"
+
+
+def headline(cmp: Comparison, before_label: str, after_label: str, confidence: float = 0.95,
+             provenance: Provenance | None = None) -> str:
+    """One sentence: better, worse or no significant change, and on which metrics; or why there is no verdict."""
+    change = f"{before_label} → {after_label}"
+    if provenance is not None and provenance.unexplained:
+        return f"{change}: not comparable: {provenance.not_comparable()}."
+    if cmp.untested:
+        return f"{change}: {cmp.untested}; the tables show the plain metrics diff."
+    how = f"paired bootstrap over {cmp.shared} test prompts, {confidence:.0%} interval"
+    if cmp.different_base and cmp.base is not None:
+        base = provenance.base if provenance is not None else None
+        why = base.sentence() if base is not None else "the base model changed"
+        return (f"{change}: {why}, so the tuned models are not compared as if tuned from one base; "
+                f"{_summary('the base model', cmp.base, how)}.")
+    tested = [r for r in cmp.tuned if r.test is not None]
+    if tested and all(r.unchanged for r in tested):
+        return (f"{change}: no change: the tuned model scored the same on each of the {cmp.shared} test "
+                "prompts at both revisions.")
+    return f"{change}: {_summary('the tuned model', cmp.tuned, how)}."
+
+
+def provenance_note(provenance: Provenance, before: str, said: str = "") -> list[str]:
+    """What dvc.lock says about the inputs both revisions were built from, under the headline
+    (`said`), less what the headline already says."""
+    if provenance.unchecked:
+        return [f"{provenance.unchecked[0].upper()}{provenance.unchecked[1:]}: the report cannot check that "
+                "both revisions were built from the same base model and data.", ""]
+    if not provenance.differences:
+        return ["Both revisions were built from the same base model and data (`dvc.lock`).", ""]
+    sentences = [d.sentence() for d in provenance.differences if d.sentence() not in said]
+    text = ("Built from (`dvc.lock`): " + "; ".join(sentences) + ".") if sentences else ""
+    if provenance.unexplained:
+        text += (f" A verdict would measure the machines, not the change: rebuild {before} on this machine "
+                 "and compare with that (docs/experiments.md, *Comparing on one machine*).")
+    return [text.strip(), ""] if text else []
 
 
 # --- formatting --------------------------------------------------------------------------------
-
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
 
 def fmt(value: Any) -> str:
     """A value as the metrics file holds it; 10 significant digits hide only float noise."""
@@ -395,21 +337,22 @@ def fmt_interval(t: Interval) -> str:
 
 def fmt_change(change: dict) -> str:
     diff = change.get("diff")
-    if _number(diff):
+    if is_number(diff):
         return "0" if diff == 0 else (f"{diff:+d}" if isinstance(diff, int) else f"{diff:+.10g}")
     if change.get("old") != change.get("new"):
         return "changed"
     return ""
 
 
-VERDICT_MARK = {"better": "✅ better", "worse": "❌ worse", "no significant change": "no significant change",
-                "changed": "changed"}
+VERDICT_MARK = {"better": "✅ better", "worse": "❌ worse"}
+# A metric's direction, shown after its name; "" where none is known.
+ARROWS: dict[bool | None, str] = {True: " ↑", False: " ↓", None: ""}
 
 
 def row_cells(row: Row) -> list[str]:
     if row.test is not None:
         change = fmt_interval(row.test)
-        verdict = VERDICT_MARK[row.verdict]
+        verdict = VERDICT_MARK.get(row.verdict, row.verdict)
     else:
         diff = row.plain_diff
         change = fmt_signed(diff) if diff is not None else ("changed" if row.before != row.after else "")
@@ -454,6 +397,10 @@ def evaluation_section(cmp: Comparison, before: str, after: str, confidence: flo
     if cmp.base is None:
         notes.append("The base model's scores are the same at both revisions, so it appears once, as the "
                      "reference.")
+    if cmp.different_base:
+        notes.append("The tuned models start from different base models, so their changes get an interval but "
+                     f"no better/worse verdict (\"{DIFFERENT_BASE}\"): they would credit the tuning with what the "
+                     "new base does. The base model's own change is below.")
     lines += [" ".join(notes), ""]
     if cmp.base is not None:
         lines += [f"### Base model, {before} → {after}", "",
@@ -484,7 +431,7 @@ def mermaid_eval(cmp: Comparison, before: str, after: str) -> list[str]:
     Mermaid colours a whole series, so each colour is its own series, zero where
     it does not apply; a bar of 0 draws nothing.
     """
-    rows = [r for r in cmp.tuned if r.metric in UNIT_SCALE and _number(r.before) and _number(r.after)]
+    rows = [r for r in cmp.tuned if r.metric in UNIT_SCALE and is_number(r.before) and is_number(r.after)]
     if not rows:
         return []
     names: list[str] = []
@@ -500,7 +447,7 @@ def mermaid_eval(cmp: Comparison, before: str, after: str) -> list[str]:
             hit = (row.verdict if row.verdict in ("better", "worse") else "same") == colour
             series[colour] += [0, row.after / scale if hit else 0]
         base = cmp.base_reference.get(row.metric)
-        reference += [base / scale if base is not None and _number(base) else 0] * 2
+        reference += [base / scale if base is not None and is_number(base) else 0] * 2
     palette = ", ".join(COLORS[k] for k in ("before", "better", "worse", "same", "base"))
     return ["```mermaid",
             "---",
@@ -596,7 +543,7 @@ def plot_curves(base: Revision, head: Revision, out: Path) -> bool:
 
 
 def plot_eval(cmp: Comparison, before: str, after: str, out: Path) -> bool:
-    rows = [r for r in cmp.tuned if _number(r.before) and _number(r.after)]
+    rows = [r for r in cmp.tuned if is_number(r.before) and is_number(r.after)]
     if not rows:
         return False
     plt = _pyplot()
@@ -609,7 +556,7 @@ def plot_eval(cmp: Comparison, before: str, after: str, out: Path) -> bool:
         ax.bar_label(bars, labels=[f"{v:.4g}" for v in values], fontsize=8)
         top = max(values)
         base = cmp.base_reference.get(row.metric)
-        if _number(base):
+        if is_number(base):
             ax.axhline(base, color=COLORS["base"], linestyle="--", linewidth=1)
             top = max(top, base)
         arrow = ARROWS[HIGHER_IS_BETTER.get(row.metric)]
@@ -691,10 +638,16 @@ def build_report(args: argparse.Namespace) -> Path:
     for rev in (base, head):
         check_metrics(rev, files)
     params = dvc_json("params", "diff", base.dvc_rev, head.dvc_rev)
+    provenance = read_provenance(base, head)
+    base_model = provenance.base
     cmp = compare(read_eval(base), read_eval(head),
                   parse_prompts(base.read(EVAL_PROMPTS), base.where),
                   parse_prompts(head.read(EVAL_PROMPTS), head.where),
-                  before, after, resamples=args.resamples, confidence=args.confidence, seed=args.seed)
+                  before, after, resamples=args.resamples, confidence=args.confidence, seed=args.seed,
+                  # Scores of models built by different machines differ by the machines: no test.
+                  untested=("not comparable (the headline says why): no significance test"
+                            if provenance.unexplained else None),
+                  same_base=base_model is None)
 
     images_dir.mkdir(parents=True, exist_ok=True)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -704,9 +657,10 @@ def build_report(args: argparse.Namespace) -> Path:
             return f"{args.image_url_prefix.rstrip('/')}/{name}"
         return Path(os.path.relpath(images_dir / name, out.parent)).as_posix()
 
-    lines = [MARKER, f"## Sabiá IFT: {before} → {after}", "",
-             f"**{headline(cmp, before, after, args.confidence)}**", "",
+    said = headline(cmp, before, after, args.confidence, provenance)
+    lines = [MARKER, f"## Sabiá IFT: {before} → {after}", "", f"**{said}**", "",
              f"{before}: `{base.where}` · {after}: `{head.where}`", ""]
+    lines += provenance_note(provenance, before, said)
     lines += evaluation_section(cmp, before, after, args.confidence)
 
     has_eval_png = plot_eval(cmp, before, after, images_dir / EVAL_PNG)

@@ -10,10 +10,12 @@ _BLANK_RUNS = re.compile(r"\n{3,}")
 # Characters that show nothing and mean nothing in prose: zero-width space,
 # word joiner, BOM/zero-width no-break space, soft hyphen, Mongolian vowel
 # separator, and C0/C1 control characters (NUL, BEL, ESC, DEL, ...) other than
-# tab and newline. They would be trained on, and a trailing zero-width space
-# would make a duplicate look new. Joiners (U+200C, U+200D) stay: emoji
-# sequences and some scripts need them.
-_INVISIBLE = re.compile("[\u200b\u2060\ufeff\u00ad\u180e\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+# tab, newline, vertical tab and form feed. They would be trained on, and a
+# trailing zero-width space would make a duplicate look new. Joiners (U+200C,
+# U+200D) stay: emoji sequences and some scripts need them. Vertical tab and
+# form feed separate words like a tab does, so they become a space with the
+# other spacing characters ("Resposta\x0bcom" must not read "Respostacom").
+_INVISIBLE = re.compile("[\u200b\u2060\ufeff\u00ad\u180e\x00-\x08\x0e-\x1f\x7f-\x9f]")
 
 
 def has_invisible(text: str) -> bool:
@@ -38,3 +40,14 @@ def normalize_text(text: str) -> str:
     if all(unicodedata.category(char) == "Cf" or char.isspace() for char in text):
         return ""
     return text
+
+
+def comparable(text: str) -> str:
+    """`text` as duplicate checks compare it: NFKC, case-folded, no invisible characters,
+    whitespace runs as one space.
+
+    NFKC folds compatibility forms (ligatures, full-width letters, non-breaking
+    spaces) that show the same words; case, spacing and a zero-width space do not
+    make an item new.
+    """
+    return " ".join(_INVISIBLE.sub("", unicodedata.normalize("NFKC", text)).casefold().split())

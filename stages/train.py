@@ -9,19 +9,20 @@ from sabia_ift.artifacts import CHECKPOINTS_NOTE
 from sabia_ift.config import load_section
 from sabia_ift.io import write_json, write_text
 from sabia_ift.train import distributed
-from sabia_ift.train.training import train
+from sabia_ift.train.training import check_before_launch, train
 
 
 def main(args: argparse.Namespace) -> None:
     cfg = load_section("train", args.params)
     processes = distributed.requested_processes(cfg.devices, cfg.device)
     if distributed.needs_launch(processes):
+        check_before_launch(cfg, processes, args.base, args.data)
         code = distributed.launch(processes, "stages.train", sys.argv[1:])
         if code:
             raise SystemExit(code)
         return
     distributed.die_with_launcher()
-    done = train(cfg, args.base, args.data, args.out, args.checkpoints, args.live)
+    done = train(cfg, args.base, args.data, args.out, args.checkpoints, args.live, args.logs)
     if done is None:  # the main process writes; the others only trained
         return
     results, timings = done
@@ -35,4 +36,6 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(stage.run(main, __doc__, "base", "data", "out", "checkpoints", "metrics", "timings", optional=("live",)))
+    distributed.restore_argv()
+    sys.exit(stage.run(main, __doc__, "base", "data", "out", "checkpoints", "metrics", "timings",
+                       optional=("live", "logs")))

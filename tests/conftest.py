@@ -12,6 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+# Imported before anything loads torch: it pins the CPU numerics (sabia_ift/determinism.py),
+# so the tests compute exactly as the stages they check.
+from sabia_ift import stage  # noqa: F401
 from sabia_ift.config import merge, section_from_params
 
 REPO = Path(__file__).resolve().parents[1]

@@ -9,6 +9,7 @@ that need the tiny base model run the same scripts in this process (runpy, as
 
 from __future__ import annotations
 
+import errno
 import gzip
 import json
 import os
@@ -35,6 +36,9 @@ COMMANDS = {
     "train": ["-m", "stages.train", "--base", "models/base", "--data", "data/tokenized",
               "--out", "models/adapter", "--checkpoints", "models/checkpoints",
               "--live", "metrics/curves", "--metrics", "metrics/train.json", "--timings", "logs/train-timings.json"],
+    # Its task data is checked before any model is loaded.
+    "benchmark": ["-m", "stages.benchmark", "--base", "models/base", "--adapter", "models/adapter",
+                  "--metrics", "metrics/benchmarks.json"],
 }
 # What each stage writes (dvc.yaml outs and metrics): none of it may exist after a failure.
 OUTPUTS = {
@@ -86,6 +90,16 @@ def data(name: str, content, **fetch) -> dict:
 
 
 FIVE_ROWS = data("in.jsonl", jsonl(*(ok(i) for i in range(1, 6))))
+
+
+def exam_task(**task) -> dict:
+    """files= and params= for a benchmark task reading a 3-question exam (and a 1-question few-shot pool)."""
+    questions = [{"pergunta": f"Quanto é {i} + {i}?", "alternativas": [str(2 * i), "0"], "resposta": "A"}
+                 for i in range(1, 5)]
+    return {"files": {"data/prova.jsonl": jsonl(*questions[:3]), "data/exemplos.jsonl": jsonl(questions[3])},
+            "params": {"benchmark": {"tasks": [{
+                "name": "prova", "kind": "multiple_choice", "path": "data/prova.jsonl",
+                "columns": {"question": "pergunta", "choices": "alternativas", "answer": "resposta"}, **task}]}}}
 
 
 def params_without(section: str, key: str) -> dict:
@@ -176,6 +190,11 @@ CASES = [
          **data("in.jsonl.gz", gzip.compress(jsonl(*(ok(i) for i in range(50))), mtime=0)[:40])),
     Case("gzip-parquet", "fetch", ["fetch.path", "data/in.parquet.gz", "parquet compresses its own data"],
          **data("in.parquet.gz", gzip.compress(b"PAR1", mtime=0))),
+    # --- fetch: encodings other than UTF-8 ------------------------------------------------
+    Case("json-utf16", "fetch", ["data/in.json", "UTF-16 (little-endian)", "save it as UTF-8"],
+         **data("in.json", json.dumps([ok(1), ok(2)], ensure_ascii=False).encode("utf-16"))),
+    Case("csv-utf16-without-bom", "fetch", ["data/in.csv", "UTF-16 (big-endian)", "save it as UTF-8"],
+         **data("in.csv", "instruction,input,output\nOlá,,Oi\n".encode("utf-16-be"))),
     # --- fetch: paths and format ------------------------------------------------------
     Case("data-path-missing", "fetch", ["data/nope.jsonl", "no such data file", "fetch.path"],
          params={"fetch": {"path": "data/nope.jsonl"}}),
@@ -188,6 +207,8 @@ CASES = [
     Case("data-path-removed", "fetch", ["params.yaml", "fetch.path", "Field required"],
          files=params_without("fetch", "path")),
     Case("unknown-suffix", "fetch", ["fetch.file_format", "data/in.txt"], **data("in.txt", jsonl(ok(1)))),
+    Case("output-folder-is-a-file", "fetch", ["data/in.jsonl/raw", "cannot be written", "data/in.jsonl is a file"],
+         args=["--out", "data/in.jsonl/raw"], **data("in.jsonl", jsonl(ok(1)))),
     # --- params.yaml -------------------------------------------------------------------
     Case("params-unknown-nested-key", "fetch", ["params.yaml", "fetch.columns.resposta: unknown key"],
          params={"fetch": {"columns": {"resposta": "output"}}}),
@@ -195,6 +216,9 @@ CASES = [
          params={"fetch": {"colunas": {}}}),
     Case("params-unknown-section", "fetch", ["params.yaml", "unknown section", "fetchh"],
          params={"fetchh": {"path": "x"}}),
+    Case("params-column-mapped-twice", "fetch", ["params.yaml", "fetch.columns.instruction", "fetch.columns.output",
+                                                 "'texto'"],
+         params={"fetch": {"columns": {"instruction": "texto", "input": None, "output": "texto"}}}),
     Case("params-bad-enum", "fetch", ["params.yaml", "fetch.file_format", "xlsx"],
          params={"fetch": {"file_format": "xlsx"}}),
     Case("params-zero-max-rows", "fetch", ["params.yaml", "fetch.max_rows"], params={"fetch": {"max_rows": 0}}),
@@ -219,6 +243,15 @@ CASES = [
          params={"train": {"epochs": float("inf")}}),
     Case("params-dropout-nan", "train", ["params.yaml", "train.lora.dropout", "finite number"],
          params={"train": {"lora": {"dropout": float("nan")}}}),
+    Case("params-max-steps-zero", "train", ["params.yaml", "train.max_steps", "-1", "positive", "got 0"],
+         params={"train": {"max_steps": 0}}),
+    # --- train on several processes: refused before torchrun starts them ---------------------
+    Case("devices-cannot-split-grad-accum", "train", ["train.grad_accum", "3 processes", "train.devices"],
+         params={"train": {"device": "cpu", "devices": 3, "grad_accum": 1}}),
+    Case("devices-before-base", "train", ["models/base", "no such base model folder"],
+         params={"train": {"device": "cpu", "devices": 2, "grad_accum": 2}}),
+    Case("devices-fp16-on-cpu", "train", ["train.precision", "fp16", "CUDA"],
+         params={"train": {"device": "cpu", "devices": 2, "grad_accum": 2, "precision": "fp16"}}),
     Case("params-boolean-as-count", "fetch", ["params.yaml", "fetch.max_rows", "not a boolean"],
          params={"fetch": {"max_rows": True}}),
     Case("params-test-size-one-float", "format", ["params.yaml", "format.test_size", "strictly between 0 and 1",
@@ -259,6 +292,13 @@ CASES = [
     Case("model-folder-without-weights", "base", ["base.name_or_path", "no *.safetensors weights", "model.bin"],
          params={"base": {"source": "pretrained", "name_or_path": "weights"}},
          files={"weights/config.json": b"{}", "weights/model.bin": b"pickle"}),
+    # --- benchmark -------------------------------------------------------------------------
+    Case("benchmark-fewshot-more-than-rows", "benchmark",
+         ["benchmark.tasks.0.num_fewshot", "task prova", "asks for 3", "its 3 rows"],
+         **exam_task(num_fewshot=3)),
+    Case("benchmark-fewshot-more-than-pool", "benchmark",
+         ["benchmark.tasks.0.num_fewshot", "task prova", "asks for 3", "data/exemplos.jsonl", "has 1 row"],
+         **exam_task(num_fewshot=3, fewshot_path="data/exemplos.jsonl")),
 ]
 
 
@@ -270,18 +310,25 @@ UPDATE_DOC = os.environ.get("SABIA_UPDATE_DOCS") == "1"
 # Cases run by the in-process tests below, documented beside the table's.
 IN_PROCESS = ["max-length-above-model-context", "tokenize-before-format", "tokenize-drops-too-many-rows",
               "lora-target-the-model-lacks", "cuda-without-a-gpu", "train-loss-not-finite",
-              "data-file-unreadable", "no-train-meta", "corrupt-train-meta", "garbage-adapter-config"]
+              "data-file-unreadable", "fetch-into-read-only-folder", "no-train-meta", "corrupt-train-meta",
+              "garbage-adapter-config", "report-to-not-installed", "generate-empty-instruction",
+              "generate-invisible-instruction", "generate-zero-new-tokens"]
 SEEN: dict[str, tuple[str, str]] = {}
 
 
-def documented() -> dict[str, str]:
-    """Case id -> message, from the doc's table rows: | `id` | stage | `message` |."""
+def table() -> dict[str, tuple[str, str]]:
+    """Case id -> (stage, message), from the doc's table rows: | `id` | stage | `message` |."""
     found = {}
     for line in DOC.read_text(encoding="utf-8").partition("<!-- table -->")[2].splitlines():
         if line.startswith("| `"):
             cells = [c.strip() for c in line.strip("|").split(" | ")]
-            found[cells[0].strip("`")] = cells[2].strip("`").replace("\\|", "|")
+            found[cells[0].strip("`")] = (cells[1], cells[2].strip("`").replace("\\|", "|"))
     return found
+
+
+def documented() -> dict[str, str]:
+    """Case id -> message, as the doc shows it."""
+    return {cid: message for cid, (_, message) in table().items()}
 
 
 def record(case_id: str, stage_name: str, line: str) -> None:
@@ -297,14 +344,15 @@ def _write_doc():
     yield
     if UPDATE_DOC and SEEN:
         rows = {**documented(), **{cid: line for cid, (_, line) in SEEN.items()}}
-        stages = {c.id: c.stage for c in CASES} | {cid: st for cid, (st, _) in SEEN.items()}
+        stages = ({cid: st for cid, (st, _) in table().items()} | {c.id: c.stage for c in CASES}
+                  | {cid: st for cid, (st, _) in SEEN.items()})
         head, _, _ = DOC.read_text(encoding="utf-8").partition("<!-- table -->")
         order = [c.id for c in CASES] + IN_PROCESS
-        table = ["| case | stage | message |", "|---|---|---|"]
+        lines = ["| case | stage | message |", "|---|---|---|"]
         for cid in order:
             if cid in rows:
-                table.append(f"| `{cid}` | {stages.get(cid, '')} | `{rows[cid].replace('|', chr(92) + '|')}` |")
-        DOC.write_text(head + "<!-- table -->\n\n" + "\n".join(table) + "\n", encoding="utf-8")
+                lines.append(f"| `{cid}` | {stages.get(cid, '')} | `{rows[cid].replace('|', chr(92) + '|')}` |")
+        DOC.write_text(head + "<!-- table -->\n\n" + "\n".join(lines) + "\n", encoding="utf-8")
 
 
 def test_doc_lists_every_case():
@@ -581,6 +629,83 @@ def test_data_file_unreadable(tmp_path, monkeypatch, capsys):
     assert "data/in.jsonl" in line and "cannot be read" in line and "Permission denied" in line
     record("data-file-unreadable", "fetch", line)
     check_clean(project, "fetch")
+
+
+def test_fetch_into_a_read_only_folder(tmp_path, monkeypatch, capsys):
+    """A folder the stage may not write into is one line naming the output and the folder, and
+    nothing is left. Root writes anywhere: then the system's refusal is simulated where it comes,
+    when io.atomic_path creates the output's temporary folder."""
+    project = setup(Case("read-only", "fetch", [], **data("in.jsonl", jsonl(ok(1)))), tmp_path)
+    folder = project / "data"
+    folder.chmod(0o555)
+    if os.geteuid() == 0:
+        import tempfile
+
+        real_mkdtemp = tempfile.mkdtemp
+
+        def refuse(suffix=None, prefix=None, dir=None):
+            if dir is not None and Path(dir).absolute() == folder:
+                raise PermissionError(errno.EACCES, "Permission denied", os.path.join(dir, f"{prefix}k1ll3d00"))
+            return real_mkdtemp(suffix, prefix, dir)
+
+        monkeypatch.setattr(tempfile, "mkdtemp", refuse)
+    try:
+        line = run_script("stages.fetch", ["--out", "data/raw"], project, monkeypatch, capsys)
+    finally:
+        folder.chmod(0o755)
+    for word in ("data/raw", "cannot be written", "Permission denied", "folder data"):
+        assert word in line, f"{word!r} not in {line!r}"
+    record("fetch-into-read-only-folder", "fetch", line)
+    check_clean(project, "fetch")
+
+
+def test_check_params_names_a_tracker_that_is_not_installed(tmp_path, monkeypatch, capsys):
+    """`dvc exp run` removed models/adapter before the train stage found wandb missing; check-params
+    and run-preset said nothing. Whether wandb is installed here or not, it is missing for this test."""
+    import importlib.util
+
+    from sabia_ift import presets
+    from sabia_ift.cli import main
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == "wandb" else real_find_spec(name, *args))
+    project = make_project(tmp_path / "project", git=False)
+    write_params(project, {"train": {"report_to": ["dvclive", "wandb"]}})
+    monkeypatch.chdir(project)
+    assert main(["check-params"]) == 2
+    line = error_line(capsys.readouterr().err)
+    for word in ("params.yaml", "train.report_to", "wandb is not installed", "pip install wandb"):
+        assert word in line, f"{word!r} not in {line!r}"
+    record("report-to-not-installed", "check-params", line)
+
+    (project / "presets" / "wandb.yaml").write_text("train:\n  report_to: [dvclive, wandb]\n")
+    write_params(project, {"train": {"report_to": ["dvclive"]}})
+    monkeypatch.setattr(presets.subprocess, "run", lambda *a, **k: pytest.fail("dvc exp run was started"))
+    assert main(["run-preset", "wandb"]) == 2
+    assert "train.report_to: wandb is not installed" in error_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize(
+    ("argv", "expect"),
+    [
+        (["generate", ""], ["instruction is empty"]),
+        (["generate", " \u200b\u2060\n\ufeff "], ["instruction is empty", "invisible characters"]),
+        (["generate", "Qual é a capital do Ceará?", "--max-new-tokens", "0"], ["max_new_tokens", "at least 1",
+                                                                              "got 0"]),
+    ],
+    ids=["generate-empty-instruction", "generate-invisible-instruction", "generate-zero-new-tokens"],
+)
+def test_generate_refuses_before_loading_a_model(tmp_path, monkeypatch, capsys, argv, expect, request):
+    """No model here: a check made only after loading would name the missing model instead."""
+    from sabia_ift.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main([*argv, "--device", "cpu"]) == 2
+    line = error_line(capsys.readouterr().err)
+    for word in expect:
+        assert word in line, f"{word!r} not in {line!r}"
+    record(request.node.callspec.id, "generate", line)
 
 
 # --- Not errors: input that must be read as it is --------------------------------------------

@@ -7,7 +7,7 @@ import io
 import pytest
 
 from sabia_ift.errors import ConfigError
-from sabia_ift.serve.chat import Chat, Settings
+from sabia_ift.serve.chat import Chat, Settings, check_instruction
 from sabia_ift.serve.terminal import repl
 
 
@@ -46,6 +46,14 @@ def test_sampling_is_seeded(chat):
 def test_bad_settings_are_refused(bad):
     with pytest.raises(ConfigError):
         Settings(**bad)
+
+
+@pytest.mark.parametrize("text", ["", " \n\t ", "\u200b\u2060\ufeff", "\u200d \u200b"])
+def test_an_instruction_of_nothing_visible_is_empty(text):
+    """`.strip()` alone let zero-width characters through: the model answered a blank template."""
+    with pytest.raises(ConfigError, match="the instruction is empty"):
+        check_instruction(text)
+    check_instruction("Qual é a capital do Ceará?\u200b")
 
 
 def test_terminal_one_shot_streams_both_answers(tiny_base, tuned_adapter, capsys):

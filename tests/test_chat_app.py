@@ -65,8 +65,11 @@ def test_answers_match_the_chat_library_and_survive_a_settings_change(app, tiny_
     assert not app.slider(key="temperature").disabled
 
 
-def test_empty_instruction_is_a_warning_not_a_generation(app):
+@pytest.mark.parametrize("instruction", ["", " \u200b\u2060 "], ids=["empty", "invisible"])
+def test_empty_instruction_is_a_warning_not_a_generation(app, instruction):
+    app.text_area(key="instruction").input(instruction)
     app.button[0].click().run()
+    assert not app.exception
     assert app.warning[0].value == "Write an instruction first."
     assert not app.columns[0].caption
 

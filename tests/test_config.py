@@ -130,6 +130,12 @@ def test_section_must_be_a_mapping():
         ({"fetch": {"path": True}}, "fetch.path: expected a string, not a boolean"),
         ({"fetch": {"path": None}}, "fetch.path is required when fetch.source is file"),
         ({"tokenize": {"max_drop_share": 1.5}}, "tokenize.max_drop_share"),
+        ({"fetch": {"columns": {"instruction": "texto", "input": None, "output": "texto"}}},
+         "fetch.columns.instruction and fetch.columns.output both name column 'texto'"),
+        ({"fetch": {"columns": {"instruction": "q", "input": "q", "output": "a"}}},
+         "fetch.columns.instruction and fetch.columns.input both name column 'q'"),
+        ({"train": {"max_steps": 0}}, "train.max_steps: must be -1 (run for train.epochs) or a positive number"),
+        ({"train": {"max_steps": -2}}, "train.max_steps: must be -1"),
     ],
 )
 def test_surprising_values_are_refused(tmp_path, overrides, message):
@@ -192,3 +198,23 @@ def test_section_from_params_applies_overrides():
     train = section_from_params("train", {"lr": 0.5, "lora": {"r": 2}}, REPO / "params.yaml")
     assert (train.lr, train.lora.r) == (0.5, 2)
     assert train.lora.alpha == default_params()["train"]["lora"]["alpha"]
+
+
+def test_a_tracker_must_be_installed(tmp_path, monkeypatch):
+    """Checked when params load, so `sabia-ift check-params` finds it before `dvc exp run` removes outputs."""
+    import importlib.util
+
+    from sabia_ift.config import TRACKER_PACKAGES, TrainConfig
+
+    tracker = get_args(TrainConfig.model_fields["report_to"].annotation)[0]
+    assert set(TRACKER_PACKAGES) == set(get_args(tracker))
+    installed: set[str] = {"dvclive"}
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: object() if name in installed else None)
+    path = write(tmp_path, deep_merge(default_params(), {"train": {"report_to": ["dvclive", "tensorboard"]}}))
+    with pytest.raises(ConfigError) as info:
+        load_section("train", path)
+    assert str(info.value) == (f"{path}: train.report_to: tensorboard is not installed (no tensorboard or "
+                               "tensorboardX package): pip install tensorboard, or remove tensorboard from "
+                               "train.report_to")
+    installed.add("tensorboardX")  # what transformers' TensorBoard callback also accepts
+    assert load_section("train", path).report_to == ["dvclive", "tensorboard"]

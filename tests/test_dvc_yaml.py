@@ -79,3 +79,18 @@ def test_the_closure_finds_function_level_imports():
     # training.py imports modeling at module level and nothing from report: a sanity check that can fail.
     found = closure(REPO / "sabia_ift" / "train" / "training.py")
     assert "sabia_ift/modeling.py" in found and "sabia_ift/report.py" not in found
+
+
+def test_bytecode_never_counts_in_a_deps_hash(tmp_path):
+    """A queued experiment's fresh copy has no __pycache__: with it in a folder dep's hash, the stage reran."""
+    from dvc.repo import Repo
+
+    folders = sorted({dep for stage in STAGES.values() for dep in stage.get("deps", [])
+                      if (REPO / dep).is_dir() and dep.startswith("sabia_ift")})
+    assert "sabia_ift/toy" in folders and "sabia_ift/train" in folders
+    ignore = Repo(str(REPO), uninitialized=True).dvcignore
+    for folder in folders:
+        for name in ("__pycache__/tiny_model.cpython-311.pyc", "module.pyc"):
+            path = str(REPO / folder / name)
+            assert ignore.is_ignored_file(path), path
+        assert not ignore.is_ignored_file(str(REPO / folder / "__init__.py"))

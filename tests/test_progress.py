@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -12,7 +14,7 @@ from conftest import params_for
 from sabia_ift.config import parse_section
 from sabia_ift.errors import ConfigError
 from sabia_ift.progress import Progress, clock, status_line
-from sabia_ift.train.progress import progress_callbacks, project_curves, trainer_report_to
+from sabia_ift.train.progress import progress_callbacks, project_curves, tracker_folders, trainer_report_to
 
 
 def test_status_line():
@@ -126,3 +128,55 @@ def test_tokenize_reports_rows(tokenizer, capsys):
     lines = capsys.readouterr().err.splitlines()
     assert [line.split(",")[0] for line in lines] == ["tokenize train: row 5/10 (50%)",
                                                      "tokenize train: row 10/10 (100%)"]
+
+
+def test_trackers_write_under_logs_not_the_checkpoints(tmp_path, monkeypatch):
+    """TensorBoard wrote under models/checkpoints, which a finished run empties; W&B into the working folder."""
+    for name in ("TENSORBOARD_LOGGING_DIR", "WANDB_DIR"):
+        monkeypatch.setenv(name, "restored after the test")
+        monkeypatch.delenv(name)
+    assert tracker_folders(["dvclive"], tmp_path / "logs") == {}
+    assert not (tmp_path / "logs").exists()
+    chosen = tracker_folders(["dvclive", "tensorboard", "wandb"], tmp_path / "logs")
+    board = Path(chosen["TENSORBOARD_LOGGING_DIR"])
+    assert board.parent == tmp_path / "logs" / "tensorboard" and board.name  # a folder per run
+    assert chosen["WANDB_DIR"] == str(tmp_path / "logs") and (tmp_path / "logs").is_dir()
+    assert os.environ["TENSORBOARD_LOGGING_DIR"] == str(board)  # read by the Trainer's callback
+
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "mine"))
+    assert tracker_folders(["tensorboard"], tmp_path / "logs") == {"TENSORBOARD_LOGGING_DIR": str(tmp_path / "mine")}
+
+
+def test_the_last_validation_loss_joins_the_line():
+    out = io.StringIO()
+    [callback] = progress_callbacks(out, every_percent=50)
+    state = SimpleNamespace(max_steps=4, global_step=0)
+    callback.on_train_begin(None, state, None)
+    for step, logs in enumerate(({"loss": 2.5}, {"eval_loss": 2.25, "eval_runtime": 0.1}, {"loss": 2.0}, {}), 1):
+        state.global_step = step
+        callback.on_log(None, state, None, logs=logs)
+        callback.on_step_end(None, state, None)
+    callback.on_train_end(None, state, None)
+    assert [line.split(": step")[0] for line in out.getvalue().splitlines()] == [
+        "train (loss 2.5, eval_loss 2.25)", "train (loss 2, eval_loss 2.25)"]
+
+
+@pytest.mark.parametrize("bar", [False, True], ids=["in a log", "on a terminal"])
+def test_the_trainers_raw_log_dicts_stay_out_of_a_log(tmp_path, capsys, bar):
+    """With its bar off, the Trainer prints every log as a dict on stdout, between the progress lines."""
+    import torch
+    from transformers import Trainer, TrainingArguments
+
+    from sabia_ift.train.progress import quiet_trainer_logs
+
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, disable_tqdm=not bar)
+    trainer = Trainer(model=torch.nn.Linear(2, 2), args=args)
+    trainer.log({"loss": 1.2345})
+    printed = capsys.readouterr().out
+    assert ("{'loss': '1.234'" in printed) == (not bar)  # what the Trainer does by itself
+    quiet_trainer_logs(trainer)
+    trainer.log({"loss": 1.2345})
+    printed = capsys.readouterr()
+    assert "'loss'" not in printed.out
+    if bar:  # the terminal's bar and its callback are left alone
+        assert any(type(c).__name__ == "ProgressCallback" for c in trainer.callback_handler.callbacks)

@@ -16,10 +16,14 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_provenance import PARAMS as PROVENANCE_PARAMS
+from test_provenance import make_lock
+from test_significance import eval_at, scores_at
 
 from conftest import FAST_PARAMS, make_project, run, write_params
 from sabia_ift.artifacts import PROMPT_SCORES
-from sabia_ift.report import Interval, compare, evaluation_section, headline, paired_bootstrap
+from sabia_ift.provenance import TRACKED
+from sabia_ift.report import Interval, compare, evaluation_section, headline
 
 DVC = str(Path(sys.executable).parent / "dvc")
 OUTPUTS = ["models/base", "data/raw", "data/formatted", "data/tokenized", "models/adapter",
@@ -306,55 +310,6 @@ def test_push_clone_pull_restores_every_output(project):
 
 # --- the significance test and the evaluation section, on synthetic scores ------------------------
 
-def scores_at(values: dict[str, list[float]], base: dict[str, list[float]] | None = None, sha=str) -> dict:
-    """eval_prompts records for source rows 1..n; unnamed scores are 0."""
-    n = len(next(iter(values.values())))
-    def model(v, i):
-        return {s: v.get(s, [0] * n)[i] for s in PROMPT_SCORES}
-    return {i + 1: {"source_row": i + 1, "prompt_sha1": sha(i + 1), "tuned": model(values, i),
-                    "base": model(base or {}, i)} for i in range(n)}
-
-
-def eval_at(prompts: dict) -> dict:
-    """metrics/eval.json as evaluate writes it for these records (chrf as a plain mean here)."""
-    def means(model):
-        return {agg: sum(r[model][s] for r in prompts.values()) / len(prompts) for s, agg in PROMPT_SCORES.items()}
-    tuned, base = means("tuned"), means("base")
-    return {"samples": len(prompts), "max_new_tokens": 16, "base": {**base, "val_loss": 2.0},
-            "tuned": {**tuned, "val_loss": 1.5}, "delta": {k: tuned[k] - base[k] for k in tuned}}
-
-
-def test_bootstrap_large_effect_is_significant():
-    import numpy as np
-
-    rng = np.random.default_rng(1)
-    before = rng.uniform(0.2, 0.6, 200)
-    after = before + 0.1 + rng.normal(0, 0.05, 200)
-    t = paired_bootstrap(before, after, resamples=2000, seed=0)
-    assert t.significant and 0.08 < t.low < t.change < t.high < 0.12
-    # The width a normal approximation gives: 2 x 1.96 standard errors of the mean difference.
-    diff = after - before
-    assert t.high - t.low == pytest.approx(2 * 1.96 * diff.std() / np.sqrt(diff.size), rel=0.15)
-    assert t.prompts == 200
-    # Seeded: the same interval every time.
-    assert paired_bootstrap(before, after, resamples=2000, seed=0) == t
-
-
-def test_bootstrap_identical_and_one_prompt_in_a_hundred_are_not_significant():
-    same_scores = [0.3, 0.5, 0.9, 0.1] * 25
-    t = paired_bootstrap(same_scores, same_scores)
-    assert (t.change, t.low, t.high, t.significant) == (0, 0, 0, False)
-
-    before, after = [0] * 100, [0] * 99 + [1]  # exact_match +0.01: one more prompt answered exactly
-    t = paired_bootstrap(before, after)
-    assert t.change == pytest.approx(0.01) and t.low == 0 and not t.significant
-
-
-def test_bootstrap_refuses_fewer_than_two_pairs():
-    with pytest.raises(ValueError):
-        paired_bootstrap([1.0], [0.0])
-
-
 def test_one_more_exact_match_in_a_hundred_is_not_better():
     before = scores_at({"exact_match": [0] * 100, "rougeL": [0.4] * 100})
     after = scores_at({"exact_match": [0] * 99 + [1], "rougeL": [0.4] * 100})
@@ -399,18 +354,6 @@ def test_rows_that_cannot_change_are_left_out():
     text = "\n".join(evaluation_section(cmp, "main", "this PR", 0.95))
     assert "### Base model, main → this PR" in text and "| Base model |" not in text
     assert next(r for r in cmp.base if r.metric == "rougeL").verdict == "better"
-
-
-def test_prompts_pair_by_identity_not_position():
-    before = scores_at({"rougeL": [0.1, 0.2, 0.3, 0.4]})
-    after = {row: before[row] | {"tuned": before[row]["tuned"] | {"rougeL": before[row]["tuned"]["rougeL"] + 0.1}}
-             for row in reversed(before)}  # another order, each prompt 0.1 better
-    after[5] = {**after[4], "source_row": 5}  # a prompt main never scored
-    after[3] = {**after[3], "prompt_sha1": "other prompt"}  # same row number, different prompt
-    cmp = compare(eval_at(before), eval_at(after), before, after, "main", "this PR")
-    row = next(r for r in cmp.tuned if r.metric == "rougeL")
-    assert cmp.shared == 3 and row.test.prompts == 3
-    assert row.test.change == pytest.approx(0.1) and row.verdict == "better"
 
 
 def test_without_per_prompt_scores_the_report_says_so():
@@ -462,3 +405,139 @@ def test_timings_appear_only_for_the_working_tree():
     lines = timings_section(FakeRevision({TRAIN_TIMINGS: timings}, sha=None))
     assert any("781.9" in line for line in lines) and "logs/train-timings.json" in lines[1]
     assert timings_section(FakeRevision({TRAIN_TIMINGS: timings})) == []
+
+
+# --- comparable revisions: fake revisions with hand-written dvc.lock and metrics in a small git repo -------
+
+FAKE_DVC_YAML = {"stages": {
+    **{stage: {"cmd": f"python -m stages.{stage}", "deps": [f"stages/{stage}.py"], "params": [stage],
+               "outs": [path]} for stage, (path, _) in TRACKED.items()},
+    "evaluate": {"cmd": "python -m stages.evaluate", "deps": ["models/adapter"], "params": ["evaluate"],
+                 "outs": [{"metrics/eval_prompts.jsonl": {"cache": False}}],
+                 "metrics": [{"metrics/eval.json": {"cache": False}}]}}}
+N_PROMPTS = 60
+RISING = [0.005 * i for i in range(N_PROMPTS)]  # prompts differ, so an interval has a width
+
+
+def fake_revision(root: Path, *, lock: dict, tuned: list[float], base: list[float], lr: float = 0.001,
+                  constraints: str = "torch==2.13.0\n") -> None:
+    """The files a revision's `dvc repro` leaves in git: params, lock, metrics, and the library pins."""
+    params = {**PROVENANCE_PARAMS, "train": {**PROVENANCE_PARAMS["train"], "lr": lr}, "evaluate": {"max_samples": 60}}
+    prompts = scores_at({"rougeL": tuned, "chrf": [100 * x for x in tuned]},
+                        base={"rougeL": base, "chrf": [100 * x for x in base]})
+    (root / "metrics").mkdir(exist_ok=True)
+    (root / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
+    (root / "dvc.yaml").write_text(yaml.safe_dump(FAKE_DVC_YAML, sort_keys=False), encoding="utf-8")
+    (root / "dvc.lock").write_text(yaml.safe_dump(lock, sort_keys=False), encoding="utf-8")
+    (root / "constraints.txt").write_text(constraints, encoding="utf-8")
+    (root / "metrics" / "eval.json").write_text(json.dumps(eval_at(prompts)), encoding="utf-8")
+    (root / "metrics" / "eval_prompts.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in prompts.values()), encoding="utf-8")
+
+
+@pytest.fixture
+def fake_repo(tmp_path) -> Path:
+    """A git and DVC repo whose `main` holds one revision's committed results; nothing is ever run."""
+    root = tmp_path / "repo"
+    root.mkdir()
+    run(["git", "init", "-q", "-b", "main"], root)
+    run([sys.executable, "-m", "dvc", "init", "-q"], root)
+    fake_revision(root, lock=make_lock(), tuned=[0.4 + x for x in RISING], base=[0.1 + x for x in RISING])
+    run(["git", "add", "-A"], root)
+    run(["git", "commit", "-qm", "main's results"], root)
+    return root
+
+
+def commit_revision(root: Path, message: str, **revision) -> None:
+    fake_revision(root, **revision)
+    run(["git", "add", "-A"], root)
+    run(["git", "commit", "-qm", message, "--allow-empty"], root)
+
+
+def report_in(root: Path, monkeypatch, *args: str) -> str:
+    """`sabia-ift report ARGS` run in `root`, in this process; its Markdown."""
+    import argparse
+
+    from sabia_ift.report import add_arguments, build_report
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    monkeypatch.chdir(root)
+    out = build_report(parser.parse_args([*args, "--out", str(root / "reports" / "pr.md"), "--samples", "0"]))
+    return out.read_text(encoding="utf-8")
+
+
+def headline_of(markdown: str) -> str:
+    return next(line for line in markdown.splitlines() if line.startswith("**")).strip("*")
+
+
+def test_a_rerun_with_nothing_changed_says_no_change(fake_repo, monkeypatch):
+    commit_revision(fake_repo, "the same results again", lock=make_lock(), tuned=[0.4 + x for x in RISING],
+                    base=[0.1 + x for x in RISING])
+    markdown = report_in(fake_repo, monkeypatch, "--base", "main~1", "--head", "main", "--head-label", "this PR")
+    assert headline_of(markdown) == (f"main~1 → this PR: no change: the tuned model scored the same on each of "
+                                     f"the {N_PROMPTS} test prompts at both revisions.")
+    assert "Both revisions were built from the same base model and data (`dvc.lock`)." in markdown
+
+
+def test_another_machines_base_model_is_not_comparable(fake_repo, monkeypatch):
+    """The issue's case: `make repro` on a fresh clone on another CPU, no edits, then `report --base main`."""
+    other = make_lock(outs={"models/base": "5d41402abc4b2a76b9719d911017c592.dir",
+                            "data/tokenized": "b" * 32 + ".dir", "models/adapter": "c" * 32 + ".dir"})
+    # In the working tree, uncommitted, as `make repro` leaves it: the tuned model clearly worse.
+    fake_revision(fake_repo, lock=other, tuned=[0.38 + x for x in RISING], base=[0.09 + x for x in RISING])
+    markdown = report_in(fake_repo, monkeypatch, "--base", "main")
+    assert headline_of(markdown) == (
+        "main → working tree: not comparable: the base model differs (hash 1fa5ac8 → 5d41402) while params.base "
+        "and the base stage's deps are unchanged — a different machine or library version built it.")
+    assert "the tuned adapter changed (hash a537403 → ccccccc) because the base model and the tokenized data did" \
+        in markdown
+    assert "rebuild main on this machine" in markdown
+    # No verdict anywhere: the tables show the plain differences, untested.
+    assert "better" not in markdown.replace("better/worse", "") and "worse" not in markdown.replace("better/worse", "")
+    rows = eval_table(markdown, "Tuned model, main → working tree")
+    assert rows["rougeL"][2] == "-0.02" and rows["rougeL"][3] == "not tested"  # no base column: it changed too
+
+
+def test_a_real_change_on_the_same_base_keeps_its_intervals_and_verdict(fake_repo, monkeypatch):
+    changed = make_lock(params={"train": {**PROVENANCE_PARAMS["train"], "lr": 0.004}},
+                        outs={"models/adapter": "d" * 32 + ".dir"})
+    commit_revision(fake_repo, "higher learning rate", lock=changed, lr=0.004, tuned=[0.45 + x for x in RISING],
+                    base=[0.1 + x for x in RISING])
+    markdown = report_in(fake_repo, monkeypatch, "--base", "main~1", "--head", "main", "--head-label", "this PR")
+    assert headline_of(markdown).startswith(
+        f"main~1 → this PR: the tuned model is better on rougeL and chrf (paired bootstrap over {N_PROMPTS} test "
+        "prompts, 95% interval)")
+    assert "the tuned adapter changed on purpose (params train.lr; hash a537403 → ddddddd)" in markdown
+    rows = eval_table(markdown, "Tuned model, main~1 → this PR")
+    assert rows["rougeL"][3] == "+0.0500 [+0.0500, +0.0500]" and rows["rougeL"][4] == "✅ better"
+    assert ["params.yaml", "train.lr", "0.001", "0.004"] in table_rows(markdown, 4)
+
+
+def test_a_base_changed_on_purpose_gets_no_tuned_verdict(fake_repo, monkeypatch):
+    bigger = {**PROVENANCE_PARAMS["base"], "tiny": {"hidden_size": 256, "seed": 0}}
+    changed = make_lock(params={"base": bigger}, outs={"models/base": "e" * 32 + ".dir",
+                                                       "models/adapter": "f" * 32 + ".dir"})
+    commit_revision(fake_repo, "a bigger base", lock=changed, tuned=[0.5 + x for x in RISING],
+                    base=[0.2 + x for x in RISING])
+    markdown = report_in(fake_repo, monkeypatch, "--base", "main~1", "--head", "main", "--head-label", "this PR")
+    assert headline_of(markdown) == (
+        "main~1 → this PR: the base model changed on purpose (params base.tiny.hidden_size; hash 1fa5ac8 → "
+        "eeeeeee), so the tuned models are not compared as if tuned from one base; the base model is better on "
+        f"rougeL and chrf (paired bootstrap over {N_PROMPTS} test prompts, 95% interval); no significant change on "
+        "eos_stop_rate, exact_match and repetition.")
+    tuned = eval_table(markdown, "Tuned model, main~1 → this PR")
+    # No base column: the base model has its own table.
+    assert tuned["rougeL"][2] == "+0.1000 [+0.1000, +0.1000]" and tuned["rougeL"][3] == "different base"
+    assert eval_table(markdown, "Base model, main~1 → this PR")["rougeL"][3] == "✅ better"
+    assert "✅" not in markdown.split("### Base model")[0] and "❌" not in markdown
+
+
+def test_new_library_pins_explain_a_new_base(fake_repo, monkeypatch):
+    other = make_lock(outs={"models/base": "5d41402abc4b2a76b9719d911017c592.dir"})
+    commit_revision(fake_repo, "torch 2.14", lock=other, constraints="torch==2.14.0\n",
+                    tuned=[0.4 + x for x in RISING], base=[0.12 + x for x in RISING])
+    markdown = report_in(fake_repo, monkeypatch, "--base", "main~1", "--head", "main")
+    assert headline_of(markdown).startswith(
+        "main~1 → main: the base model changed on purpose (constraints.txt (library versions); hash 1fa5ac8 → "
+        "5d41402), so the tuned models are not compared as if tuned from one base")

@@ -1,5 +1,6 @@
 """A train stage killed with SIGKILL resumes from its last checkpoint on the next `dvc repro`."""
 
+import contextlib
 import json
 import os
 import signal
@@ -18,10 +19,12 @@ pytestmark = pytest.mark.slow
 PARAMS = deep_merge(FAST_PARAMS, {"train": {"epochs": 2, "save_steps": 8, "eval_steps": 16, "logging_steps": 4}})
 
 
-def wait_for_checkpoint(project, proc, min_step: int, timeout: float = 600) -> int:
+def wait_for_checkpoint(project, proc, min_step: int, log: Path, timeout: float = 600) -> int:
     deadline = time.time() + timeout
     while time.time() < deadline:
-        assert proc.poll() is None, "training finished before it could be interrupted"
+        if proc.poll() is not None:
+            tail = "\n".join(log.read_text(errors="replace").splitlines()[-40:])
+            raise AssertionError(f"the stage ended (exit {proc.returncode}) before it could be interrupted:\n{tail}")
         steps = [int(p.name.split("-")[1]) for p in (project / "models/checkpoints").glob("checkpoint-*")
                  if (p / "trainer_state.json").is_file()]
         if steps and max(steps) >= min_step:
@@ -50,12 +53,15 @@ def test_sigkill_then_repro_resumes_and_matches_an_uninterrupted_run(tmp_path, d
     project = make_project(tmp_path / "sabia-ift", deep_merge(PARAMS, {"train": layout}))
     run(["dvc", "repro", "tokenize"], project)
 
-    proc = subprocess.Popen(["dvc", "repro", "train"], cwd=project, env=project_env(project),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    log = tmp_path / "interrupted.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(["dvc", "repro", "train"], cwd=project, env=project_env(project),
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        step = wait_for_checkpoint(project, proc, min_step=16)
+        step = wait_for_checkpoint(project, proc, min_step=16, log=log)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):  # a stage that already ended has no group left
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     time.sleep(2)
     # No process (a torchrun worker included) outlived the kill to go on writing here.

@@ -18,6 +18,7 @@ from typing import Literal
 from ..errors import ConfigError
 from ..modeling import load_tuned, pick_device
 from ..template import build_prompt, encode_prompt
+from ..text import normalize_text
 
 Which = Literal["base", "tuned"]
 StopReason = Literal["eos", "length"]
@@ -55,6 +56,14 @@ class Settings:
             repetition_penalty=self.repetition_penalty, eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
         )
+
+
+def check_instruction(instruction: str) -> None:
+    """Refuse an instruction with nothing to read: the model would answer a bare template."""
+    # The format stage's normalisation, so what training would drop as empty is empty here too.
+    if not normalize_text(instruction):
+        raise ConfigError("the instruction is empty (nothing but spaces or invisible characters); "
+                          "write a question or a task")
 
 
 @dataclass(frozen=True)
@@ -103,8 +112,7 @@ class Chat:
     def stream(self, instruction: str, input: str = "", settings: Settings = Settings(),
                which: Which = "tuned") -> Stream:
         """Start answering; iterate the result for text pieces as they come."""
-        if not instruction.strip():
-            raise ConfigError("the instruction is empty")
+        check_instruction(instruction)
         stream = Stream(iter(()))
         stream._pieces = self._run(stream, self.prompt_ids(instruction, input), settings, which)
         return stream

@@ -13,6 +13,7 @@ import streamlit as st
 
 from sabia_ift.errors import SabiaError
 from sabia_ift.serve.chat import Answer, Chat, Settings
+from sabia_ift.text import normalize_text
 
 BASE_ENV, ADAPTER_ENV, DEVICE_ENV = "SABIA_IFT_BASE", "SABIA_IFT_ADAPTER", "SABIA_IFT_DEVICE"
 SIDES = {"base": "Base model", "tuned": "Tuned (base + adapter)"}
@@ -64,7 +65,7 @@ def main() -> None:
         input_text = st.text_area("Input (optional)", key="input", height=80)
         submitted = st.form_submit_button("Answer", type="primary")
 
-    if submitted and not instruction.strip():
+    if submitted and not normalize_text(instruction):  # what Chat.stream would refuse as empty
         st.warning("Write an instruction first.")
         submitted = False
     if submitted:

@@ -8,6 +8,7 @@ and DDP all-reduces the LoRA gradients, the only trainable weights.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -69,11 +70,23 @@ def needs_launch(processes: int) -> bool:
 
 
 def launch(processes: int, module: str, argv: list[str]) -> int:
-    """Run `python -m module argv` in `processes` processes under torchrun; returns its exit code."""
-    env = {**os.environ, LAUNCHED: "1"}
+    """Run `python -m module argv` in `processes` processes under torchrun; returns its exit code.
+
+    The stage's arguments travel in the environment, not on torchrun's command line:
+    torchrun's parser matches option prefixes across the whole line, so a stage option
+    such as `--logs` is refused as ambiguous with its `--logs-specs` (or, worse, a
+    prefix of one of its options would be taken as that option).
+    """
+    env = {**os.environ, LAUNCHED: json.dumps(argv)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-           "-m", module, *argv]
+           "-m", module]
     return subprocess.call(cmd, env=env)
+
+
+def restore_argv() -> None:
+    """In a process `launch` started, put the stage's arguments back on sys.argv."""
+    if LAUNCHED in os.environ and "LOCAL_RANK" in os.environ:
+        sys.argv[1:] = json.loads(os.environ[LAUNCHED])
 
 
 def die_with_launcher() -> None:

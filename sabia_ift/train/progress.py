@@ -2,8 +2,9 @@
 
 Progress: in a terminal the Trainer's own tqdm bar; under `dvc repro` or CI
 (stderr not a terminal) one plain line every 30 s or 10 % of the steps with
-the step count, rate and ETA, instead of a bar redrawn with `\\r` into one
-unreadable line.
+the step count, rate, ETA and the last losses, instead of a bar redrawn with
+`\\r` into one unreadable line, and without the raw `{'loss': ...}` dicts the
+Trainer prints when its bar is off.
 
 Trackers: `train.report_to` lists `dvclive` (the project's own curves in
 metrics/curves, written by the train stage's callback) and any of the
@@ -15,20 +16,24 @@ no integration logs.
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TextIO
 
+from ..config import TRACKER_PACKAGES
 from ..errors import ConfigError
 from ..progress import Progress, interactive
 
 # The project's own DVCLive callback, not the Trainer's DVCLive integration
 # (which would rewrite dvc.yaml and log wall-clock timestamps).
 PROJECT_TRACKER = "dvclive"
-# Trainer integration name -> (availability check in transformers.integrations, pip package).
+# Trainer integration name -> its availability check in transformers.integrations.
 TRAINER_TRACKERS = {
-    "wandb": ("is_wandb_available", "wandb"),
-    "mlflow": ("is_mlflow_available", "mlflow"),
-    "tensorboard": ("is_tensorboard_available", "tensorboard"),
+    "wandb": "is_wandb_available",
+    "mlflow": "is_mlflow_available",
+    "tensorboard": "is_tensorboard_available",
 }
 TRACKERS = (PROJECT_TRACKER, *TRAINER_TRACKERS)
 
@@ -49,12 +54,36 @@ def trainer_report_to(report_to: Sequence[str]) -> list[str] | str:
     for name in report_to:
         if name == PROJECT_TRACKER or name in chosen:
             continue
-        check, package = TRAINER_TRACKERS[name]
-        if not getattr(integration_utils, check)():
+        package = TRACKER_PACKAGES[name][0]
+        if not getattr(integration_utils, TRAINER_TRACKERS[name])():
             raise ConfigError(f"train.report_to: {name} is not installed; `pip install {package}` "
                               f"or remove {name} from train.report_to")
         chosen.append(name)
     return chosen or "none"
+
+
+def tracker_folders(report_to: Sequence[str], logs_dir: str | Path) -> dict[str, str]:
+    """Point the Trainer's local trackers at `logs_dir`; returns the variables it set.
+
+    Left alone, TensorBoard writes under the Trainer's output folder,
+    models/checkpoints, which a finished run empties: the event file was gone
+    before anyone looked. Each run gets a folder of its own, as TensorBoard
+    expects (`tensorboard --logdir logs/tensorboard`). W&B's local run files go
+    to logs/wandb instead of the working folder. A variable the user already
+    set wins.
+    """
+    logs_dir = Path(logs_dir)
+    chosen = {}
+    if "tensorboard" in report_to:
+        chosen["TENSORBOARD_LOGGING_DIR"] = str(logs_dir / "tensorboard" / time.strftime("%Y-%m-%d_%H-%M-%S"))
+    if "wandb" in report_to:
+        chosen["WANDB_DIR"] = str(logs_dir)  # wandb adds its own wandb/ folder below
+    for name, value in chosen.items():
+        os.environ.setdefault(name, value)
+    if chosen:
+        # Older wandb versions write to a temporary folder instead when WANDB_DIR is missing.
+        logs_dir.mkdir(parents=True, exist_ok=True)
+    return {name: os.environ[name] for name in chosen}
 
 
 def project_curves(report_to: Sequence[str]) -> bool:
@@ -80,7 +109,7 @@ def _callback_class():
         def __init__(self, stream: TextIO | None, every_s: float, every_percent: float) -> None:
             self.stream, self.every_s, self.every_percent = stream, every_s, every_percent
             self.progress: Progress | None = None
-            self.loss: float | None = None
+            self.losses: dict[str, float] = {}  # the last training and validation losses logged
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.progress = Progress(state.max_steps or None, "train", unit="step", stream=self.stream,
@@ -88,10 +117,12 @@ def _callback_class():
                                      initial=state.global_step)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and isinstance(logs.get("loss"), (int, float)):
-                self.loss = float(logs["loss"])
-                if self.progress is not None:
-                    self.progress.label = f"train (loss {self.loss:.4g})"
+            for key in ("loss", "eval_loss"):
+                if logs and isinstance(logs.get(key), (int, float)):
+                    self.losses[key] = float(logs[key])
+            if self.losses and self.progress is not None:
+                shown = ", ".join(f"{key} {value:.4g}" for key, value in self.losses.items())
+                self.progress.label = f"train ({shown})"
 
         def on_step_end(self, args, state, control, **kwargs):
             if self.progress is not None:
@@ -111,3 +142,16 @@ def progress_callbacks(stream: TextIO | None = None, *, every_s: float = 30.0,
     if show_tqdm(stream):
         return []
     return [_callback_class()(stream, every_s, every_percent)]
+
+
+def quiet_trainer_logs(trainer) -> None:
+    """Stop the Trainer printing each log as a raw dict where its bar is off (`disable_tqdm`).
+
+    With the bar off the Trainer adds its PrinterCallback, which prints `{'loss': ...}` to
+    stdout at every logging step, between the progress lines that already carry the loss.
+    On a terminal the bar writes them beneath itself, as the Trainer always does.
+    """
+    from transformers.trainer_callback import PrinterCallback
+
+    if trainer.args.disable_tqdm:
+        trainer.remove_callback(PrinterCallback)
