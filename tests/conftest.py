@@ -107,25 +107,61 @@ def run(cmd: list[str], cwd: Path, check: bool = True, timeout: int = 1800,
     return result
 
 
-@pytest.fixture(scope="session")
-def tiny_base(tmp_path_factory) -> Path:
-    """A tiny base model folder (as the base stage writes it), lightly pretrained.
+def run_shared(tmp_path_factory) -> Path:
+    """The folder every pytest-xdist worker of this run sees (each worker's basetemp sits in it)."""
+    shared = tmp_path_factory.getbasetemp()
+    return shared.parent if os.environ.get("PYTEST_XDIST_WORKER") else shared
 
-    Built once per test run: under pytest-xdist the workers share it through
-    the run's common temporary folder, the first one building it under a lock.
-    """
+
+def build_once(tmp_path_factory, name: str, build) -> Path:
+    """`build(folder)` run once per test run, by whichever worker asks first, under a lock."""
     from filelock import FileLock
 
+    shared = run_shared(tmp_path_factory)
+    out = shared / name
+    with FileLock(str(shared / f"{name}.lock")):
+        if not (shared / f"{name}.done").is_file():
+            shutil.rmtree(out, ignore_errors=True)  # what a failed attempt left
+            build(out)
+            (shared / f"{name}.done").touch()
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> Path:
+    """A tiny base model folder (as the base stage writes it), lightly pretrained, built once per run."""
     from sabia_ift.toy.tiny_model import build_tiny_model
 
-    shared = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        shared = shared.parent  # every worker's basetemp sits in one folder of this run
-    out = shared / "tiny-base"
-    with FileLock(str(shared / "tiny-base.lock")):
-        if not out.is_dir():
-            build_tiny_model(params_for("base.tiny", pretrain_documents=200, pretrain_epochs=1), out)
-    return out
+    return build_once(tmp_path_factory, "tiny-base", lambda out: build_tiny_model(
+        params_for("base.tiny", pretrain_documents=200, pretrain_epochs=1), out))
+
+
+# An HF token in the environment of the shared project's `dvc repro`: no output may hold it.
+SECRET = "hf_TestTokenThatMustNeverBeWritten"
+# The shell settings that would change torch's and MKL's arithmetic if the stages did not pin them
+# (test_determinism): the shared project is built under "a", a fresh one under "b" must match it.
+CPU_SETTINGS = {"a": {"PYTHONHASHSEED": "1", "ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "OMP_NUM_THREADS": "1"},
+                "b": {"PYTHONHASHSEED": "2", "ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "AUTO"}}
+
+
+@pytest.fixture(scope="session")
+def built_project(tmp_path_factory) -> Path:
+    """A FAST_PARAMS copy of the project after a whole `dvc repro` (nothing committed), built once per run.
+
+    Read it, or `copy_project` it before changing anything: every pipeline test starts from
+    the same build instead of running base, fetch, format and tokenize again.
+    """
+    def build(out: Path) -> None:
+        project = make_project(out / "sabia-ift", FAST_PARAMS)
+        run(["dvc", "repro"], project, env={"HF_TOKEN": SECRET, **CPU_SETTINGS["a"]})
+
+    return build_once(tmp_path_factory, "built-project", build) / "sabia-ift"
+
+
+def copy_project(built: Path, dest: Path) -> Path:
+    """A private copy of a built project (git history, DVC cache and outputs), at `dest`."""
+    shutil.copytree(built, dest, symlinks=True)
+    return dest
 
 
 @pytest.fixture(scope="session")
@@ -172,6 +208,57 @@ def _offline(monkeypatch, tmp_path_factory):
     monkeypatch.setenv("HF_EVALUATE_OFFLINE", "1")
 
 
+def tokenized_split(root: Path, tokenizer, rows: int, train: int, val: int, test: int | None = None) -> Path:
+    """The first `rows` sample rows, cleaned, cut in order into train, val and test (the rest
+    when `test` is None), and tokenized (max_length 256) into `root/tokenized`."""
+    from sabia_ift.data.formatting import clean_rows
+    from sabia_ift.data.tokenization import tokenize
+    from sabia_ift.io import write_jsonl
+    from sabia_ift.toy.sample import generate_rows
+
+    kept, _ = clean_rows([{**r, "source_row": i + 1} for i, r in enumerate(generate_rows(0)[:rows])])
+    end = None if test is None else train + val + test
+    for split, part in (("train", kept[:train]), ("val", kept[train:train + val]), ("test", kept[train + val:end])):
+        write_jsonl(root / f"{split}.jsonl", part)
+    tokenize(params_for("tokenize", max_length=256), tokenizer, 2048, root, root / "tokenized")
+    return root / "tokenized"
+
+
+def save_lora_adapter(base_dir: Path, folder: Path, *, r: int = 4, targets: tuple[str, ...] = ("q_proj", "v_proj"),
+                      quantization: str = "none", random_scale: float | None = None) -> Path:
+    """An untrained LoRA adapter on `base_dir`, saved with its TrainMeta as the train stage saves one.
+
+    `random_scale` None: peft's own start (B zero, so tuned equals base) on the fp32 base; 0: peft's
+    random non-zero start (seeded); a number: every LoRA weight drawn from N(0, scale^2), seeded, so
+    tuned clearly differs from base. `quantization` nf4 builds it on the 4-bit base, as QLoRA does.
+    """
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from sabia_ift.artifacts import TrainMeta
+    from sabia_ift.modeling import load_model
+
+    four_bit = quantization != "none"
+    model = load_model(base_dir, quantization=quantization, double_quant=four_bit, dtype=torch.float32, device="cpu")
+    torch.manual_seed(0)
+    peft = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets), task_type="CAUSAL_LM",
+                                            init_lora_weights=random_scale is None))
+    if random_scale:
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for name, param in peft.named_parameters():
+                if "lora_" in name:
+                    param.copy_(torch.randn(param.shape, generator=generator) * random_scale)
+    peft.save_pretrained(str(folder))
+    if four_bit:
+        meta = TrainMeta(quantization=quantization, double_quant=True, precision="auto",
+                         base={"name_or_path": str(base_dir)})
+    else:
+        meta = TrainMeta(quantization="none", double_quant=False, precision="fp32", base={})
+    meta.write(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tuned_adapter(tiny_base, tokenizer, tmp_path_factory) -> Path:
     """An adapter on `tiny_base` trained just enough to stop at EOS (about 30 s on 2 CPU cores).
@@ -179,20 +266,13 @@ def tuned_adapter(tiny_base, tokenizer, tmp_path_factory) -> Path:
     Its answers are poor, but they end with EOS where the base's never do,
     which is what the chat and export tests need to tell the two apart.
     """
-    from sabia_ift.data.formatting import clean_rows
-    from sabia_ift.data.tokenization import tokenize
-    from sabia_ift.io import write_jsonl
-    from sabia_ift.toy.sample import generate_rows
     from sabia_ift.train.training import train
 
     root = tmp_path_factory.mktemp("tuned")
-    kept, _ = clean_rows([{**r, "source_row": i + 1} for i, r in enumerate(generate_rows(0)[:300])])
-    for split, rows in (("train", kept[:256]), ("val", kept[256:272]), ("test", kept[272:288])):
-        write_jsonl(root / f"{split}.jsonl", rows)
-    tokenize(params_for("tokenize", max_length=256), tokenizer, 2048, root, root / "tokenized")
+    tokenized = tokenized_split(root, tokenizer, 300, 256, 16, 16)
     cfg = params_for("train", epochs=1, lr=3e-3, logging_steps=10, eval_steps=1000, save_steps=1000, report_to=[],
                       lora={"r": 8, "alpha": 16, "dropout": 0.0,
                             "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                                "down_proj"]})
-    train(cfg, tiny_base, root / "tokenized", root / "adapter", root / "checkpoints", None)
+    train(cfg, tiny_base, tokenized, root / "adapter", root / "checkpoints", None)
     return root / "adapter"

@@ -9,9 +9,8 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-import torch
 
-from conftest import REPO, SHARED, default_params
+from conftest import REPO, SHARED, default_params, save_lora_adapter
 from sabia_ift.config import BenchmarkConfig, parse_section
 from sabia_ift.errors import ConfigError, DataError
 from sabia_ift.evaluation import benchmark_data
@@ -49,22 +48,7 @@ def config(*tasks, **kwargs) -> BenchmarkConfig:
 @pytest.fixture(scope="module")
 def adapter(tiny_base, tmp_path_factory) -> Path:
     """A LoRA adapter with random, clearly non-zero weights: tuned must differ from base."""
-    from peft import LoraConfig, get_peft_model
-
-    from sabia_ift.artifacts import TrainMeta
-    from sabia_ift.modeling import load_model
-
-    out = tmp_path_factory.mktemp("adapter") / "adapter"
-    model = load_model(tiny_base, quantization="none", double_quant=False, dtype=torch.float32, device="cpu")
-    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in peft.named_parameters():
-            if "lora_" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
-    peft.save_pretrained(out)
-    TrainMeta(quantization="none", double_quant=False, precision="fp32", base={}).write(out)
-    return out
+    return save_lora_adapter(tiny_base, tmp_path_factory.mktemp("adapter") / "adapter", random_scale=0.3)
 
 
 # The embedded default's sets ---------------------------------------------------

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from conftest import params_for
+from conftest import params_for, save_lora_adapter
 from sabia_ift.artifacts import PROMPT_SCORES
 from sabia_ift.evaluation.evaluation import score, token_loss
 from sabia_ift.evaluation.generation import Generation
@@ -71,17 +71,8 @@ def short_context_base(tiny_base, tmp_path_factory):
 @pytest.fixture(scope="module")
 def adapter(short_context_base, tmp_path_factory):
     """An untrained LoRA adapter, saved as the train stage saves one."""
-    from peft import LoraConfig, get_peft_model
-
-    from sabia_ift.artifacts import TrainMeta
-
-    folder = tmp_path_factory.mktemp("adapter") / "adapter"
-    model = load_model(short_context_base, quantization="none", double_quant=False, dtype=torch.float32,
-                       device="cpu")
-    get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], task_type="CAUSAL_LM")
-                   ).save_pretrained(str(folder))
-    TrainMeta(quantization="none", double_quant=False, precision="fp32", base={}).write(folder)
-    return folder
+    return save_lora_adapter(short_context_base, tmp_path_factory.mktemp("adapter") / "adapter", r=2,
+                             targets=("q_proj",))
 
 
 def prepare(tmp_path, tokenizer, splits):

@@ -12,7 +12,7 @@ import subprocess
 import pytest
 import yaml
 
-from conftest import REPO
+from conftest import REPO, save_lora_adapter
 from sabia_ift.artifacts import TrainMeta
 from sabia_ift.errors import ConfigError, DataError, ModelError, OutputError
 from sabia_ift.serve import export as export_module
@@ -210,20 +210,8 @@ def nf4_adapter(tiny_base, tmp_path_factory):
     Its LoRA weights are random rather than trained (training on 4-bit CPU kernels takes minutes);
     what the merge must get right is how it loads the base, not what the adapter learned.
     """
-    import torch
-    from peft import LoraConfig, get_peft_model
-
-    from sabia_ift.modeling import load_model
-
-    folder = tmp_path_factory.mktemp("qlora") / "adapter"
-    base = load_model(tiny_base, quantization="nf4", double_quant=True, dtype=torch.float32, device="cpu")
-    torch.manual_seed(0)
-    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
-                      task_type="CAUSAL_LM")
-    get_peft_model(base, lora).save_pretrained(str(folder))
-    TrainMeta(quantization="nf4", double_quant=True, precision="auto", base={"name_or_path": str(tiny_base)}
-              ).write(folder)
-    return folder
+    return save_lora_adapter(tiny_base, tmp_path_factory.mktemp("qlora") / "adapter", quantization="nf4",
+                             random_scale=0)
 
 
 def lora_delta(adapter):

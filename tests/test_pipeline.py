@@ -7,7 +7,7 @@ import sys
 import pytest
 import yaml
 
-from conftest import FAST_PARAMS, make_project, run, write_params
+from conftest import FAST_PARAMS, SECRET, copy_project, make_project, run, write_params
 
 pytestmark = pytest.mark.slow
 
@@ -70,14 +70,10 @@ def test_second_repro_runs_nothing(default_project):
     assert "up to date" in run(["dvc", "status"], default_project).stdout
 
 
-SECRET = "hf_TestTokenThatMustNeverBeWritten"
-
-
 @pytest.fixture(scope="module")
-def small_project(tmp_path_factory):
-    project = make_project(tmp_path_factory.mktemp("small") / "sabia-ift", FAST_PARAMS)
-    run(["dvc", "repro"], project, env={"HF_TOKEN": SECRET})
-    return project
+def small_project(built_project, tmp_path_factory):
+    """FAST_PARAMS after `dvc repro` with HF_TOKEN=SECRET (conftest.built_project), a copy to change."""
+    return copy_project(built_project, tmp_path_factory.mktemp("small") / "sabia-ift")
 
 
 def committed_metrics(project) -> dict:

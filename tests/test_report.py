@@ -20,7 +20,7 @@ from test_provenance import PARAMS as PROVENANCE_PARAMS
 from test_provenance import make_lock
 from test_significance import eval_at, scores_at
 
-from conftest import FAST_PARAMS, make_project, run, write_params
+from conftest import copy_project, run, write_params
 from sabia_ift.artifacts import PROMPT_SCORES
 from sabia_ift.provenance import TRACKED
 from sabia_ift.report import Interval, compare, evaluation_section, headline
@@ -46,12 +46,12 @@ def commit(project: Path, message: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Path:
-    project = make_project(tmp_path_factory.mktemp("experiments") / "project", FAST_PARAMS)
+def project(built_project, tmp_path_factory) -> Path:
+    # The first run is the shared FAST_PARAMS build (conftest.built_project).
+    project = copy_project(built_project, tmp_path_factory.mktemp("experiments") / "project")
     # The tests' private HF cache lives in the project (conftest.project_env); a user's does not.
     with open(project / ".git" / "info" / "exclude", "a", encoding="utf-8") as f:
         f.write("/hf/\n")
-    run([DVC, "repro"], project)
     commit(project, "first run")
     write_params(project, {"train": {"lr": LR_HEAD}})
     run([DVC, "repro"], project)

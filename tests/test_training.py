@@ -4,22 +4,13 @@ import json
 
 import pytest
 
-from conftest import params_for
-from sabia_ift.data.formatting import clean_rows
-from sabia_ift.data.tokenization import tokenize
-from sabia_ift.io import write_jsonl
-from sabia_ift.toy.sample import generate_rows
+from conftest import params_for, tokenized_split
 from sabia_ift.train.training import CHECKPOINT_PREFIX, complete_checkpoints, prepare_checkpoints, train
 
 
 @pytest.fixture(scope="module")
-def tokenized(tiny_base, tokenizer, tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    kept, _ = clean_rows([{**r, "source_row": i + 1} for i, r in enumerate(generate_rows(0)[:96])])
-    for split, rows in (("train", kept[:64]), ("val", kept[64:80]), ("test", kept[80:])):
-        write_jsonl(root / f"{split}.jsonl", rows)
-    tokenize(params_for("tokenize", max_length=256), tokenizer, 2048, root, root / "tokenized")
-    return root / "tokenized"
+def tokenized(tokenizer, tmp_path_factory):
+    return tokenized_split(tmp_path_factory.mktemp("data"), tokenizer, 96, 64, 16)
 
 
 def small_config(**overrides):
@@ -160,11 +151,8 @@ def test_nan_losses_are_not_hidden_from_the_guard(tmp_path):
 
 def test_train_without_validation(tiny_base, tokenizer, tmp_path):
     """format.val_size: 0 (or every validation row too long): no evaluation, said in the metrics."""
-    kept, _ = clean_rows([{**r, "source_row": i + 1} for i, r in enumerate(generate_rows(0)[:32])])
-    for split, rows in (("train", kept), ("val", []), ("test", [])):
-        write_jsonl(tmp_path / f"{split}.jsonl", rows)
-    tokenize(params_for("tokenize", max_length=256), tokenizer, 2048, tmp_path, tmp_path / "tokenized")
-    metrics, _ = train(small_config(max_steps=2, report_to=[]), tiny_base, tmp_path / "tokenized", tmp_path / "adapter",
+    tokenized = tokenized_split(tmp_path, tokenizer, 32, 32, 0, 0)
+    metrics, _ = train(small_config(max_steps=2, report_to=[]), tiny_base, tokenized, tmp_path / "adapter",
                     tmp_path / "ckpt", None)
     assert metrics["steps"] == 2 and metrics["validation_rows"] == 0
     assert metrics["eval_loss"] is None and metrics["eval_perplexity"] is None
