@@ -22,7 +22,7 @@ SHARED = REPO.parent / "shared"
 
 # Sizes that keep a whole `dvc repro` near a minute on a 2-core CPU.
 FAST_PARAMS = {
-    "base": {"tiny": {"pretrain_documents": 400, "pretrain_epochs": 1}},
+    "base": {"tiny": {"pretrain_documents": 200, "pretrain_epochs": 1}},
     "fetch": {"max_rows": 320},
     "format": {"val_size": 24, "test_size": 16},
     "train": {"epochs": 1, "logging_steps": 5, "eval_steps": 10, "save_steps": 10},
