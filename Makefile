@@ -21,8 +21,9 @@ repro: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
 # Two workers (pytest-xdist); each test module stays on one worker, so a module's
-# pipeline project is built once. XDIST= runs serially; PYTEST_ARGS adds options.
-XDIST ?= -n 2 --dist loadscope
+# pipeline project is built once. Modules go out in conftest's order (the long ones
+# first), not by test count. XDIST= runs serially; PYTEST_ARGS adds options.
+XDIST ?= -n 2 --dist loadscope --no-loadscope-reorder
 # pytest exits 5 when it collects nothing (e.g. a filtered run); that is not a failure.
 test: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest $(XDIST) $(PYTEST_ARGS); rc=$$?; \

@@ -276,3 +276,19 @@ def tuned_adapter(tiny_base, tokenizer, tmp_path_factory) -> Path:
                                                "down_proj"]})
     train(cfg, tiny_base, tokenized, root / "adapter", root / "checkpoints", None)
     return root / "adapter"
+
+
+# The modules that run DVC pipelines or training processes, longest first (measured with
+# `--durations`). pytest-xdist's loadscope keeps a module on one worker and, with
+# --no-loadscope-reorder (Makefile), hands modules out in this order: the long ones start at
+# once, on both workers, and the many short modules fill in behind them.
+LONG_MODULES = ("test_pipeline.py", "test_report.py", "test_distributed.py", "test_resume.py",
+                "test_determinism.py", "test_bad_input.py", "test_export.py", "test_benchmark.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item) -> int:
+        name = item.path.name
+        return LONG_MODULES.index(name) if name in LONG_MODULES else len(LONG_MODULES)
+
+    items.sort(key=rank)  # stable: tests keep their order inside a module

@@ -1,8 +1,9 @@
 """Same params, same bytes: two fresh copies of the project produce identical outputs.
 
-The pipeline part compares what DVC recorded for base, fetch, format, tokenize and train in
-two project copies built under two values of ATEN_CPU_CAPABILITY (and of MKL's branch), as
-two CPUs would give: the shared build (conftest.built_project) and a fresh `dvc repro train`. The unit part
+The pipeline part runs the whole `dvc repro` in two project copies under two values of
+ATEN_CPU_CAPABILITY (and of MKL's branch), as two CPUs would give: the shared build
+(conftest.built_project) and a fresh copy. It compares what DVC recorded and every
+committed metric. The unit part
 checks that those variables do change torch's results when nothing pins them (so the
 pipeline test can fail), and the two seeded choices of the data stages: fetch's
 max_rows subsample and format's train/val/test split.
@@ -34,12 +35,12 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-PIPELINE_STAGES = (*DATA_STAGES, "train")
+PIPELINE_STAGES = (*DATA_STAGES, "train", "evaluate", "benchmark")
 
 
 @pytest.fixture(scope="module")
 def two_runs(built_project, tmp_path_factory) -> list[Path]:
-    """Two fresh project copies, each after `dvc repro` of (at least) train.
+    """Two fresh project copies, each after a whole `dvc repro`.
 
     The first is the shared build (conftest.built_project), made under CPU_SETTINGS["a"];
     the second a fresh copy under "b". They sit in different folders and run with different
@@ -48,7 +49,7 @@ def two_runs(built_project, tmp_path_factory) -> list[Path]:
     """
     project = make_project(tmp_path_factory.mktemp("b") / "project", FAST_PARAMS)
     env = {**project_env(project), **CPU_SETTINGS["b"]}
-    done = subprocess.run(["dvc", "repro", "train"], cwd=project, env=env, text=True,
+    done = subprocess.run(["dvc", "repro"], cwd=project, env=env, text=True,
                           capture_output=True, timeout=900)
     assert done.returncode == 0, done.stdout + done.stderr
     return [built_project, project]
@@ -61,9 +62,7 @@ def lock(project: Path) -> dict:
 def test_repro_twice_gives_identical_outputs(two_runs):
     a, b = two_runs
     lock_a, lock_b = lock(a), lock(b)
-    assert set(lock_b["stages"]) == set(PIPELINE_STAGES) <= set(lock_a["stages"])
-    # The shared build ran the whole pipeline: its later stages are not compared.
-    lock_a["stages"] = {stage: lock_a["stages"][stage] for stage in PIPELINE_STAGES}
+    assert set(lock_a["stages"]) == set(lock_b["stages"]) == set(PIPELINE_STAGES)
     expected = {
         "base": {"models/base"},
         "fetch": {"data/raw"},
@@ -71,7 +70,8 @@ def test_repro_twice_gives_identical_outputs(two_runs):
         "tokenize": {"data/tokenized", "metrics/tokenize.json", "metrics/detail/tokenize.json"},
         "train": {"models/adapter", "models/checkpoints", "metrics/curves", "metrics/train.json"},
     }
-    for stage in PIPELINE_STAGES:
+    assert set(expected) == set(DATA_STAGES) | {"train"}
+    for stage in expected:
         outs_a = {o["path"]: o for o in lock_a["stages"][stage]["outs"]}
         outs_b = {o["path"]: o for o in lock_b["stages"][stage]["outs"]}
         assert set(outs_a) == expected[stage]
@@ -91,6 +91,20 @@ def test_repro_twice_gives_identical_outputs(two_runs):
                                                    FAST_PARAMS["format"]["test_size"])
     tok = json.loads((a / "metrics/tokenize.json").read_text())
     assert tok["train"]["rows"] > 0 and tok["train"]["trained_tokens"] > 0
+
+
+def committed_metrics(project) -> dict:
+    """Everything under metrics/ (committed to git), byte for byte: timings live elsewhere."""
+    return {str(path.relative_to(project)): path.read_text()
+            for path in sorted((project / "metrics").rglob("*")) if path.is_file()}
+
+
+def test_whole_pipeline_twice_gives_identical_metrics(two_runs):
+    a, b = two_runs
+    first = committed_metrics(a)
+    assert json.loads((a / "logs/train-timings.json").read_text())["runtime_s"] > 0
+    assert {"metrics/eval.json", "metrics/train.json", "metrics/format.json", "metrics/tokenize.json"} <= set(first)
+    assert committed_metrics(b) == first
 
 
 # --- Unit level ------------------------------------------------------------------------------
