@@ -278,12 +278,14 @@ def tuned_adapter(tiny_base, tokenizer, tmp_path_factory) -> Path:
     return root / "adapter"
 
 
-# The modules that run DVC pipelines or training processes, longest first (measured with
-# `--durations`). pytest-xdist's loadscope keeps a module on one worker and, with
-# --no-loadscope-reorder (Makefile), hands modules out in this order: the long ones start at
-# once, on both workers, and the many short modules fill in behind them.
-LONG_MODULES = ("test_pipeline.py", "test_report.py", "test_distributed.py", "test_resume.py",
-                "test_determinism.py", "test_bad_input.py", "test_export.py", "test_benchmark.py")
+# The modules that run DVC pipelines or training processes, in the order pytest-xdist hands
+# them out (loadscope keeps a module on one worker; --no-loadscope-reorder in the Makefile keeps
+# this order). Each worker starts with two modules: the first takes test_pipeline.py (the one
+# full default run, the longest module) and a shorter one; the second the modules that need
+# the shared FAST build (it builds it). The many short modules fill in behind.
+LONG_MODULES = ("test_pipeline.py", "test_reruns.py", "test_bad_input.py", "test_report.py",
+                "test_resume.py", "test_distributed.py", "test_determinism.py", "test_export.py",
+                "test_benchmark.py")
 
 
 def pytest_collection_modifyitems(config, items):
