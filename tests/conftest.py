@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -156,6 +157,11 @@ def built_project(tmp_path_factory) -> Path:
         run(["dvc", "repro"], project, env={"HF_TOKEN": SECRET, **CPU_SETTINGS["a"]})
 
     return build_once(tmp_path_factory, "built-project", build) / "sabia-ift"
+
+
+def ran_stages(output: str) -> set[str]:
+    """The stages a `dvc repro` ran, from its output."""
+    return set(re.findall(r"Running stage '(\w+)'", output))
 
 
 def copy_project(built: Path, dest: Path) -> Path:

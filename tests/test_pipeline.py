@@ -4,17 +4,12 @@ What DVC reruns after a change is checked on the smaller shared build (test_reru
 """
 
 import json
-import re
 
 import pytest
 
-from conftest import make_project, run
+from conftest import make_project, ran_stages, run
 
 pytestmark = pytest.mark.slow
-
-
-def ran_stages(output: str) -> set[str]:
-    return set(re.findall(r"Running stage '(\w+)'", output))
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,8 @@ import sys
 
 import pytest
 import yaml
-from test_pipeline import ran_stages
 
-from conftest import FAST_PARAMS, SECRET, copy_project, run, write_params
+from conftest import FAST_PARAMS, SECRET, copy_project, ran_stages, run, write_params
 
 pytestmark = pytest.mark.slow
 
