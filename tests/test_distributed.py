@@ -117,3 +117,17 @@ def test_a_global_batch_that_cannot_be_split_is_refused():
     assert accumulation_per_process(4, 2) == 2
     with pytest.raises(ConfigError, match="train.grad_accum: 3 .* over 2 processes"):
         accumulation_per_process(3, 2)
+
+
+def test_the_stage_relaunches_only_when_no_launcher_started_it(monkeypatch):
+    from sabia_ift.train.distributed import LAUNCHED, needs_launch
+
+    for name in (LAUNCHED, "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert needs_launch(2) and not needs_launch(1)
+    # A torchrun agent the user started (one per node, README "Several machines") sets LOCAL_RANK.
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert not needs_launch(2)
+    monkeypatch.delenv("LOCAL_RANK")
+    monkeypatch.setenv(LAUNCHED, "[]")  # the stage's own torchrun, before its workers start
+    assert not needs_launch(2)
