@@ -93,9 +93,7 @@ def test_both_sides_at_once_give_what_each_gives_alone(chat):
 
 def test_stop_ends_both_sides_and_keeps_their_text(chat):
     pair = chat.stream_both("Escreva uma história longa.", "", Settings(max_new_tokens=400))
-    pieces = 0
-    for _side, _piece in pair:
-        pieces += 1
+    for pieces, _event in enumerate(pair, 1):
         if pieces == 6:
             pair.stop()
     answers = pair.answers
