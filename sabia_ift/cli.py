@@ -102,20 +102,18 @@ def _chat(args: argparse.Namespace) -> None:
         import importlib.util
 
         from .errors import ConfigError
-        from .serve import chat_app_path
+        from .serve import streamlit_command
 
         if importlib.util.find_spec("streamlit") is None:
             raise ConfigError("sabia-ift chat: the browser app needs streamlit: pip install 'sabia-ift[chat]' "
                               "(or chat in the terminal: sabia-ift chat --terminal)")
 
         env = {**os.environ, "SABIA_IFT_BASE": str(Path(args.base).resolve()),
-               "SABIA_IFT_ADAPTER": str(Path(args.adapter).resolve()), "SABIA_IFT_DEVICE": args.device}
+               "SABIA_IFT_ADAPTER": str(Path(args.adapter).resolve()), "SABIA_IFT_DEVICE": args.device,
+               "SABIA_IFT_METRICS": str(Path(args.metrics).resolve())}
         print(f"chat: http://{args.host}:{args.port} (Ctrl-C stops it)", file=sys.stderr)
-        cmd = [sys.executable, "-m", "streamlit", "run", str(chat_app_path()), "--server.address", args.host,
-               "--server.port", str(args.port), "--server.headless", "true",
-               "--browser.gatherUsageStats", "false"]
         with contextlib.suppress(KeyboardInterrupt):
-            subprocess.run(cmd, env=env, check=False)
+            subprocess.run(streamlit_command(args.host, args.port), env=env, check=False)
         return
     from .serve.chat import Chat, check_instruction
     from .serve.terminal import answer_to, repl
@@ -193,6 +191,8 @@ def parser() -> argparse.ArgumentParser:
     chat.add_argument("--base", default="models/base")
     chat.add_argument("--adapter", default="models/adapter")
     chat.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    chat.add_argument("--metrics", default="metrics",
+                      help="the browser app shows the adapter's training and evaluation numbers from here")
     term = chat.add_argument_group("terminal chat")
     term.add_argument("--model", default="tuned", choices=["tuned", "base", "both"])
     term.add_argument("--input", default="", help="the optional input of a one-shot instruction")

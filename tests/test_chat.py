@@ -7,8 +7,8 @@ import io
 import pytest
 
 from sabia_ift.errors import ConfigError
-from sabia_ift.serve.chat import Chat, Settings, check_instruction
-from sabia_ift.serve.terminal import repl
+from sabia_ift.serve.chat import Answer, Chat, Settings, check_instruction, describe_models
+from sabia_ift.serve.terminal import history_file, line_editing, repl
 
 
 @pytest.fixture(scope="module")
@@ -71,3 +71,78 @@ def test_terminal_loop_until_an_empty_line(chat):
     out = io.StringIO()
     repl(chat, Settings(max_new_tokens=8), ["tuned"], ask_input=True, read=lambda _: next(lines), out=out)
     assert out.getvalue().count("[tuned: stopped at EOS") == 2
+
+
+def test_both_sides_at_once_give_what_each_gives_alone(chat):
+    settings = Settings(max_new_tokens=20)
+    pair = chat.stream_both("Quanto é 2 mais 2?", "", settings)
+    seen = {"base": "", "tuned": ""}
+    order = []
+    for side, piece in pair:
+        seen[side] += piece
+        order.append(side)
+    for side in ("base", "tuned"):
+        alone = chat.answer("Quanto é 2 mais 2?", settings=settings, which=side)
+        assert pair.answers[side] == Answer(alone.text, alone.new_tokens, alone.stop_reason, pair.answers[side].seconds)
+        assert seen[side].strip() == alone.text
+    # Interleaved, not one after the other: the base's text arrives before the tuned one is done.
+    last_tuned = max(i for i, side in enumerate(order) if side == "tuned")
+    assert "base" in order[:last_tuned]
+    assert pair.answers["base"].stop_reason == "length" and pair.answers["tuned"].stop_reason == "eos"
+
+
+def test_stop_ends_both_sides_and_keeps_their_text(chat):
+    pair = chat.stream_both("Escreva uma história longa.", "", Settings(max_new_tokens=400))
+    for pieces, _event in enumerate(pair, 1):
+        if pieces == 6:
+            pair.stop()
+    answers = pair.answers
+    assert answers["base"].stop_reason == "stopped" and 3 <= answers["base"].new_tokens < 400
+    assert answers["base"].describe().startswith("stopped by you")
+
+
+def test_a_single_stream_stops_too(chat):
+    stream = chat.stream("Escreva uma história longa.", "", Settings(max_new_tokens=400), "base")
+    for i, _piece in enumerate(stream):
+        if i == 3:
+            stream.stop()
+    assert stream.answer.stop_reason == "stopped" and 4 <= stream.answer.new_tokens < 400
+
+
+def test_a_reader_that_closes_a_pair_early_stops_the_generation(chat):
+    pair = chat.stream_both("Escreva uma história longa.", "", Settings(max_new_tokens=400))
+    next(iter(pair))
+    pair.close()
+    assert {a.stop_reason for a in pair.answers.values()} == {"stopped"}
+
+
+def test_models_are_described_by_name_and_numbers_not_paths(tiny_base, tuned_adapter, tmp_path):
+    metrics = tmp_path / "metrics"
+    metrics.mkdir()
+    (metrics / "train.json").write_text('{"steps": 8, "epochs": 1.0, "train_rows": 256, "eval_loss": 1.5}')
+    (metrics / "eval.json").write_text('{"samples": 16, "base": {"rougeL": 0.1, "chrf": 10.0, "eos_stop_rate": 0.0},'
+                                       ' "tuned": {"rougeL": 0.3, "chrf": 20.0, "eos_stop_rate": 0.9}}')
+    info = describe_models(tiny_base, tuned_adapter, metrics)
+    assert info.base == "tiny test model (built by the base stage)" and info.adapter == tuned_adapter.name
+    text = " ".join(info.details)
+    assert str(tmp_path) not in text and str(tuned_adapter.parent) not in text
+    assert "LoRA r=8, alpha=16 on down_proj, gate_proj" in text
+    assert "trained 8 steps, 1.0 epochs on 256 rows; validation loss 1.5" in text
+    assert "evaluation on 16 test prompts (base → tuned): rougeL 0.1 → 0.3; chrf 10.0 → 20.0" in text
+    # No metrics folder: the adapter's own facts remain.
+    assert len(describe_models(tiny_base, tuned_adapter, tmp_path / "none").details) == 2
+
+
+def test_terminal_history_is_kept_across_sessions(tmp_path, monkeypatch):
+    import readline
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    path = history_file()
+    assert path == tmp_path / "sabia-ift" / "chat_history"
+    readline.clear_history()
+    save = line_editing(path)
+    readline.add_history("Qual é a capital do Ceará?")
+    save()
+    readline.clear_history()
+    line_editing(path)
+    assert readline.get_history_item(readline.get_current_history_length()) == "Qual é a capital do Ceará?"

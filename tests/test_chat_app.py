@@ -33,9 +33,9 @@ def app(tiny_base, tuned_adapter, monkeypatch):
 
 
 def answers(at) -> dict[str, tuple[str, str]]:
-    """Side -> (answer text, caption) as the two columns show them."""
-    base, tuned = at.columns[0], at.columns[1]
-    return {side: (col.text[0].value, col.caption[0].value) for side, col in (("base", base), ("tuned", tuned))}
+    """Side -> (answer text, caption) of the last turn, as its two columns show them."""
+    base, tuned = at.columns[-2], at.columns[-1]
+    return {side: (col.code[0].value, col.caption[0].value) for side, col in (("base", base), ("tuned", tuned))}
 
 
 def test_base_and_tuned_answer_side_by_side(app):
@@ -65,13 +65,26 @@ def test_answers_match_the_chat_library_and_survive_a_settings_change(app, tiny_
     assert not app.slider(key="temperature").disabled
 
 
+def test_history_keeps_each_turn_until_cleared(app):
+    for question in ("Quanto é 7 mais 5?", "Qual é a capital do Ceará?"):
+        app.text_area(key="instruction").input(question)
+        app.number_input(key="max_new_tokens").set_value(8)
+        app.button[0].click().run()
+    assert not app.exception and len(app.columns) == 4  # two turns, two answers each
+    app.toggle(key="show_prompt").set_value(True).run()
+    assert "Qual é a capital do Ceará?" in app.code[-1].value or any(
+        "Qual é a capital do Ceará?" in code.value for code in app.code)
+    app.button(key="clear").click().run()
+    assert not app.columns
+
+
 @pytest.mark.parametrize("instruction", ["", " \u200b\u2060 "], ids=["empty", "invisible"])
 def test_empty_instruction_is_a_warning_not_a_generation(app, instruction):
     app.text_area(key="instruction").input(instruction)
     app.button[0].click().run()
     assert not app.exception
     assert app.warning[0].value == "Write an instruction first."
-    assert not app.columns[0].caption
+    assert not app.columns  # no turn was added to the conversation
 
 
 def test_missing_adapter_is_shown_as_one_clear_error(tiny_base, tmp_path, monkeypatch):
@@ -140,19 +153,21 @@ def test_chat_in_a_real_browser(tiny_base, tuned_adapter, tmp_path):
         driver.find_element(By.XPATH, "//button[.//p[text()='Answer']]").click()
 
         def caption(side: str):
-            found = driver.find_elements(By.CSS_SELECTOR, f'.st-key-answer-{side} [data-testid="stCaptionContainer"]')
+            found = driver.find_elements(By.CSS_SELECTOR, f'.st-key-turn-0-{side} [data-testid="stCaptionContainer"]')
             return found[0].text if found and "tokens" in found[0].text else False
 
-        # The base answers first, then the tuned model: the tuned caption means both are done.
+        # A finished turn moves to the history, captions and all: the tuned caption means both are done.
         tuned_caption = wait.until(lambda _: caption("tuned"))
         base_caption = caption("base")
-        text = {side: driver.find_element(By.CSS_SELECTOR, f'.st-key-answer-{side} [data-testid="stText"]').text
+        text = {side: driver.find_element(By.CSS_SELECTOR, f'.st-key-turn-0-{side} [data-testid="stCode"]').text
                 for side in ("base", "tuned")}
         driver.save_screenshot(str(tmp_path / "chat.png"))
         assert tuned_caption.startswith("stopped at EOS"), tuned_caption
         assert base_caption.startswith("hit the max new tokens limit"), base_caption
         assert text["base"] != text["tuned"]
         assert (tmp_path / "chat.png").stat().st_size > 10_000
+        # client.toolbarMode = minimal: no Deploy button.
+        assert not driver.find_elements(By.XPATH, "//*[normalize-space(text())='Deploy']")
     finally:
         if driver is not None:
             driver.quit()

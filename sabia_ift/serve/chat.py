@@ -3,25 +3,32 @@
 The browser app and the terminal chat share this. Prompts are built by the
 project's template and encoded exactly as training encoded them (BOS +
 prompt ids), so the model is asked what it was taught. The base model is the
-same weights with the adapter switched off, so one copy serves both sides.
+same weights with the adapter switched off, so one copy serves both sides; to
+answer both at once they are one batch of two rows, the first row with the
+adapter off (PEFT's mixed-adapter batch), so each token of both sides costs one
+forward pass and the two texts grow together.
 """
 
 from __future__ import annotations
 
+import json
+import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from ..errors import ConfigError
+from ..artifacts import BaseInfo, TrainMeta
+from ..errors import ConfigError, SabiaError
 from ..modeling import load_tuned, pick_device
 from ..template import build_prompt, encode_prompt
 from ..text import normalize_text
 
 Which = Literal["base", "tuned"]
-StopReason = Literal["eos", "length"]
+StopReason = Literal["eos", "length", "stopped"]
+SIDES: tuple[Which, Which] = ("base", "tuned")
 
 
 @dataclass(frozen=True)
@@ -75,19 +82,112 @@ class Answer:
     seconds: float
 
     def describe(self) -> str:
-        why = "stopped at EOS" if self.stop_reason == "eos" else "hit the max new tokens limit"
+        why = {"eos": "stopped at EOS", "length": "hit the max new tokens limit",
+               "stopped": "stopped by you"}[self.stop_reason]
         return f"{why} · {self.new_tokens} tokens · {self.seconds:.1f} s"
 
 
 class Stream:
-    """The text of one answer as it is generated; `answer` is set once the iteration ends."""
+    """The text of one answer as it is generated; `answer` is set once the iteration ends.
+
+    `stop()` (from any thread) ends the generation at the next token; the
+    answer so far is kept, with stop reason "stopped".
+    """
 
     def __init__(self, pieces: Iterator[str]) -> None:
         self._pieces = pieces
         self.answer: Answer | None = None
+        self.stop_flag = threading.Event()
+
+    def stop(self) -> None:
+        self.stop_flag.set()
 
     def __iter__(self) -> Iterator[str]:
         yield from self._pieces
+
+
+class PairStream:
+    """Both sides' answers to one prompt as they are generated, from one batch.
+
+    Iterating gives (side, text piece) in the order the tokens come, the two
+    sides interleaved; `answers` is filled once the iteration ends. `stop()`
+    ends both at the next token. `close()` stops and waits, for a reader that
+    leaves early.
+    """
+
+    def __init__(self) -> None:
+        self.answers: dict[Which, Answer] = {}
+        self.stop_flag = threading.Event()
+        self._events: queue.Queue = queue.Queue()
+        self._finish: Callable[[], None] = lambda: None
+        self._done = False
+
+    def stop(self) -> None:
+        self.stop_flag.set()
+
+    def __iter__(self) -> Iterator[tuple[Which, str]]:
+        while (event := self._events.get()) is not None:
+            yield event
+        self._close()
+
+    def close(self) -> None:
+        self.stop()
+        self._close()
+
+    def _close(self) -> None:
+        if not self._done:
+            self._done = True
+            self._finish()
+
+
+def _stop_when(flag: threading.Event):
+    """A stopping criterion that ends every row once `flag` is set."""
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class Flagged(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), flag.is_set(), dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([Flagged()])
+
+
+def _row_streamer(tokenizer, rows: tuple[Which, ...], events: queue.Queue):
+    """A generate() streamer for a batch: each row's text, decoded as TextStreamer does, goes to `events`
+    as (row name, piece); a row's text ends at its EOS (what follows is padding); None marks the end."""
+    from transformers import TextStreamer
+    from transformers.generation.streamers import BaseStreamer
+
+    class Row(TextStreamer):
+        def __init__(self, name: Which) -> None:
+            super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+            self.name, self.finished = name, False
+
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            if text:
+                events.put((self.name, text))
+
+    class Rows(BaseStreamer):
+        def __init__(self) -> None:
+            self.rows = [Row(name) for name in rows]
+
+        def put(self, value) -> None:
+            prompt = value.dim() > 1  # the prompt comes first, (rows, length); then one token per row
+            for i, row in enumerate(self.rows):
+                if row.finished:
+                    continue
+                row.put(value[i:i + 1])
+                if not prompt and int(value[i]) == tokenizer.eos_token_id:
+                    row.finished = True
+                    row.end()
+
+        def end(self) -> None:
+            for row in self.rows:
+                if not row.finished:
+                    row.end()
+            events.put(None)
+
+    return Rows()
 
 
 class Chat:
@@ -106,8 +206,12 @@ class Chat:
         tokenizer, model = load_tuned(base_dir, adapter_dir, device)
         return cls(tokenizer, model, device)
 
+    def prompt_text(self, instruction: str, input: str = "") -> str:
+        """The templated text the model continues (after the BOS token)."""
+        return build_prompt(instruction.strip(), input.strip())
+
     def prompt_ids(self, instruction: str, input: str = "") -> list[int]:
-        return encode_prompt(self.tokenizer, build_prompt(instruction.strip(), input.strip()))
+        return encode_prompt(self.tokenizer, self.prompt_text(instruction, input))
 
     def stream(self, instruction: str, input: str = "", settings: Settings = Settings(),
                which: Which = "tuned") -> Stream:
@@ -124,6 +228,64 @@ class Chat:
             pass
         assert stream.answer is not None
         return stream.answer
+
+    def stream_both(self, instruction: str, input: str = "", settings: Settings = Settings()) -> PairStream:
+        """Start answering with the base and the tuned model at once; iterate for (side, piece).
+
+        Greedy answers are the ones `stream` gives each side alone. Sampled ones
+        differ from a one-side draw with the same seed (the two rows share the
+        generator), and are the same for the same seed.
+        """
+        import torch
+
+        check_instruction(instruction)
+        ids = self.prompt_ids(instruction, input)
+        pair = PairStream()
+        streamer = _row_streamer(self.tokenizer, SIDES, pair._events)
+        result: dict = {}
+        adapter = self.model.active_adapter
+        names = ["__base__" if side == "base" else adapter for side in SIDES]
+
+        def work() -> None:
+            try:
+                with self._lock, torch.inference_mode():
+                    if settings.sampling:
+                        torch.manual_seed(settings.seed)
+                    input_ids = torch.tensor([ids] * len(SIDES), device=self.device)
+                    result["ids"] = self.model.generate(
+                        input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                        generation_config=settings.generation_config(self.tokenizer), streamer=streamer,
+                        stopping_criteria=_stop_when(pair.stop_flag), adapter_names=names,
+                    )[:, len(ids):].tolist()
+            except BaseException as exc:  # noqa: BLE001 - handed to the reading side
+                result["error"] = exc
+                pair._events.put(None)
+
+        start = time.perf_counter()
+        thread = threading.Thread(target=work, daemon=True)
+
+        def finish() -> None:
+            thread.join()
+            if "error" in result:
+                raise result["error"]
+            seconds = time.perf_counter() - start
+            pair.answers = {side: self._answer(row, pair.stop_flag.is_set(), seconds)
+                            for side, row in zip(SIDES, result["ids"])}
+
+        pair._finish = finish
+        thread.start()
+        return pair
+
+    def _answer(self, new: list[int], flagged: bool, seconds: float) -> Answer:
+        eos = self.tokenizer.eos_token_id
+        stopped = eos in new
+        if stopped:
+            new = new[: new.index(eos)]
+        reason: StopReason = "eos" if stopped else "stopped" if flagged else "length"
+        return Answer(
+            text=self.tokenizer.decode(new, skip_special_tokens=True).strip(),
+            new_tokens=len(new) + int(stopped), stop_reason=reason, seconds=seconds,
+        )
 
     def _run(self, stream: Stream, ids: list[int], settings: Settings, which: Which) -> Iterator[str]:
         import contextlib
@@ -144,6 +306,7 @@ class Chat:
                     result["ids"] = self.model.generate(
                         input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                         generation_config=settings.generation_config(self.tokenizer), streamer=streamer,
+                        stopping_criteria=_stop_when(stream.stop_flag),
                     )[0, len(ids):].tolist()
             except BaseException as exc:  # noqa: BLE001 - handed to the reading side
                 result["error"] = exc
@@ -152,18 +315,75 @@ class Chat:
         start = time.perf_counter()
         thread = threading.Thread(target=work, daemon=True)
         thread.start()
-        yield from streamer
+        try:
+            yield from streamer
+        except KeyboardInterrupt:
+            # Ctrl-C at a terminal stops this answer, not the program: what is left comes at once and is kept.
+            stream.stop()
+            yield from streamer
+        except GeneratorExit:
+            # A reader that leaves early stops the generation rather than waiting for it.
+            stream.stop()
+            thread.join()
+            raise
         thread.join()
         if "error" in result:
             raise result["error"]
-        new = result["ids"]
-        eos = self.tokenizer.eos_token_id
-        stopped = eos in new
-        if stopped:
-            new = new[: new.index(eos)]
-        stream.answer = Answer(
-            text=self.tokenizer.decode(new, skip_special_tokens=True).strip(),
-            new_tokens=len(new) + int(stopped),
-            stop_reason="eos" if stopped else "length",
-            seconds=time.perf_counter() - start,
-        )
+        stream.answer = self._answer(result["ids"], stream.stop_flag.is_set(), time.perf_counter() - start)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the chat says about its models: names and the run's facts, never a machine's paths."""
+
+    base: str
+    adapter: str
+    details: list[str]
+
+
+def _json(path: Path) -> dict | None:
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return content if isinstance(content, dict) else None
+
+
+def _base_name(base_dir: Path, meta: TrainMeta) -> str:
+    try:
+        info = BaseInfo.read(base_dir)
+    except SabiaError:
+        info = None
+    if info is not None and info.source == "tiny":
+        return "tiny test model (built by the base stage)"
+    name = str(meta.base.get("name_or_path") or base_dir)
+    revision = meta.base.get("revision")
+    # A local folder is named by its last part: the rest is where this machine keeps it.
+    shown = name if revision else Path(name).name
+    return f"{shown} @ {str(revision)[:7]}" if revision else shown
+
+
+def describe_models(base_dir: str | Path, adapter_dir: str | Path, metrics_dir: str | Path | None) -> ModelInfo:
+    """Names and headline facts for the page: the adapter's LoRA settings and how the base was loaded
+    (its own files), the training run and the evaluation (`metrics_dir`, the project's metrics, which
+    describe the project's adapter). What is missing is left out."""
+    adapter_dir = Path(adapter_dir)
+    meta = TrainMeta.read(adapter_dir)
+    details = []
+    lora = _json(adapter_dir / "adapter_config.json") or {}
+    if lora:
+        details.append(f"LoRA r={lora.get('r')}, alpha={lora.get('lora_alpha')} on "
+                       f"{', '.join(sorted(lora.get('target_modules') or []))}")
+    details.append(f"base loaded as {meta.quantization}" + (" (double quant)" if meta.double_quant else "")
+                   + f", {meta.precision}")
+    metrics = Path(metrics_dir) if metrics_dir is not None else None
+    train = _json(metrics / "train.json") if metrics else None
+    if train:
+        details.append(f"trained {train.get('steps')} steps, {train.get('epochs')} epochs on "
+                       f"{train.get('train_rows')} rows; validation loss {train.get('eval_loss')}")
+    evaluation = _json(metrics / "eval.json") if metrics else None
+    if evaluation and isinstance(evaluation.get("base"), dict) and isinstance(evaluation.get("tuned"), dict):
+        shown = [key for key in ("rougeL", "chrf", "eos_stop_rate") if key in evaluation["tuned"]]
+        details.append(f"evaluation on {evaluation.get('samples')} test prompts (base → tuned): " + "; ".join(
+            f"{key} {evaluation['base'].get(key)} → {evaluation['tuned'][key]}" for key in shown))
+    return ModelInfo(base=_base_name(Path(base_dir), meta), adapter=adapter_dir.name, details=details)
