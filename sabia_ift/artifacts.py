@@ -103,6 +103,23 @@ class TrainMeta:
             raise ModelError(f"{path}: corrupt ({exc}); rerun the train stage") from None
 
 
+# The train.* keys that decide how the base is loaded (dvc.yaml gives them, and no other train key, to
+# the base stages): a base's results hold for any adapter trained on a base loaded the same way.
+LOADING_KEYS = ("quantization", "double_quant", "precision")
+
+
+def check_loading(adapter_dir: str | Path, loading: dict[str, Any], where: str) -> None:
+    """Refuse base results measured on a base loaded otherwise than the adapter's (a stale base run)."""
+    from .errors import DataError
+
+    meta = asdict(TrainMeta.read(adapter_dir))
+    differ = [f"train.{k} ({loading.get(k)} there, {meta[k]} for the adapter)" for k in LOADING_KEYS
+              if loading.get(k) != meta[k]]
+    if differ:
+        raise DataError(f"{where}: the base results were measured on a base loaded with other settings: "
+                        f"{', '.join(differ)}; rerun the base stages (dvc repro)")
+
+
 def load_tokenized(folder: str | Path) -> dict[str, Any]:
     """data/tokenized's splits by Hugging Face name. A split that tokenize found
     empty is absent (the pinned datasets cannot store an empty one); use .get()."""

@@ -454,6 +454,15 @@ def load_section(section: str, path: str | Path = "params.yaml") -> Any:
     return parse_section(section, params[section], str(path))
 
 
+def base_loading(path: str | Path = "params.yaml") -> dict[str, Any]:
+    """train.quantization, train.double_quant and train.precision: how training loads the base, and so
+    how the base stages load it (their only train.* params in dvc.yaml)."""
+    from .artifacts import LOADING_KEYS
+
+    train = load_section("train", path)
+    return {key: getattr(train, key) for key in LOADING_KEYS}
+
+
 def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     """`base` with `overrides` applied; nested mappings merge key by key."""
     merged = dict(base)

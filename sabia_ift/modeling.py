@@ -225,17 +225,24 @@ def model_context_length(folder: str | Path) -> int | None:
     return config.get("max_position_embeddings")
 
 
+def load_base(base_dir: str | Path, device: str, *, quantization: str, double_quant: bool, precision: str):
+    """Tokenizer and the base model alone, loaded as training loads it with these train.* settings:
+    the base's results then need no adapter, and stay valid while only the adapter changes."""
+    folder = model_folder(resolve_base(base_dir))
+    tokenizer = load_tokenizer(folder)
+    base = load_model(folder, quantization=quantization, double_quant=double_quant,
+                      dtype=pick_dtype(precision, device), device=device)
+    return tokenizer, base
+
+
 def load_tuned(base_dir: str | Path, adapter_dir: str | Path, device: str):
     """Tokenizer and a PeftModel on the base, loaded the way training loaded it."""
     from peft import PeftModel
     from safetensors import SafetensorError
 
     meta = TrainMeta.read(adapter_dir)
-    folder = model_folder(resolve_base(base_dir))
-    tokenizer = load_tokenizer(folder)
-    dtype = pick_dtype(meta.precision, device)
-    base = load_model(folder, quantization=meta.quantization, double_quant=meta.double_quant,
-                      dtype=dtype, device=device)
+    tokenizer, base = load_base(base_dir, device, quantization=meta.quantization,
+                                double_quant=meta.double_quant, precision=meta.precision)
     try:
         model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
     except hub_errors(RuntimeError, KeyError, TypeError, SafetensorError) as exc:

@@ -40,6 +40,8 @@ WORKSPACE = "workspace"
 # Must match the outputs in dvc.yaml; the report reads them at both revisions.
 EVAL_METRICS = "metrics/eval.json"
 BENCHMARKS = "metrics/benchmarks.json"
+# Written by the contamination stage: training rows overlapping each benchmark task (the table's overlap column).
+CONTAMINATION = "metrics/contamination.json"
 # Written by the train stage beside the results, outside git: only the working tree has them.
 TRAIN_TIMINGS = "logs/train-timings.json"
 EVAL_PROMPTS = "metrics/eval_prompts.jsonl"
@@ -591,8 +593,11 @@ def benchmark_section(base: Revision, head: Revision, before: str, after: str) -
     if not new:
         return []
     headers = [h if h != "tuned before" else f"tuned at {before}" for h in BENCHMARK_HEADERS]
-    return [f"### Portuguese benchmarks at {after}", "", *table(headers, benchmark_rows(read_json(base, BENCHMARKS),
-                                                                                        new)), ""]
+    rows = benchmark_rows(read_json(base, BENCHMARKS), new, read_json(head, CONTAMINATION))
+    note = ("Each delta's 95% interval and p-value come from a paired test over the examples both models "
+            "answered (exact McNemar for accuracy, paired bootstrap for F1 and Pearson); \"overlap\": training "
+            "rows sharing an n-gram with the task's examples (— where the contamination check did not run).")
+    return [f"### Portuguese benchmarks at {after}", "", *table(headers, rows), "", note, ""]
 
 
 def timings_section(head: Revision) -> list[str]:

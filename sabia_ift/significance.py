@@ -168,3 +168,129 @@ def compare(before_eval: dict, after_eval: dict, before_prompts: dict[int, dict]
 
 def _count(evaluation: dict, prompts: dict | None) -> int:
     return len(prompts) if prompts is not None else int(evaluation.get("samples") or 0)
+
+
+# --- benchmark tasks: base vs tuned on the same items --------------------------------------------
+
+SIGNIFICANCE_LEVEL = 0.05
+
+
+def mcnemar_exact(before, after) -> tuple[int, int, float]:
+    """(items only `before` got right, items only `after` got right, two-sided exact McNemar p-value).
+
+    Items both got right or both got wrong carry no information about the change; under no
+    change each discordant item is a fair coin, so the p-value is a binomial test on them
+    (what statsmodels' mcnemar(exact=True) computes).
+    """
+    from scipy.stats import binomtest
+
+    if len(before) != len(after):
+        raise ValueError(f"paired results differ in length: {len(before)} and {len(after)}")
+    lost = sum(1 for b, a in zip(before, after, strict=True) if b and not a)
+    won = sum(1 for b, a in zip(before, after, strict=True) if a and not b)
+    p_value = 1.0 if lost + won == 0 else float(binomtest(won, lost + won, 0.5).pvalue)
+    return lost, won, p_value
+
+
+def _f1_macro_rows(pairs, index):
+    """Macro F1 (tasks/utils.py's: over the gold classes present; an unreadable answer is wrong for
+    every class) of each row of `index`, a (resamples, items) matrix of item positions."""
+    import numpy as np
+
+    golds = [g for g, _ in pairs]
+    classes = sorted(set(golds))
+    gold = np.array([classes.index(g) for g in golds])
+    pred = np.array([classes.index(p) if p in classes else -1 for _, p in pairs])
+    total = np.zeros(index.shape[0])
+    present = np.zeros(index.shape[0])
+    for c in range(len(classes)):
+        tp = ((gold == c) & (pred == c))[index].sum(axis=1)
+        fp = ((gold != c) & (pred == c))[index].sum(axis=1)
+        fn = ((gold == c) & (pred != c))[index].sum(axis=1)
+        in_sample = (gold == c)[index].any(axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            f1 = np.where(tp > 0, 2 * tp / (2 * tp + fp + fn), 0.0)
+        total += np.where(in_sample, f1, 0.0)
+        present += in_sample
+    return total / present
+
+
+def _pearson_rows(pairs, index):
+    """Pearson correlation of each resample (NaN where either side is constant)."""
+    import numpy as np
+
+    x = np.array([g for g, _ in pairs], dtype=float)[index]
+    y = np.array([p for _, p in pairs], dtype=float)[index]
+    x = x - x.mean(axis=1, keepdims=True)
+    y = y - y.mean(axis=1, keepdims=True)
+    sxx, syy = (x * x).sum(axis=1), (y * y).sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = (x * y).sum(axis=1) / np.sqrt(sxx * syy)
+    return np.where((sxx > 1e-12) & (syy > 1e-12), r, np.nan)
+
+
+# The corpus-level statistics a benchmark's items feed, by metric name, vectorised over resamples.
+CORPUS_STATISTICS = {"f1_macro": _f1_macro_rows, "pearson": _pearson_rows}
+
+
+def paired_bootstrap_statistic(metric: str, before, after, resamples: int = 2000, confidence: float = 0.95,
+                               seed: int = 0) -> tuple[Interval, float, int]:
+    """(interval of after - before, bootstrap p-value, resamples where either side is undefined) for a
+    corpus-level metric (CORPUS_STATISTICS) of paired items: each resample draws whole items, with
+    the gold answer and both models' answers, and computes the metric on each side.
+
+    The p-value is the percentile bootstrap's: twice the smaller share of resampled differences on
+    either side of 0 (capped at 1), so it is below 1 - confidence exactly when the interval excludes 0.
+    Resamples where the metric is undefined (Pearson of a constant side) are left out and counted.
+    """
+    import numpy as np
+
+    if len(before) != len(after) or len(before) < 2:
+        raise ValueError(f"a paired bootstrap needs two or more paired items, got {len(before)} and {len(after)}")
+    statistic = CORPUS_STATISTICS[metric]
+    rng = np.random.default_rng(seed)
+    n = len(before)
+    diffs = np.empty(resamples)
+    chunk = max(1, 2_000_000 // n)
+    for start in range(0, resamples, chunk):
+        count = min(chunk, resamples - start)
+        index = rng.integers(0, n, size=(count, n))
+        diffs[start:start + count] = statistic(after, index) - statistic(before, index)
+    everything = np.arange(n)[None, :]
+    change = float(statistic(after, everything)[0] - statistic(before, everything)[0])
+    finite = diffs[np.isfinite(diffs)]
+    undefined = int(resamples - finite.size)
+    if finite.size == 0:
+        return Interval(change, math.nan, math.nan, n), math.nan, undefined
+    tail = (1 - confidence) / 2
+    low, high = np.quantile(finite, [tail, 1 - tail])
+    p_value = min(1.0, 2 * min(float((finite <= 0).mean()), float((finite >= 0).mean())))
+    return Interval(change, float(low), float(high), n), p_value, undefined
+
+
+def benchmark_test(metric: str, base_items: list, tuned_items: list, resamples: int = 2000,
+                   seed: int = 0) -> dict[str, Any]:
+    """The paired test of a task's tuned - base delta, as metrics/benchmarks.json records it.
+
+    acc: exact McNemar on the items one model got right and the other wrong, with a paired
+    bootstrap 95% interval of the accuracy difference; f1_macro and pearson: a paired bootstrap
+    (interval and p-value). `significant`: p below 0.05; null where no test applies.
+    """
+    none = {"test": None, "ci95": None, "p_value": None, "significant": None}
+    if len(base_items) < 2:
+        return none
+    if metric == "acc":
+        lost, won, p_value = mcnemar_exact(base_items, tuned_items)
+        interval = paired_bootstrap(base_items, tuned_items, resamples=resamples, seed=seed)
+        return {"test": "mcnemar_exact", "ci95": [round(interval.low, 4), round(interval.high, 4)],
+                "p_value": round(p_value, 4), "significant": p_value < SIGNIFICANCE_LEVEL,
+                "discordant": {"base_only": lost, "tuned_only": won}}
+    if metric in CORPUS_STATISTICS:
+        interval, p_value, undefined = paired_bootstrap_statistic(metric, base_items, tuned_items,
+                                                                  resamples=resamples, seed=seed)
+        if not math.isfinite(p_value):
+            return {**none, "undefined_resamples": undefined}
+        return {"test": "paired_bootstrap", "ci95": [round(interval.low, 4), round(interval.high, 4)],
+                "p_value": round(p_value, 4), "significant": interval.significant,
+                "undefined_resamples": undefined}
+    return none

@@ -1,4 +1,4 @@
-"""Stage evaluate: base vs tuned generations and losses on held-out data (section `evaluate`)."""
+"""Stage evaluate: tuned generations and losses on held-out data beside evaluate_base's (section `evaluate`)."""
 
 import argparse
 import sys
@@ -11,7 +11,7 @@ from sabia_ift.io import write_json
 
 def main(args: argparse.Namespace) -> None:
     metrics = evaluate(load_section("evaluate", args.params), args.base, args.adapter, args.formatted,
-                       args.tokenized, args.samples, args.prompts)
+                       args.tokenized, args.base_results, args.samples, args.prompts)
     write_json(args.metrics, metrics)
     if "base" in metrics:
         print(f"evaluated: base {metrics['base']}\n           tuned {metrics['tuned']}")
@@ -20,4 +20,4 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(stage.run(main, __doc__, "base", "adapter", "formatted", "tokenized", "samples", "prompts", "metrics"))
+    sys.exit(stage.run(main, __doc__, "base", "adapter", "formatted", "tokenized", "base_results", "samples", "prompts", "metrics"))

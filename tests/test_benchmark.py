@@ -278,7 +278,7 @@ def run(tiny_base, adapter, tmp_path_factory):
     path.write_text(SORTED_PARITY)
     cfg = config({**EXAM, "name": "exame_ll", "scoring": "loglikelihood"}, {**EXAM, "name": "exame_gen"},
                  {**SORTED_TASK, "path": str(path)}, limit=6, max_gen_toks=4)
-    metrics, raw = run_benchmark(cfg, tiny_base, adapter, log_samples=True)
+    metrics, raw = run_benchmark(cfg, tiny_base, adapter)
     return cfg, metrics, raw
 
 
@@ -286,8 +286,9 @@ def test_metrics_shape(run):
     _, metrics, raw = run
     assert list(metrics) == ["exame_ll", "exame_gen", "ordenado"]
     for m in metrics.values():
-        assert set(m) == {"metric", "base", "tuned", "delta", "n", "num_fewshot", "majority_baseline",
-                          "n_available", "n_duplicates_removed", "n_fewshot_duplicates_removed"}
+        assert set(m) >= {"metric", "base", "tuned", "delta", "n", "num_fewshot", "majority_baseline",
+                          "n_available", "n_duplicates_removed", "n_fewshot_duplicates_removed",
+                          "test", "ci95", "p_value", "significant"}
         assert m["n"] == 6 and m["num_fewshot"] == 2 and m["n_duplicates_removed"] == 0
         assert m["delta"] == pytest.approx(m["tuned"] - m["base"], abs=1e-4)
     assert metrics["exame_ll"]["metric"] == metrics["exame_gen"]["metric"] == "acc"
@@ -300,6 +301,46 @@ def test_metrics_shape(run):
     # The label-sorted file: both labels scored, and what always answering "par" scores reported.
     assert metrics["ordenado"]["metric"] == "f1_macro" and metrics["ordenado"]["majority_baseline"] == 0.4
     assert Counter(s["doc"]["label"] for s in raw["base"]["samples"]["ordenado"]) == {"par": 4, "ímpar": 2}
+
+
+def test_each_delta_gets_its_paired_test_on_the_items_both_models_answered(run):
+    from scipy.stats import binomtest
+
+    _, metrics, raw = run
+    for name in ("exame_ll", "exame_gen"):
+        base = [s["acc"] for s in sorted(raw["base"]["samples"][name], key=lambda s: s["doc_id"])]
+        tuned = [s["acc"] for s in sorted(raw["tuned"]["samples"][name], key=lambda s: s["doc_id"])]
+        discordant = [(b, t) for b, t in zip(base, tuned) if b != t]
+        won = sum(1 for _, t in discordant if t)
+        expected = binomtest(won, len(discordant), 0.5).pvalue if discordant else 1.0
+        m = metrics[name]
+        assert m["test"] == "mcnemar_exact" and m["p_value"] == pytest.approx(expected, abs=1e-4)
+        assert m["significant"] == (m["p_value"] < 0.05) and m["ci95"][0] <= m["delta"] + 1e-4
+    assert metrics["ordenado"]["test"] == "paired_bootstrap"
+    low, high = metrics["ordenado"]["ci95"]
+    assert low <= high and metrics["ordenado"]["significant"] == (low > 0 or high < 0)
+
+
+def test_base_results_from_their_own_stage_give_the_same_metrics(run, tiny_base, adapter, tmp_path):
+    """benchmark_base scores the base alone (no adapter loaded); the tuned stage reads it back."""
+    from sabia_ift.artifacts import TrainMeta
+    from sabia_ift.evaluation.benchmark import benchmark_base
+
+    cfg, metrics, _ = run
+    meta = TrainMeta.read(adapter)
+    loading = {"quantization": meta.quantization, "double_quant": meta.double_quant, "precision": meta.precision}
+    benchmark_base(cfg, loading, tiny_base, tmp_path / "base.json")
+    split, raw = run_benchmark(cfg, tiny_base, adapter, base_results=tmp_path / "base.json")
+    assert split == metrics and set(raw) == {"tuned"}
+    # Base results for other rows (a changed seed draws other examples) are refused, not paired.
+    stale = parse_section("benchmark", {**cfg.model_dump(), "seed": cfg.seed + 1})
+    with pytest.raises(DataError, match="rerun the benchmark_base stage"):
+        run_benchmark(stale, tiny_base, adapter, base_results=tmp_path / "base.json")
+    # Base results from a base loaded otherwise (train.quantization changed since) are refused too.
+    record = json.loads((tmp_path / "base.json").read_text())
+    (tmp_path / "other.json").write_text(json.dumps({**record, "loading": {**loading, "quantization": "nf4"}}))
+    with pytest.raises(DataError, match="train.quantization"):
+        run_benchmark(cfg, tiny_base, adapter, base_results=tmp_path / "other.json")
 
 
 def test_the_stage_scores_what_lm_eval_scores_on_its_own(run, tiny_base, adapter, tmp_path):
@@ -392,7 +433,7 @@ def test_pt_eval_samples_keep_the_files_label_shares_and_apart_from_the_examples
 @needs_pt_eval
 def test_pt_eval_tasks_run_through_lm_eval_in_the_leaderboards_format(tiny_base, adapter):
     cfg = config(*PT_TASKS, limit=2, max_gen_toks=4)
-    metrics, raw = run_benchmark(cfg, tiny_base, adapter, log_samples=True)
+    metrics, raw = run_benchmark(cfg, tiny_base, adapter)
     shots = {"enem": 3, "assin2_rte": 15, "assin2_sts": 15, "faquad_nli": 15, "tweetsentbr": 25}
     for name, m in metrics.items():
         assert m["n"] == 2 and m["num_fewshot"] == shots[name]
@@ -423,11 +464,39 @@ def test_benchmark_rows_mark_regressions():
            "rte": {"metric": "f1_macro", "base": 0.4, "tuned": 0.6, "delta": 0.2, "n": 10, "num_fewshot": 15}}
     rows = benchmark_rows(old, new)
     assert all(len(r) == len(BENCHMARK_HEADERS) for r in rows)
-    assert BENCHMARK_HEADERS[5] == "constant answer"
-    assert rows[0] == ["enem", "acc", "0.5000", "0.4500", "-0.0500", "0.3000", "0.5500", "10", "3",
-                       "❌ tuned below base; ❌ tuned below the previous run"]
+    assert BENCHMARK_HEADERS[6] == "constant answer" and BENCHMARK_HEADERS[10] == "overlap"
+    # A file written before the paired tests: bare deltas, marked as untested.
+    assert rows[0] == ["enem", "acc", "0.5000", "0.4500", "-0.0500", "—", "0.3000", "0.5500", "10", "3", "—",
+                       "❌ tuned below base (not tested); ❌ tuned below the previous run (not tested)"]
     # Pearson has no constant answer; a file written before the baseline existed shows none either.
-    assert rows[1][2] == rows[1][5] == rows[2][5] == "—" and rows[1][-1] == ""
-    assert rows[2][-1] == "✅ tuned above base"
-    assert rows[3] == ["gone", "acc", "—", "—", "—", "—", "0.2000", "—", "—", "removed"]
-    assert benchmark_rows(None, new)[0][6] == "—"
+    assert rows[1][2] == rows[1][6] == rows[2][6] == "—" and rows[1][-1] == ""
+    assert rows[2][-1] == "✅ tuned above base (not tested)"
+    assert rows[3] == ["gone", "acc", "—", "—", "—", "—", "—", "0.2000", "—", "—", "—", "removed"]
+    assert benchmark_rows(None, new)[0][7] == "—"
+
+
+def test_benchmark_rows_show_each_tested_delta_and_the_training_overlap():
+    from sabia_ift.evaluation.benchmark_report import BENCHMARK_HEADERS, benchmark_rows
+
+    tested = {"metric": "acc", "base": 0.5, "tuned": 0.6, "delta": 0.1, "n": 120, "num_fewshot": 3,
+              "test": "mcnemar_exact", "ci95": [0.0333, 0.1667], "p_value": 0.00012, "significant": True}
+    new = {"enem": tested,
+           "rte": {**tested, "metric": "f1_macro", "test": "paired_bootstrap", "delta": 0.02,
+                   "ci95": [-0.03, 0.07], "p_value": 0.41, "significant": False},
+           "sts": {**tested, "metric": "pearson", "delta": -0.2, "ci95": [-0.3, -0.1], "p_value": 0.00001},
+           "new_task": {**tested, "test": None, "ci95": None, "p_value": None, "significant": None}}
+    # metrics/contamination.json as the contamination stage writes it, by hand.
+    contamination = {"n": 13, "policy": "report", "rows_checked": 1000,
+                     "targets": {"test": {"items": 100, "rows_flagged": 1, "share": 0.001},
+                                 "enem": {"items": 120, "rows_flagged": 3, "share": 0.003},
+                                 "rte": {"items": 120, "rows_flagged": 0, "share": 0.0}},
+                     "longest": []}
+    rows = {r[0]: dict(zip(BENCHMARK_HEADERS, r)) for r in benchmark_rows(None, new, contamination)}
+    assert rows["enem"]["tuned − base [95% interval]"] == "+0.1000 [+0.0333, +0.1667]"
+    assert rows["enem"]["p"] == "0.0001" and rows["sts"]["p"] == "<0.0001"
+    assert rows["enem"]["verdict"] == "✅ better than base" and rows["sts"]["verdict"] == "❌ worse than base"
+    assert rows["rte"]["verdict"] == "no significant change from base" and rows["rte"]["p"] == "0.4100"
+    assert rows["new_task"]["tuned − base [95% interval]"] == "+0.1000" and rows["new_task"]["p"] == "—"
+    assert rows["enem"]["overlap"] == "⚠️ 3 rows" and rows["rte"]["overlap"] == "0"
+    assert rows["sts"]["overlap"] == "—"  # the check listed no such task
+    assert all(r[10] == "—" for r in benchmark_rows(None, new))  # no contamination file

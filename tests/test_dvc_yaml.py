@@ -66,13 +66,37 @@ def test_every_imported_module_is_a_dependency(name):
     assert not missing, f"stage {name} imports {missing} but dvc.yaml does not list them as deps"
 
 
+# The base model's half of a stage: its section, and the train.* keys that decide how the base is
+# loaded (config.base_loading), never the rest of train (an lr change must not rerun them).
+BASE_STAGES = {"evaluate_base": "evaluate", "benchmark_base": "benchmark"}
+LOADING_PARAMS = ["train.quantization", "train.double_quant", "train.precision"]
+
+
 @pytest.mark.parametrize("name", list(STAGES))
 def test_each_stage_reads_only_its_own_params_section(name):
     stage = STAGES[name]
-    assert stage["params"] == [name]
+    section = BASE_STAGES.get(name, name)
+    assert stage["params"] == [section] + (LOADING_PARAMS if name in BASE_STAGES else [])
     script = (REPO / "stages" / f"{name}.py").read_text()
-    assert f'load_section("{name}"' in script
+    assert f'load_section("{section}"' in script
     assert script.count("load_section(") == 1
+    assert ("base_loading(" in script) == (name in BASE_STAGES)
+
+
+def test_the_loading_params_are_the_ones_base_loading_reads():
+    from sabia_ift.artifacts import LOADING_KEYS
+
+    assert LOADING_PARAMS == [f"train.{key}" for key in LOADING_KEYS]
+
+
+@pytest.mark.parametrize("name", list(BASE_STAGES))
+def test_base_stages_never_read_the_adapter(name):
+    deps = [str(d) for d in STAGES[name]["deps"]]
+    assert "models/adapter" not in deps and "models/base" in deps
+    tuned = BASE_STAGES[name]
+    # The tuned stage reads every output of the base one.
+    outs = [next(iter(o)) if isinstance(o, dict) else o for o in STAGES[name]["outs"]]
+    assert set(outs) <= set(STAGES[tuned]["deps"])
 
 
 def test_the_closure_finds_function_level_imports():

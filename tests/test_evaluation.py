@@ -1,5 +1,6 @@
 """Evaluation metrics per model, and the loss it reports."""
 
+import json
 import math
 
 import pytest
@@ -92,13 +93,68 @@ def prepare(tmp_path, tokenizer, splits):
              tmp_path / "tokenized")
 
 
+def loading_of(adapter) -> dict:
+    from sabia_ift.artifacts import LOADING_KEYS, TrainMeta
+
+    meta = TrainMeta.read(adapter)
+    return {key: getattr(meta, key) for key in LOADING_KEYS}
+
+
 def run_evaluate(tmp_path, base, adapter, **cfg):
-    from sabia_ift.evaluation.evaluation import evaluate
+    """evaluate_base, then evaluate reading it: the two stages, as dvc.yaml runs them."""
+    from sabia_ift.evaluation.evaluation import evaluate, evaluate_base
     from sabia_ift.io import read_jsonl
 
-    metrics = evaluate(params_for("evaluate", device="cpu", **cfg), base, adapter, tmp_path / "formatted",
-                       tmp_path / "tokenized", tmp_path / "samples.jsonl", tmp_path / "prompts.jsonl")
+    config = params_for("evaluate", device="cpu", **cfg)
+    evaluate_base(config, loading_of(adapter), base, tmp_path / "formatted", tmp_path / "tokenized",
+                  tmp_path / "base")
+    metrics = evaluate(config, base, adapter, tmp_path / "formatted", tmp_path / "tokenized", tmp_path / "base",
+                       tmp_path / "samples.jsonl", tmp_path / "prompts.jsonl")
     return metrics, read_jsonl(tmp_path / "samples.jsonl")
+
+
+def test_base_results_pair_with_the_tuned_ones_and_stale_ones_are_refused(short_context_base, adapter, tokenizer,
+                                                                          tmp_path, offline_metric):
+    import contextlib
+
+    import torch
+
+    from sabia_ift.errors import DataError
+    from sabia_ift.artifacts import HF_SPLITS, load_tokenized
+    from sabia_ift.evaluation.evaluation import evaluate, generate, test_prompts
+    from sabia_ift.io import read_jsonl, write_json
+    from sabia_ift.modeling import load_tuned
+
+    prepare(tmp_path, tokenizer, {"train": ["Sim."], "val": ["Não."], "test": ["Um.", "Dois.", "Três."]})
+    metrics, samples = run_evaluate(tmp_path, short_context_base, adapter, max_new_tokens=8)
+    prompts = read_jsonl(tmp_path / "prompts.jsonl")
+    assert [p["source_row"] for p in prompts] == [s["source_row"] for s in samples] == [3, 4, 5]
+    assert set(metrics) >= {"samples", "base", "tuned", "delta"} and metrics["samples"] == 3
+    # The base half, computed without the adapter, is what the adapter switched off generates.
+    _, model = load_tuned(short_context_base, adapter, "cpu")
+    _, ids = test_prompts(tmp_path / "formatted", load_tokenized(tmp_path / "tokenized")[HF_SPLITS["test"]], None)
+    for switch, side in ((model.disable_adapter(), "base"), (contextlib.nullcontext(), "tuned")):
+        with switch, torch.inference_mode():
+            texts = [g.text for g in generate(model, tokenizer, ids, max_new_tokens=8, batch_size=4, device="cpu",
+                                              context_length=64)]
+        assert texts == [s[side] for s in samples], side
+    config = params_for("evaluate", device="cpu", max_new_tokens=8)
+    args = (short_context_base, adapter, tmp_path / "formatted", tmp_path / "tokenized", tmp_path / "base",
+            tmp_path / "s.jsonl", tmp_path / "p.jsonl")
+    # Another max_new_tokens, other prompts, or another way of loading the base: refused, never paired.
+    with pytest.raises(DataError, match="max_new_tokens is 8, this evaluation's is 9"):
+        evaluate(params_for("evaluate", device="cpu", max_new_tokens=9), *args)
+    with pytest.raises(DataError, match="samples is 3, this evaluation's is 2"):
+        evaluate(params_for("evaluate", device="cpu", max_new_tokens=8, max_samples=2), *args)
+    lines = (tmp_path / "base" / "prompts.jsonl").read_text().splitlines()
+    (tmp_path / "base" / "prompts.jsonl").write_text("\n".join([lines[1], lines[0], lines[2]]) + "\n")
+    with pytest.raises(DataError, match="row 1 is not the test prompt"):
+        evaluate(config, *args)
+    summary = json.loads((tmp_path / "base" / "summary.json").read_text())
+    write_json(tmp_path / "base" / "summary.json", {**summary, "loading": {**summary["loading"], "precision": "bf16"}})
+    (tmp_path / "base" / "prompts.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match="train.precision"):
+        evaluate(config, *args)
 
 
 def test_evaluate_asks_what_tokenize_kept_within_the_context(short_context_base, adapter, tokenizer, tmp_path,

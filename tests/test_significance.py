@@ -115,3 +115,88 @@ def test_a_reason_from_the_caller_skips_every_test():
     assert all(r.test is None and r.verdict == "" for r in cmp.tuned)
     row = next(r for r in cmp.tuned if r.metric == "rougeL")
     assert row.plain_diff == pytest.approx(0.3)
+
+
+# --- benchmark deltas: paired tests on per-item results -------------------------------------------
+
+def test_mcnemar_exact_is_scipys_binomial_test_on_the_discordant_items():
+    import numpy as np
+    from scipy.stats import binomtest
+
+    from sabia_ift.significance import mcnemar_exact
+
+    rng = np.random.default_rng(3)
+    for n, p_base, p_tuned in ((40, 0.3, 0.5), (120, 0.5, 0.52), (15, 0.2, 0.9)):
+        base = (rng.random(n) < p_base).astype(float)
+        tuned = (rng.random(n) < p_tuned).astype(float)
+        lost, won, p = mcnemar_exact(base.tolist(), tuned.tolist())
+        assert lost == int(((base == 1) & (tuned == 0)).sum()) and won == int(((base == 0) & (tuned == 1)).sum())
+        assert p == pytest.approx(binomtest(won, lost + won, 0.5, alternative="two-sided").pvalue, rel=1e-12)
+    # statsmodels' mcnemar(exact=True) on [[a, b], [c, d]] is 2 * P(Binom(b + c, 1/2) <= min(b, c)): by hand.
+    assert mcnemar_exact([1] * 10 + [0], [0] * 10 + [1])[2] == pytest.approx(2 * 12 / 2**11)
+    assert mcnemar_exact([1, 0, 1], [1, 0, 1]) == (0, 0, 1.0)
+
+
+def test_vectorised_f1_and_pearson_match_the_tasks_own_aggregations():
+    import numpy as np
+
+    from sabia_ift.evaluation.tasks import utils
+    from sabia_ift.significance import CORPUS_STATISTICS
+
+    rng = np.random.default_rng(5)
+    labels = ["Sim", "Não", "Talvez"]
+    pairs = [(labels[g], labels[p] if p < 3 else None) for g, p in zip(rng.integers(0, 3, 60), rng.integers(0, 4, 60))]
+    index = rng.integers(0, 60, size=(50, 60))
+    index[0] = np.where(index[0] % 3 == 0, 0, 1)  # a resample with one or two gold classes only
+    got = CORPUS_STATISTICS["f1_macro"](pairs, index)
+    assert got == pytest.approx([utils.f1_macro([pairs[i] for i in row]) for row in index], abs=1e-12)
+    scores = [(float(a), float(b)) for a, b in zip(rng.uniform(1, 5, 40), rng.uniform(1, 5, 40))]
+    index = rng.integers(0, 40, size=(30, 40))
+    index[0] = 7  # constant: undefined, as utils.pearson says
+    got = CORPUS_STATISTICS["pearson"](scores, index)
+    assert np.isnan(got[0])
+    assert got[1:] == pytest.approx([np.corrcoef(*zip(*[scores[i] for i in row]))[0, 1] for row in index[1:]])
+
+
+def test_benchmark_test_accuracy_interval_and_verdict():
+    from sabia_ift.significance import benchmark_test, paired_bootstrap
+
+    base = [1.0] * 30 + [0.0] * 90
+    tuned = [1.0] * 30 + [1.0] * 30 + [0.0] * 60  # 30 more right, none lost: significant
+    result = benchmark_test("acc", base, tuned)
+    interval = paired_bootstrap(base, tuned)
+    assert result["test"] == "mcnemar_exact" and result["significant"] is True
+    assert result["ci95"] == [round(interval.low, 4), round(interval.high, 4)] and result["ci95"][0] > 0
+    assert result["discordant"] == {"base_only": 0, "tuned_only": 30}
+    # One more right answer in 120: noise.
+    noise = benchmark_test("acc", base, [1.0] * 31 + [0.0] * 89)
+    assert noise["significant"] is False and noise["ci95"][0] <= 0 <= noise["ci95"][1] and noise["p_value"] == 1.0
+    assert benchmark_test("acc", [1.0], [0.0])["test"] is None
+
+
+def test_benchmark_test_bootstrap_for_f1_and_pearson():
+    import numpy as np
+
+    from sabia_ift.evaluation.tasks import utils
+    from sabia_ift.significance import benchmark_test
+
+    rng = np.random.default_rng(2)
+    gold = ["Sim" if g else "Não" for g in rng.random(200) < 0.5]
+    flip = {"Sim": "Não", "Não": "Sim"}
+    base = [(g, g if rng.random() < 0.55 else flip[g]) for g in gold]
+    tuned = [(g, g if rng.random() < 0.85 else flip[g]) for g in gold]
+    result = benchmark_test("f1_macro", base, tuned)
+    change = utils.f1_macro(tuned) - utils.f1_macro(base)
+    assert result["test"] == "paired_bootstrap" and result["significant"] is True
+    assert result["ci95"][0] < change < result["ci95"][1] and result["ci95"][0] > 0 and result["p_value"] < 0.05
+    same = benchmark_test("f1_macro", base, base)
+    assert same["ci95"] == [0.0, 0.0] and same["significant"] is False and same["p_value"] == 1.0
+
+    x = rng.uniform(1, 5, 150)
+    base_sts = [(float(a), float(a + rng.normal(0, 2))) for a in x]
+    tuned_sts = [(float(a), float(a + rng.normal(0, 0.5))) for a in x]
+    result = benchmark_test("pearson", base_sts, tuned_sts)
+    assert result["significant"] is True and result["ci95"][0] > 0 and result["undefined_resamples"] == 0
+    # Constant answers: Pearson undefined on every resample, so no test rather than a made-up one.
+    constant = benchmark_test("pearson", [(a, 5.0) for a, _ in base_sts], tuned_sts)
+    assert constant["test"] is None and constant["undefined_resamples"] == 2000

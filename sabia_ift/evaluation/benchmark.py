@@ -19,6 +19,7 @@ batches, and a 4-bit base is loaded and quantised once.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import tempfile
@@ -28,9 +29,11 @@ from typing import Any
 
 import yaml
 
+from ..artifacts import check_loading
 from ..config import GENERIC_TASKS, BenchmarkConfig, BenchmarkTask
-from ..io import write_jsonl
-from ..modeling import load_tuned, pick_device
+from ..errors import DataError
+from ..io import write_json, write_jsonl
+from ..modeling import load_base, load_tuned, pick_device
 from .benchmark_data import load_task_data
 from .sampling import majority_baseline, warn_if_constant_wins
 
@@ -127,36 +130,111 @@ def _score(results: dict, name: str, metric: str) -> float | None:
     return round(float(value), 4)
 
 
-def summarize(prepared: dict[str, dict], base: dict, tuned: dict) -> dict[str, dict]:
-    metrics = {}
+def model_record(prepared: dict[str, dict], results: dict) -> dict[str, dict]:
+    """One model's results per task, as benchmark_base writes them: the main metric's score, the
+    items scored, and each item's result (lm-eval's per-sample value of that metric: 0/1 for acc,
+    [gold, answer] for F1 and Pearson), identified by lm-eval's doc id and document and prompt hashes."""
+    record = {}
     for name, info in prepared.items():
         metric = MAIN_METRIC[info["kind"]]
-        b, t = _score(base, name, metric), _score(tuned, name, metric)
-        n = base.get("n-samples", {}).get(name, {}).get("effective", info["n_test"])
+        samples = sorted(results["samples"][name], key=lambda s: s["doc_id"])
+        record[name] = {
+            "metric": metric, "score": _score(results, name, metric),
+            "n": results.get("n-samples", {}).get(name, {}).get("effective", info["n_test"]),
+            "items": [{"doc_id": s["doc_id"], "doc_hash": s["doc_hash"], "prompt_hash": s["prompt_hash"],
+                       "value": s[metric]} for s in samples],
+        }
+    return record
+
+
+def _item_keys(items: list[dict]) -> list[tuple]:
+    return [(i["doc_id"], i["doc_hash"], i["prompt_hash"]) for i in items]
+
+
+def summarize(prepared: dict[str, dict], base: dict[str, dict], tuned: dict[str, dict], *,
+              where: str = "the base results") -> dict[str, dict]:
+    """metrics/benchmarks.json from two model records (model_record): each task's scores, delta and
+    the delta's paired test (significance.benchmark_test) over the items both models scored."""
+    from ..significance import benchmark_test
+
+    metrics = {}
+    for name, info in prepared.items():
+        if name not in base:
+            raise DataError(f"{where}: no task {name}; rerun the benchmark_base stage")
+        b, t = base[name], tuned[name]
+        if _item_keys(b["items"]) != _item_keys(t["items"]):
+            raise DataError(f"{where}: task {name}'s items or prompts are not the ones scored now "
+                            "(its data or params changed); rerun the benchmark_base stage")
+        delta = round(t["score"] - b["score"], 4) if b["score"] is not None and t["score"] is not None else None
         metrics[name] = {
-            "metric": metric, "base": b, "tuned": t,
-            "delta": round(t - b, 4) if b is not None and t is not None else None,
-            "n": n, "num_fewshot": info["num_fewshot"], **info["sample"],
+            "metric": b["metric"], "base": b["score"], "tuned": t["score"], "delta": delta,
+            **benchmark_test(b["metric"], [i["value"] for i in b["items"]], [i["value"] for i in t["items"]]),
+            "n": b["n"], "num_fewshot": info["num_fewshot"], **info["sample"],
         }
     return metrics
 
 
+def _score_model(cfg: BenchmarkConfig, model, tokenizer, workdir: str | Path, names: list[str]) -> dict:
+    lm = make_lm(model, tokenizer, cfg.batch_size, getattr(model.config, "max_position_embeddings", None))
+    # prepare_tasks wrote only the rows to score: no limit for lm-eval (it would take the first ones).
+    return evaluate_tasks(lm, names, workdir, limit=None, seed=cfg.seed, log_samples=True)
+
+
+def benchmark_base(cfg: BenchmarkConfig, loading: dict[str, Any], base_dir: str | Path, out: str | Path, *,
+                   root: str | Path = ".") -> dict[str, dict]:
+    """The base model's half of the benchmark stage, written to `out` (model_record's JSON). Needs no
+    adapter: an experiment that changes only the training reads it instead of scoring the base again."""
+    record: dict[str, dict] = {}
+    if cfg.tasks:
+        device = pick_device(cfg.device, "benchmark.device")
+        with tempfile.TemporaryDirectory(prefix="sabia-benchmark-") as workdir:
+            prepared = prepare_tasks(cfg, workdir, root)
+            tokenizer, model = load_base(base_dir, device, **loading)
+            model.eval()
+            start = time.perf_counter()
+            record = model_record(prepared, _score_model(cfg, model, tokenizer, workdir, list(prepared)))
+            log.info("benchmark base: %d tasks in %.1f s", len(prepared), time.perf_counter() - start)
+    write_json(out, {"loading": loading, "tasks": record})
+    return record
+
+
 def run_benchmark(cfg: BenchmarkConfig, base_dir: str | Path, adapter_dir: str | Path, *,
-                  root: str | Path = ".", log_samples: bool = False) -> tuple[dict, dict]:
-    """(metrics per task, lm-eval's raw results {"base": ..., "tuned": ...})."""
+                  base_results: str | Path | None = None, root: str | Path = ".") -> tuple[dict, dict]:
+    """(metrics per task, lm-eval's raw results {"tuned": ..., and "base": ... where scored here}).
+
+    The base's results come from `base_results` (benchmark_base's file) when given; without it
+    they are scored here, from the same model object with the adapter switched off.
+    """
     if not cfg.tasks:
         return {}, {}
     device = pick_device(cfg.device, "benchmark.device")
+    where = str(base_results) if base_results is not None else "the base results"
+    stored = None
+    if base_results is not None:
+        stored = read_base_results(base_results)
+        check_loading(adapter_dir, stored.get("loading") or {}, where)
     with tempfile.TemporaryDirectory(prefix="sabia-benchmark-") as workdir:
         prepared = prepare_tasks(cfg, workdir, root)
         tokenizer, model = load_tuned(base_dir, adapter_dir, device)
         model.eval()
-        lm = make_lm(model, tokenizer, cfg.batch_size, getattr(model.config, "max_position_embeddings", None))
         names = list(prepared)
         start = time.perf_counter()
-        # prepare_tasks wrote only the rows to score: no limit for lm-eval (it would take the first ones).
-        with model.disable_adapter():
-            base = evaluate_tasks(lm, names, workdir, limit=None, seed=cfg.seed, log_samples=log_samples)
-        tuned = evaluate_tasks(lm, names, workdir, limit=None, seed=cfg.seed, log_samples=log_samples)
-        log.info("benchmark: %d tasks, base and tuned, in %.1f s", len(names), time.perf_counter() - start)
-    return summarize(prepared, base, tuned), {"base": base, "tuned": tuned}
+        raw = {}
+        if stored is None:
+            with model.disable_adapter():
+                raw["base"] = _score_model(cfg, model, tokenizer, workdir, names)
+        raw["tuned"] = _score_model(cfg, model, tokenizer, workdir, names)
+        log.info("benchmark: %d tasks, %s in %.1f s", len(names), "tuned" if stored else "base and tuned",
+                 time.perf_counter() - start)
+    base = stored["tasks"] if stored is not None else model_record(prepared, raw["base"])
+    return summarize(prepared, base, model_record(prepared, raw["tuned"]), where=where), raw
+
+
+def read_base_results(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no base results; run the benchmark_base stage first (dvc repro benchmark_base)")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: not valid JSON ({exc}); rerun the benchmark_base stage") from None

@@ -8,17 +8,17 @@ exact match, mean new tokens, and loss/perplexity on the validation split.
 
 from __future__ import annotations
 
-import contextlib
+import json
 import logging
 import math
 from pathlib import Path
 from typing import Any
 
-from ..artifacts import HF_SPLITS, load_tokenized, prompt_sha1, split_file
+from ..artifacts import HF_SPLITS, check_loading, load_tokenized, prompt_sha1, split_file
 from ..config import EvaluateConfig
 from ..errors import DataError
-from ..io import read_jsonl, write_jsonl
-from ..modeling import load_tuned, pick_device
+from ..io import atomic_path, read_jsonl, write_json, write_jsonl
+from ..modeling import load_base, load_tuned, pick_device
 from ..progress import Progress
 from ..template import IGNORE_INDEX
 from ..text import normalize_text
@@ -105,28 +105,16 @@ def test_prompts(formatted_dir: str | Path, test_split, max_samples: int | None
     return rows, prompts
 
 
-def evaluate(cfg: EvaluateConfig, base_dir: str | Path, adapter_dir: str | Path, formatted_dir: str | Path,
-             tokenized_dir: str | Path, samples_path: str | Path, prompts_path: str | Path) -> dict[str, Any]:
-    """Run the evaluate stage; returns metrics/eval.json's content and writes the samples file and
-    each prompt's scores (prompts_path), which let the report test a change for significance.
-
-    An empty test split (format.test_size: 0, or tokenize dropped every test
-    row) skips generation; an empty validation split leaves val_loss null.
-    """
-    import torch
-    from transformers import set_seed
-
-    set_seed(0)
-    device = pick_device(cfg.device, "evaluate.device")
-    tokenizer, model = load_tuned(base_dir, adapter_dir, device)
+# What evaluate_base writes into its folder, and evaluate reads back.
+BASE_SUMMARY = "summary.json"
+BASE_PROMPTS = "prompts.jsonl"
+def _setup(cfg: EvaluateConfig, model, tokenized_dir: str | Path, formatted_dir: str | Path):
     data = load_tokenized(tokenized_dir)
     rows, prompts = test_prompts(formatted_dir, data.get(HF_SPLITS["test"]), cfg.max_samples)
-    validation = data.get(HF_SPLITS["val"])
     info: dict[str, Any] = {"samples": len(rows), "max_new_tokens": cfg.max_new_tokens}
     if not rows:
         info["skipped"] = "the test split is empty (format.test_size: 0, or tokenize dropped every test row)"
         log.warning("%s: no generation metrics", info["skipped"])
-    references = [row["response"] for row in rows]
     context = getattr(model.config, "max_position_embeddings", None)
     if context is not None:
         # Prompt + answer must fit the model's context; longer prompts get a shorter budget.
@@ -135,35 +123,104 @@ def evaluate(cfg: EvaluateConfig, base_dir: str | Path, adapter_dir: str | Path,
         if capped:
             log.warning("%d test prompts leave fewer than evaluate.max_new_tokens (%d) tokens of the model's "
                         "%d-token context; their answers are capped to fit", capped, cfg.max_new_tokens, context)
+    return rows, prompts, data.get(HF_SPLITS["val"]), info
 
-    results: dict[str, dict[str, Any]] = {}
-    outputs: dict[str, list] = {}
-    per_prompt: dict[str, list] = {}
-    for name in ("base", "tuned"):
-        # The base model is the same weights with the adapter switched off.
-        switch = model.disable_adapter() if name == "base" else contextlib.nullcontext()
-        with switch, torch.inference_mode():
-            with Progress(len(prompts), f"evaluate {name}", unit="prompt") as progress:
-                gens = generate(model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens,
-                                batch_size=cfg.batch_size, device=device, context_length=context,
-                                progress=progress) if rows else []
-            loss = token_loss(model, tokenizer, validation, cfg.batch_size, device) if validation else math.nan
-        outputs[name] = gens
-        summary, per_prompt[name] = score(gens, references, cfg.repetition_ngram) if rows else ({}, [])
-        results[name] = {**summary,
-                         "val_loss": round(loss, 6) if math.isfinite(loss) else None,
-                         "val_perplexity": round(math.exp(loss), 4) if math.isfinite(loss) else None}
 
+def _measure(cfg: EvaluateConfig, name: str, model, tokenizer, device: str, rows: list[dict],
+             prompts: list[list[int]], validation, context: int | None) -> tuple[dict, list[Generation], list[dict]]:
+    """One model's metrics, generations and per-prompt scores."""
+    import torch
+
+    references = [row["response"] for row in rows]
+    with torch.inference_mode():
+        with Progress(len(prompts), f"evaluate {name}", unit="prompt") as progress:
+            gens = generate(model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens,
+                            batch_size=cfg.batch_size, device=device, context_length=context,
+                            progress=progress) if rows else []
+        loss = token_loss(model, tokenizer, validation, cfg.batch_size, device) if validation else math.nan
+    summary, per_prompt = score(gens, references, cfg.repetition_ngram) if rows else ({}, [])
+    return ({**summary, "val_loss": round(loss, 6) if math.isfinite(loss) else None,
+             "val_perplexity": round(math.exp(loss), 4) if math.isfinite(loss) else None}, gens, per_prompt)
+
+
+def evaluate_base(cfg: EvaluateConfig, loading: dict[str, Any], base_dir: str | Path, formatted_dir: str | Path,
+                  tokenized_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
+    """The base model's half of the evaluate stage, written to `out_dir` (summary.json: its metrics;
+    prompts.jsonl: each test prompt's generation and scores). Needs no adapter: an experiment
+    that changes only the training reads these instead of generating them again."""
+    from transformers import set_seed
+
+    set_seed(0)
+    device = pick_device(cfg.device, "evaluate.device")
+    tokenizer, model = load_base(base_dir, device, **loading)
+    model.eval()
+    rows, prompts, validation, info = _setup(cfg, model, tokenized_dir, formatted_dir)
+    metrics, gens, per_prompt = _measure(cfg, "base", model, tokenizer, device, rows, prompts, validation,
+                                         info.get("context_length"))
+    summary = {**info, "loading": loading, "base": metrics}
+    with atomic_path(out_dir, is_dir=True) as tmp:
+        write_json(tmp / BASE_SUMMARY, summary)
+        write_jsonl(tmp / BASE_PROMPTS, (
+            {"source_row": row["source_row"], "prompt_sha1": prompt_sha1(row["prompt"], row["response"]),
+             "text": g.text, "stopped": g.stopped, "scores": p}
+            for row, g, p in zip(rows, gens, per_prompt, strict=True)))
+    return summary
+
+
+def read_base(base_results: str | Path, rows: list[dict], info: dict[str, Any]) -> tuple[dict, list[dict]]:
+    """evaluate_base's summary and per-prompt records, checked to be for these very prompts, in order."""
+    folder = Path(base_results)
+    summary_path, prompts_path = folder / BASE_SUMMARY, folder / BASE_PROMPTS
+    if not summary_path.is_file() or not prompts_path.is_file():
+        raise DataError(f"{folder}: no base results; run the evaluate_base stage first (dvc repro evaluate_base)")
+    summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    records = read_jsonl(prompts_path)
+    expected = [(row["source_row"], prompt_sha1(row["prompt"], row["response"])) for row in rows]
+    found = [(r.get("source_row"), r.get("prompt_sha1")) for r in records]
+    for key in ("samples", "max_new_tokens"):
+        if summary.get(key) != info.get(key):
+            raise DataError(f"{summary_path}: {key} is {summary.get(key)}, this evaluation's is {info.get(key)}; "
+                            "rerun the evaluate_base stage")
+    if found != expected:
+        first = next(i for i in range(max(len(found), len(expected)))
+                     if i >= min(len(found), len(expected)) or found[i] != expected[i])
+        raise DataError(f"{prompts_path}: row {first + 1} is not the test prompt this evaluation scores "
+                        "(the data changed since it was written); rerun the evaluate_base stage")
+    return summary, records
+
+
+def evaluate(cfg: EvaluateConfig, base_dir: str | Path, adapter_dir: str | Path, formatted_dir: str | Path,
+             tokenized_dir: str | Path, base_results: str | Path, samples_path: str | Path,
+             prompts_path: str | Path) -> dict[str, Any]:
+    """Run the evaluate stage: the tuned model measured here, the base read from evaluate_base's
+    folder (`base_results`), paired prompt by prompt. Returns metrics/eval.json's content and writes
+    the samples file and each prompt's scores (prompts_path), which let the report test a change
+    for significance.
+
+    An empty test split (format.test_size: 0, or tokenize dropped every test
+    row) skips generation; an empty validation split leaves val_loss null.
+    """
+    from transformers import set_seed
+
+    set_seed(0)
+    device = pick_device(cfg.device, "evaluate.device")
+    tokenizer, model = load_tuned(base_dir, adapter_dir, device)
+    rows, prompts, validation, info = _setup(cfg, model, tokenized_dir, formatted_dir)
+    base_summary, base_records = read_base(base_results, rows, info)
+    check_loading(adapter_dir, base_summary.get("loading") or {}, str(Path(base_results) / BASE_SUMMARY))
+    tuned, gens, per_prompt = _measure(cfg, "tuned", model, tokenizer, device, rows, prompts, validation,
+                                       info.get("context_length"))
+    base = base_summary["base"]
+    references = [row["response"] for row in rows]
     write_jsonl(samples_path, (
         {"source_row": row["source_row"], "prompt": row["prompt"], "reference": ref,
-         "base": b.text, "base_stopped": b.stopped, "tuned": t.text, "tuned_stopped": t.stopped}
-        for row, ref, b, t in list(zip(rows, references, outputs["base"], outputs["tuned"]))[: cfg.samples_to_write]
+         "base": b["text"], "base_stopped": b["stopped"], "tuned": t.text, "tuned_stopped": t.stopped}
+        for row, ref, b, t in list(zip(rows, references, base_records, gens))[: cfg.samples_to_write]
     ))
     write_jsonl(prompts_path, (
-        {"source_row": row["source_row"], "prompt_sha1": prompt_sha1(row["prompt"], ref), "base": b, "tuned": t}
-        for row, ref, b, t in zip(rows, references, per_prompt["base"], per_prompt["tuned"], strict=True)
+        {"source_row": row["source_row"], "prompt_sha1": b["prompt_sha1"], "base": b["scores"], "tuned": t}
+        for row, b, t in zip(rows, base_records, per_prompt, strict=True)
     ))
-    base, tuned = results["base"], results["tuned"]
     delta = {k: round(tuned[k] - base[k], 4) for k, v in base.items()
              if isinstance(v, (int, float)) and isinstance(tuned.get(k), (int, float))}
-    return {**info, **results, "delta": delta}
+    return {**info, "base": base, "tuned": tuned, "delta": delta}
