@@ -391,6 +391,9 @@ class ContaminationConfig(_Section):
     min_item_words: Annotated[int, Field(ge=3)] = _key(
         "an item shorter than n words is matched on its whole word sequence when it has at least this many "
         "words; shorter items are not checked (counted as items_too_short)")
+    min_item_share: Annotated[float, Field(ge=0, le=1)] = _key(
+        "a row is flagged for an item when the n-grams they share cover at least this share of the item's "
+        "words (0: any shared n-gram)")
     policy: Literal["report", "drop", "fail"] = _key(
         "report: flag only; drop: flagged training rows are removed before tokenize (counted); "
         "fail: the stage stops with the counts")

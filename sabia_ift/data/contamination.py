@@ -107,6 +107,8 @@ class Targets:
     too_short: dict[str, int] = field(default_factory=dict)
     item_ids: list[tuple[int, str]] = field(default_factory=list)       # (target index, item id)
     item_words: list[int] = field(default_factory=list)                 # words in each item's grams
+    item_length: list[int] = field(default_factory=list)                # words in each item
+    item_grams: list[np.ndarray] = field(default_factory=list)          # each item's gram hashes, in order
     owners: dict[int, dict[int, list[int]]] = field(default_factory=dict)  # k -> hash -> item numbers
     sorted_hashes: dict[int, np.ndarray] = field(default_factory=dict)
 
@@ -130,7 +132,9 @@ def build_targets(sets: dict[str, Iterable[tuple[str, str]]], cfg: Contamination
             number = len(targets.item_ids)
             targets.item_ids.append((t, ident))
             targets.item_words.append(k)
-            for value in np.unique(gram_hashes(hasher(tokens), k)).tolist():
+            targets.item_length.append(len(tokens))
+            targets.item_grams.append(gram_hashes(hasher(tokens), k))
+            for value in np.unique(targets.item_grams[-1]).tolist():
                 owners[k][value].append(number)
     targets.owners = {k: dict(table) for k, table in owners.items()}
     targets.sorted_hashes = {k: np.array(sorted(table), dtype=np.uint64) for k, table in targets.owners.items()}
@@ -158,22 +162,36 @@ def _hit_rows(chunk: list[np.ndarray], targets: Targets) -> set[int]:
     return hit
 
 
-def _pairs(word_hashes: np.ndarray, targets: Targets) -> dict[int, int]:
-    """{item number: words of the longest run this row shares with it} for one row."""
+def _covered(positions: Iterable[int], k: int) -> int:
+    """Words covered by grams of k words starting at ascending `positions`."""
+    covered = end = 0
+    for start in positions:
+        covered += start + k - max(start, end)
+        end = start + k
+    return covered
+
+
+def _pairs(word_hashes: np.ndarray, targets: Targets) -> dict[int, tuple[int, float]]:
+    """{item number: (words of the longest run this row shares with it, share of the item's words
+    inside grams the row holds)} for one row, of each item sharing a gram with it."""
     runs: dict[int, list[int]] = defaultdict(list)
+    grams = {k: gram_hashes(word_hashes, k) for k in targets.owners}
     for k, table in targets.owners.items():
-        for position, value in enumerate(gram_hashes(word_hashes, k).tolist()):
+        for position, value in enumerate(grams[k].tolist()):
             for number in table.get(value, ()):
                 runs[number].append(position)
-    best: dict[int, int] = {}
+    found: dict[int, tuple[int, float]] = {}
     for number, positions in runs.items():
+        # A run of r consecutive grams of k words covers r + k - 1 words (k: n, or a short item's length).
+        k = targets.item_words[number]
         longest = run = 1
         for before, after in zip(positions, positions[1:]):
             run = run + 1 if after == before + 1 else 1
             longest = max(longest, run)
-        # A run of r grams of k words covers r + k - 1 words (k: n, or a short item's length).
-        best[number] = longest + targets.item_words[number] - 1
-    return best
+        # Counted on the item's side: a row repeating one sentence of it twice holds no more of it.
+        inside = np.flatnonzero(np.isin(targets.item_grams[number], grams[k])).tolist()
+        found[number] = longest + k - 1, _covered(inside, k) / targets.item_length[number]
+    return found
 
 
 def scan(rows: Iterable[tuple[int, str]], targets: Targets, hasher: _WordHashes | None = None,
@@ -212,11 +230,15 @@ def check(rows: Iterable[tuple[int, str]], targets: Targets, cfg: ContaminationC
     pairs: list[dict[str, Any]] = []
     flagged_rows: list[int] = []
     for ident, found in scan(counted(), targets, hasher):
+        kept = {number: v for number, v in found.items() if v[1] >= cfg.min_item_share}
+        if not kept:
+            continue
         flagged_rows.append(ident)
-        for number, overlap in sorted(found.items()):
+        for number, (overlap, share) in sorted(kept.items()):
             t, item = targets.item_ids[number]
             flagged_by[targets.names[t]].add(ident)
-            pairs.append({"train_row": ident, "target": targets.names[t], "item": item, "overlap_words": overlap})
+            pairs.append({"train_row": ident, "target": targets.names[t], "item": item, "overlap_words": overlap,
+                          "item_share": round(share, 4)})
     metrics: dict[str, Any] = {
         "n": cfg.n,
         "policy": cfg.policy,

@@ -343,6 +343,8 @@ def summary(metrics: dict[str, Any]) -> str:
             part += f" ({m['dropped']} dropped, {m['drop_share']:.1%}, too long for max_length {metrics['max_length']})"
         if m["truncated"]:
             part += f" ({m['truncated']} truncated)"
+        if m.get("dropped_contaminated"):
+            part += f" ({m['dropped_contaminated']} more left out as contaminated)"
         parts.append(part)
     return "tokenized: " + "; ".join(parts)
 
