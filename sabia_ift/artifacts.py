@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from .errors import ModelError
+from .errors import DataError, ModelError
 from .io import write_json
 
 # models/base: what the base stage resolved; the weights live there too for tiny/copied bases.
@@ -25,6 +25,9 @@ RAW_MANIFEST = "manifest.json"
 # data/formatted: one JSON Lines file per split, and the rows cleaning dropped.
 SPLITS = ("train", "val", "test")
 DROPPED = "dropped.jsonl"
+# data/contamination: training rows sharing text with a test or benchmark item, and those tokenize drops.
+FLAGGED = "flagged.jsonl"
+CONTAMINATED = "drop.json"
 # data/tokenized: Arrow folder; Hugging Face names for the format stage's splits.
 HF_SPLITS = {"train": "train", "val": "validation", "test": "test"}
 # models/checkpoints: what a finished run leaves there (its checkpoints are gone).
@@ -170,3 +173,15 @@ def split_metrics(full: dict[str, Any], detail_keys: Iterable[str]) -> tuple[dic
         return kept
 
     return compact(full), full
+
+
+def read_contaminated(folder: str | Path) -> set[int]:
+    """source_row of each training row the contamination stage says to drop (policy drop; else none)."""
+    path = Path(folder) / CONTAMINATED
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        return {int(row) for row in record["source_rows"]}
+    except FileNotFoundError:
+        raise DataError(f"{path}: missing; run the contamination stage first") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"{path}: key source_rows: not a list of row numbers ({exc})") from None

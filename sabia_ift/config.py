@@ -383,6 +383,29 @@ class BenchmarkConfig(_Section):
         return self
 
 
+class ContaminationConfig(_Section):
+    """Section `contamination`: word n-gram overlap of training rows with the test split and the benchmarks."""
+
+    n: Annotated[int, Field(ge=5, le=50)] = _key(
+        "words in an n-gram; a training row sharing one with an item is flagged (13: lm-evaluation-harness)")
+    min_item_words: Annotated[int, Field(ge=3)] = _key(
+        "an item shorter than n words is matched on its whole word sequence when it has at least this many "
+        "words; shorter items are not checked (counted as items_too_short)")
+    min_item_share: Annotated[float, Field(ge=0, le=1)] = _key(
+        "a row is flagged for an item when the n-grams they share cover at least this share of the item's "
+        "words (0: any shared n-gram)")
+    policy: Literal["report", "drop", "fail"] = _key(
+        "report: flag only; drop: flagged training rows are removed before tokenize (counted); "
+        "fail: the stage stops with the counts")
+    longest: Annotated[int, Field(ge=0)] = _key("longest overlaps listed in metrics/contamination.json")
+
+    @model_validator(mode="after")
+    def _short_below_n(self) -> ContaminationConfig:
+        if self.min_item_words > self.n:
+            raise ValueError(f"min_item_words ({self.min_item_words}) must not exceed n ({self.n})")
+        return self
+
+
 SECTIONS: dict[str, type[_Section]] = {
     "base": BaseConfig,
     "fetch": FetchConfig,
@@ -391,6 +414,7 @@ SECTIONS: dict[str, type[_Section]] = {
     "train": TrainConfig,
     "evaluate": EvaluateConfig,
     "benchmark": BenchmarkConfig,
+    "contamination": ContaminationConfig,
 }
 
 def read_params(path: str | Path = "params.yaml") -> dict[str, Any]:

@@ -4,7 +4,7 @@ import argparse
 import sys
 
 from sabia_ift import stage
-from sabia_ift.artifacts import split_metrics
+from sabia_ift.artifacts import read_contaminated, split_metrics
 from sabia_ift.config import load_section
 from sabia_ift.data.tokenization import summary, tokenize
 from sabia_ift.io import write_json
@@ -18,7 +18,10 @@ DETAIL_ONLY = ("length", "rows_in", "boundary_fallback", "dropped_prompt_too_lon
 def main(args: argparse.Namespace) -> None:
     cfg = load_section("tokenize", args.params)
     folder = model_folder(resolve_base(args.base))
-    metrics = tokenize(cfg, load_tokenizer(folder), model_context_length(folder), args.formatted, args.out)
+    # The contamination stage's list (policy drop; empty otherwise). Without the flag nothing is dropped.
+    contaminated = read_contaminated(args.contamination) if args.contamination else frozenset()
+    metrics = tokenize(cfg, load_tokenizer(folder), model_context_length(folder), args.formatted, args.out,
+                       contaminated)
     compact, detail = split_metrics(metrics, DETAIL_ONLY)
     if args.detail:
         write_json(args.detail, detail)
@@ -27,4 +30,4 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(stage.run(main, __doc__, "base", "formatted", "out", "metrics", optional=("detail",)))
+    sys.exit(stage.run(main, __doc__, "base", "formatted", "out", "metrics", optional=("detail", "contamination")))

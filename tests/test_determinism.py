@@ -28,7 +28,7 @@ from sabia_ift.data.sources import fetch
 from sabia_ift.io import read_jsonl
 
 SAMPLE = REPO / "data" / "sample" / "instructions.jsonl"
-DATA_STAGES = ("base", "fetch", "format", "tokenize")
+DATA_STAGES = ("base", "fetch", "format", "contamination", "tokenize")
 
 
 def sha256(path: Path) -> str:
@@ -67,6 +67,7 @@ def test_repro_twice_gives_identical_outputs(two_runs):
         "base": {"models/base"},
         "fetch": {"data/raw"},
         "format": {"data/formatted", "metrics/format.json"},
+        "contamination": {"data/contamination", "metrics/contamination.json"},
         "tokenize": {"data/tokenized", "metrics/tokenize.json", "metrics/detail/tokenize.json"},
         "train": {"models/adapter", "models/checkpoints", "metrics/curves", "metrics/train.json"},
     }

@@ -70,16 +70,22 @@ def test_every_imported_module_is_a_dependency(name):
 # loaded (config.base_loading), never the rest of train (an lr change must not rerun them).
 BASE_STAGES = {"evaluate_base": "evaluate", "benchmark_base": "benchmark"}
 LOADING_PARAMS = ["train.quantization", "train.double_quant", "train.precision"]
+# Keys a stage reads from another stage's section, each declared in its params: the contamination
+# check reads the benchmark's items as the benchmark stage does.
+BORROWED = {"contamination": {"benchmark": ["benchmark.tasks", "benchmark.seed"]}}
 
 
 @pytest.mark.parametrize("name", list(STAGES))
 def test_each_stage_reads_only_its_own_params_section(name):
     stage = STAGES[name]
     section = BASE_STAGES.get(name, name)
-    assert stage["params"] == [section] + (LOADING_PARAMS if name in BASE_STAGES else [])
+    borrowed = BORROWED.get(name, {})
+    assert stage["params"] == [section] + (LOADING_PARAMS if name in BASE_STAGES else []) \
+        + [key for keys in borrowed.values() for key in keys]
     script = (REPO / "stages" / f"{name}.py").read_text()
     assert f'load_section("{section}"' in script
-    assert script.count("load_section(") == 1
+    assert all(f'load_section("{other}"' in script for other in borrowed)
+    assert script.count("load_section(") == 1 + len(borrowed)
     assert ("base_loading(" in script) == (name in BASE_STAGES)
 
 

@@ -17,7 +17,8 @@ def default_project(tmp_path_factory):
     """The default params, untouched: what a new user's first `dvc repro` does."""
     project = make_project(tmp_path_factory.mktemp("default") / "sabia-ift")
     result = run(["dvc", "repro"], project, timeout=2700)  # the whole default pipeline, beside another worker
-    assert ran_stages(result.stdout) == {"base", "fetch", "format", "tokenize", "train", "evaluate", "benchmark"}
+    assert ran_stages(result.stdout) == {"base", "fetch", "format", "contamination", "tokenize", "train", "evaluate",
+                                           "benchmark"}
     return project
 
 
@@ -30,7 +31,7 @@ def test_default_run_writes_every_output(default_project):
                  "models/adapter/adapter_config.json", "models/adapter/adapter_model.safetensors",
                  "models/adapter/sabia_ift_train.json", "metrics/curves/plots/metrics/train/loss.tsv",
                  "metrics/curves/plots/metrics/eval/loss.tsv", "data/eval/samples.jsonl", "dvc.lock",
-                 "metrics/detail/tokenize.json"):
+                 "metrics/detail/tokenize.json", "data/contamination/flagged.jsonl", "metrics/contamination.json"):
         assert (p / path).is_file(), path
     assert not list(p.rglob("*.tmp-*")), "temporaries left behind"
 

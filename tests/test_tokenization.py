@@ -201,6 +201,18 @@ def test_stage_says_what_it_dropped(tokenizer, tmp_path):
                                 "val 4 of 4 rows; test 3 of 4 rows (1 dropped, 25.0%, too long for max_length 128)")
 
 
+def test_contaminated_training_rows_are_left_out_and_counted(tokenizer, tmp_path):
+    from sabia_ift.data.tokenization import summary
+
+    write_formatted(tmp_path / "formatted", {"train": 10, "val": 4, "test": 4})
+    # Row 12 is in val: the contamination stage's list drops training rows only.
+    metrics = tokenize(params_for("tokenize", max_length=128), tokenizer, 2048, tmp_path / "formatted",
+                       tmp_path / "tok", contaminated={2, 5, 12})
+    assert metrics["train"]["dropped_contaminated"] == 2 and metrics["train"]["rows"] == 8
+    assert metrics["val"]["dropped_contaminated"] == 0 and metrics["val"]["rows"] == 4
+    assert summary(metrics).startswith("tokenized: train 8 of 8 rows (2 more left out as contaminated)")
+
+
 def test_empty_splits_are_left_out_and_load(tokenizer, tmp_path):
     """The pinned datasets writes no file for an empty split, and load_from_disk then fails."""
     from sabia_ift.artifacts import load_tokenized

@@ -19,6 +19,7 @@ import logging
 import math
 from array import array
 from collections.abc import Iterator, Sequence
+from collections.abc import Set as AbstractSet
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -256,6 +257,7 @@ def _tokenized(tokenizer, rows: Iterator[dict[str, Any]], cfg: TokenizeConfig, c
 
 def _new_counts() -> dict[str, Any]:
     return {"rows_in": 0, "rows": 0, "truncated": 0, "dropped_too_long": 0, "dropped_prompt_too_long": 0,
+            "dropped_contaminated": 0,
             "boundary_fallback": 0, "tokens": 0, "trained_tokens": 0}
 
 
@@ -286,14 +288,25 @@ def _count_lines(path: Path) -> int:
         return 0
 
 
+def _without(rows: Iterator[dict[str, Any]], skip: AbstractSet[int], counts: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """`rows` less those whose source_row is in `skip`, counted as dropped_contaminated."""
+    for row in rows:
+        if row["source_row"] in skip:
+            counts["dropped_contaminated"] += 1
+        else:
+            yield row
+
+
 def tokenize_file(tokenizer, path: Path, cfg: TokenizeConfig, out: ArrowSplit, needed, reuse: bool,
-                  batch: int = 1024, label: str = "tokenize") -> dict[str, Any]:
+                  batch: int = 1024, label: str = "tokenize", skip: AbstractSet[int] = frozenset()) -> dict[str, Any]:
     """tokenize_split for a split file, streamed: its examples go to `out` as they are made
-    (`reuse`: heads_are_prompts(tokenizer))."""
+    (`reuse`: heads_are_prompts(tokenizer)). Rows whose source_row is in `skip` (the contamination
+    stage's, policy drop) are left out before tokenizing, and counted."""
     counts = _new_counts()
     lengths = array("i")
     progress = Progress(_count_lines(path), label, unit="row")
-    for part in _tokenized(tokenizer, iter_jsonl(path), cfg, counts, needed, batch, progress, reuse):
+    rows = _without(iter_jsonl(path), skip, counts) if skip else iter_jsonl(path)
+    for part in _tokenized(tokenizer, rows, cfg, counts, needed, batch, progress, reuse):
         out.add(part)
         lengths.extend(part["length"].tolist())
     counts["length"] = length_stats(lengths)
@@ -330,13 +343,18 @@ def summary(metrics: dict[str, Any]) -> str:
             part += f" ({m['dropped']} dropped, {m['drop_share']:.1%}, too long for max_length {metrics['max_length']})"
         if m["truncated"]:
             part += f" ({m['truncated']} truncated)"
+        if m.get("dropped_contaminated"):
+            part += f" ({m['dropped_contaminated']} more left out as contaminated)"
         parts.append(part)
     return "tokenized: " + "; ".join(parts)
 
 
 def tokenize(cfg: TokenizeConfig, tokenizer, context_length: int | None, formatted_dir: str | Path,
-             out_dir: str | Path) -> dict[str, Any]:
+             out_dir: str | Path, contaminated: AbstractSet[int] = frozenset()) -> dict[str, Any]:
     """Run the tokenize stage: an Arrow DatasetDict on disk and the stage metrics.
+
+    `contaminated`: source_row of training rows to leave out (the contamination stage's policy drop),
+    counted in the train split's dropped_contaminated; rows_in counts the rows tokenized.
 
     Rows stream from each split file to its Arrow files; the stage holds a
     batch of rows and 8 bytes per row (its length, and the length that would keep it).
@@ -353,7 +371,8 @@ def tokenize(cfg: TokenizeConfig, tokenizer, context_length: int | None, formatt
         for split, name in HF_SPLITS.items():
             out = ArrowSplit(tmp / name, example_features())
             metrics[split] = tokenize_file(tokenizer, split_file(formatted_dir, split), cfg, out, needed, reuse,
-                                           label=f"tokenize {split}")
+                                           label=f"tokenize {split}",
+                                           skip=contaminated if split == "train" else frozenset())
             # Empty splits are left out: the pinned datasets writes no file for one,
             # and load_from_disk would then fail. Readers treat a missing split as empty.
             if out.close():
