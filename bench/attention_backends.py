@@ -54,13 +54,13 @@ def lengths_mix(seed: int = 0) -> list[int]:
 def packed(lengths: list[int]):
     import torch
 
-    from sabia_ift.train import kernels
+    from sabia_ift.train import attention
 
     q, k, v = (torch.randn(1, HEADS, sum(lengths), DIM, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                for _ in range(3))
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
     kw = {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": max(lengths), "max_length_k": max(lengths)}
-    kernels._CAUSAL.update(kernels._causal_kwargs())
+    attention._CAUSAL.update(attention._causal_kwargs())
     grad = torch.randn(1, sum(lengths), HEADS, DIM, device="cuda", dtype=torch.bfloat16)
     return q, k, v, kw, grad
 
@@ -68,18 +68,18 @@ def packed(lengths: list[int]):
 def flash_varlen(module, query, key, value, mask, scaling=None, **kw):
     from torch.nn.attention.varlen import varlen_attn
 
-    from sabia_ift.train import kernels
+    from sabia_ift.train import attention
 
-    q, k, v, cu_q, cu_k, max_q, max_k = kernels._packed_rows(query, key, value, kw)
-    return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scaling, **kernels._CAUSAL).unsqueeze(0), None
+    q, k, v, cu_q, cu_k, max_q, max_k = attention._packed_rows(query, key, value, kw)
+    return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scaling, **attention._CAUSAL).unsqueeze(0), None
 
 
 def cudnn_ragged(module, query, key, value, mask, scaling=None, **kw):
     import torch
 
-    from sabia_ift.train import kernels
+    from sabia_ift.train import attention
 
-    q, k, v, cu_q, cu_k, max_q, max_k = kernels._packed_rows(query, key, value, kw)
+    q, k, v, cu_q, cu_k, max_q, max_k = attention._packed_rows(query, key, value, kw)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     out = torch.ops.aten._cudnn_attention_forward(q, k, v, None, cu_q, cu_k, max_q, max_k, True, 0.0, True, False,
                                                   scale=scaling)[0]
@@ -94,7 +94,7 @@ def main() -> None:
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from sabia_ift.train import kernels
+    from sabia_ift.train import attention
 
     result: dict = {"card": torch.cuda.get_device_name(0), "torch": torch.__version__,
                     "cudnn": torch.backends.cudnn.version(), "ms_forward_backward": {}, "agreement": {}}
@@ -103,7 +103,7 @@ def main() -> None:
         q, k, v, kw, grad = packed(lengths)
         outs = {}
         for name, fn in (("flash-varlen", flash_varlen), ("cudnn-ragged", cudnn_ragged),
-                         ("train-stage", kernels._varlen_attention)):
+                         ("train-stage", attention._varlen_attention)):
             def step(fn=fn, q=q, k=k, v=v, kw=kw, grad=grad):
                 out, _ = fn(None, q, k, v, None, scaling=scale, **kw)
                 out.backward(grad)

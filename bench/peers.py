@@ -60,7 +60,7 @@ def ours(folder: str, checkpointing: str, kernels: str, micro_batch: int):
 
     sys.path.insert(0, str(REPO))
     from sabia_ift.config import section_from_params
-    from sabia_ift.train.kernels import attention_implementation
+    from sabia_ift.train.attention import attention_implementation
     from sabia_ift.train.training import build_model
 
     cfg = section_from_params("train", {

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sabia_ift.train import kernels
+from sabia_ift.train import attention, offload
 
 HEADS, DIM = 2, 8
 
@@ -29,7 +29,7 @@ def _row_by_row(q, k, v, lengths):
 def test_rows_of_one_length_match_each_row_alone_in_values_and_gradients():
     lengths = [5, 5, 5]
     q, k, v, kw = _packed(lengths)
-    out, _ = kernels._varlen_attention(None, q, k, v, None, scaling=DIM ** -0.5, **kw)
+    out, _ = attention._varlen_attention(None, q, k, v, None, scaling=DIM ** -0.5, **kw)
     assert out.shape == (1, 15, HEADS, DIM)
     grad = torch.randn_like(out)
     got = torch.autograd.grad(out, (q, k, v), grad)
@@ -50,13 +50,13 @@ def test_rows_of_mixed_lengths_go_to_the_varlen_kernel(monkeypatch):
 
     monkeypatch.setattr(varlen, "varlen_attn", fake_varlen)
     q, k, v, kw = _packed([5, 3, 5])
-    out, _ = kernels._varlen_attention(None, q, k, v, None, scaling=None, **kw)
+    out, _ = attention._varlen_attention(None, q, k, v, None, scaling=None, **kw)
     assert calls == [((13, HEADS, DIM), [0, 5, 8, 13], 5)] and out.shape == (1, 13, HEADS, DIM)
 
 
 def test_without_row_boundaries_it_is_sdpa():
     q, k, v, _ = _packed([4, 4])
-    out, _ = kernels._varlen_attention(torch.nn.Module(), q, k, v, None, scaling=None, is_causal=True)
+    out, _ = attention._varlen_attention(torch.nn.Module(), q, k, v, None, scaling=None, is_causal=True)
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
     torch.testing.assert_close(out, ref)
 
@@ -65,11 +65,11 @@ def test_varlen_needs_packed_rows_on_cuda():
     from sabia_ift.errors import ConfigError
 
     with pytest.raises(ConfigError, match="train.attention: varlen"):
-        kernels.attention_implementation("varlen", packing=True, device="cpu")
-    assert kernels.attention_implementation("auto", packing=True, device="cpu") == "sdpa"
+        attention.attention_implementation("varlen", packing=True, device="cpu")
+    assert attention.attention_implementation("auto", packing=True, device="cpu") == "sdpa"
 
 
-class _HostOffload(kernels.ActivationOffload):
+class _HostOffload(offload.ActivationOffload):
     """The offload bookkeeping with the CUDA copies replaced by CPU clones that are logged."""
 
     MIN_ELEMENTS = 16

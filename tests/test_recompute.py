@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sabia_ift.modeling import load_model
-from sabia_ift.train.kernels import ActivationOffload
+from sabia_ift.train.offload import ActivationOffload
 from sabia_ift.train.recompute import split_checkpointing
 
 
@@ -131,7 +131,7 @@ def test_evaluation_runs_the_layers_whole(tiny_base):
 
 
 def test_attention_runs_once_and_its_backward_reads_the_first_pass(tiny_base, monkeypatch):
-    from sabia_ift.train import recompute
+    from sabia_ift.train import attention
 
     base = load_model(tiny_base, quantization="none", double_quant=False, dtype=torch.float32, device="cpu")
     plain = _peft(base, ["q_proj", "k_proj", "v_proj", "o_proj"])
@@ -141,7 +141,7 @@ def test_attention_runs_once_and_its_backward_reads_the_first_pass(tiny_base, mo
     loss_p, grads_p = _step(plain, ids)
 
     calls = {"first": 0, "sdpa": 0}
-    first = recompute._cpu_attention_forward
+    first = attention._cpu_attention_forward
     sdpa = torch.nn.functional.scaled_dot_product_attention
 
     def counted_first(*args):
@@ -152,7 +152,7 @@ def test_attention_runs_once_and_its_backward_reads_the_first_pass(tiny_base, mo
         calls["sdpa"] += 1
         return sdpa(*args, **kwargs)
 
-    monkeypatch.setattr(recompute, "_cpu_attention_forward", counted_first)
+    monkeypatch.setattr(attention, "_cpu_attention_forward", counted_first)
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counted_sdpa)
     loss_s, grads_s = _step(split, ids)
     layers = plain.config.num_hidden_layers

@@ -21,54 +21,12 @@ from __future__ import annotations
 
 import functools
 import logging
-import threading
 import types
 from typing import Any
 
+from .weights import KEPT, compute_dtype
+
 log = logging.getLogger(__name__)
-# 4-bit weights dequantised while a checkpointed half is recomputed, read again by its backward
-# (recompute.py); per thread, as autograd runs backward (and so the recompute) in its own.
-_dequantized = threading.local()
-
-
-def keep_dequantized(fill: bool) -> None:
-    """fill=True: forget the kept weights and keep each one dequantised from now on;
-    fill=False: stop adding, but hand out those kept (until the next fill=True)."""
-    if fill:
-        _dequantized.weights = {}
-    _dequantized.fill = fill
-
-
-def _dense_weight(base, dtype, tokens: int = 0):
-    """The frozen weight as a (out, in) matrix in the compute dtype; dequantised when 4-bit.
-
-    While keep_dequantized is filling, a 4-bit weight dequantised for `tokens`
-    rows is kept when it is no larger than the output it makes (tokens >=
-    in_features), so keeping it never costs more than the activation beside it:
-    at 1 x 2,048 tokens of a 7B model nothing is kept.
-    """
-    weight = base.weight
-    if getattr(weight, "quant_state", None) is not None:  # bitsandbytes Params4bit
-        import bitsandbytes.functional as bnbf
-
-        kept = getattr(_dequantized, "weights", None)
-        key = (id(weight), dtype)
-        if kept is not None and key in kept:
-            return kept[key]
-        dense = bnbf.dequantize_4bit(weight.data, weight.quant_state).to(dtype)
-        if kept is not None and _dequantized.fill and tokens >= base.in_features:
-            kept[key] = dense
-        return dense
-    return weight.to(dtype)
-
-
-def _compute_dtype(x):
-    import torch
-
-    kind = x.device.type
-    if torch.is_autocast_enabled(kind):
-        return torch.get_autocast_dtype(kind)
-    return x.dtype
 
 
 @functools.cache
@@ -89,7 +47,7 @@ def _lora_projections():
 
         @staticmethod
         def forward(ctx, x, members, *adapters):
-            dtype = _compute_dtype(x)
+            dtype = compute_dtype(x)
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)
             tokens = x2.shape[0]
             a_all = torch.cat([a.to(dtype) for a in adapters[0::2]])
@@ -101,7 +59,7 @@ def _lora_projections():
                 out = torch.mm(xa[:, col:col + rank], (b * scaling).to(dtype).t())
                 if base.bias is not None:
                     out += base.bias.to(dtype)
-                out.addmm_(x2, _dense_weight(base, dtype, tokens).t())
+                out.addmm_(x2, KEPT.dense(base, dtype, tokens).t())
                 outs.append(out.view(*x.shape[:-1], out.shape[-1]))
                 col += rank
             ctx.save_for_backward(x2, xa, *adapters)
@@ -141,7 +99,7 @@ def _lora_projections():
             if ctx.needs_input_grad[0]:
                 dx = torch.mm(gb, torch.cat(a_scaled) if len(a_scaled) > 1 else a_scaled[0])
                 for _, base, g in live:
-                    dx.addmm_(g, _dense_weight(base, dtype))
+                    dx.addmm_(g, KEPT.dense(base, dtype))
                 dx = dx.view(ctx.x_shape).to(ctx.x_dtype)
             return (dx, None, *adapter_grads)
 

@@ -20,7 +20,9 @@ without a mask on an sm90 GPU with cuDNN, or on CPU; other attention is
 recomputed). At 7B on an NVIDIA H100 80GB that is 128 MiB more each way per
 layer, and the 0.6 ms forward of each layer no longer runs twice. The 4-bit
 weights a recompute dequantises are kept for the half's backward, which reads
-them again at once (fused_lora.keep_dequantized).
+them again at once (weights.KeptWeights). The attention reuse itself lives in
+attention.py (SavedAttention); this module tells it, through a Phase, which
+pass is running.
 
 Only frozen, plain (or 4-bit) projections are skipped; a LoRA-tuned one needs
 its input for its own gradient and is recomputed as before. Layers of another
@@ -32,21 +34,46 @@ from __future__ import annotations
 import functools
 import logging
 import threading
-import types
 from typing import Any
 
-from .fused_lora import _compute_dtype, _dense_weight, keep_dequantized
+from .attention import SavedAttention, use_saved_sdpa
+from .weights import KEPT, compute_dtype
 
 log = logging.getLogger(__name__)
 
 TAILS = (("self_attn", "o_proj"), ("mlp", "down_proj"))
 HEADS = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"), ("mlp", "gate_proj"),
          ("mlp", "up_proj"))
-_state = threading.local()  # set while a half is being recomputed, in the thread that recomputes it
 
 
-def _recomputing() -> bool:
-    return getattr(_state, "recomputing", False)
+class Phase:
+    """Where this thread is: inside a checkpointed half or not, and in its first pass or its
+    recompute. Per thread: autograd runs backward (and so the recompute) in its own."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    def in_half(self) -> bool:
+        return getattr(self._local, "half", False)
+
+    def recomputing(self) -> bool:
+        return getattr(self._local, "recomputing", False)
+
+    def run_half(self, function, x):
+        import torch
+
+        # The first pass runs without grad inside the checkpoint; the recompute runs with it.
+        self._local.recomputing = torch.is_grad_enabled()
+        self._local.half = True
+        # A recompute dequantises the half's 4-bit weights; its backward, which follows at
+        # once, reads them again (one half's weights kept: up to 172 MiB at 7B, where the
+        # micro-batch is large enough; weights.KeptWeights).
+        KEPT.keep(self._local.recomputing)
+        try:
+            return function(x)
+        finally:
+            self._local.recomputing = self._local.half = False
+            KEPT.keep(False)
 
 
 def _frozen_input_grad(grad, base, dtype, shape, out_dtype):
@@ -54,7 +81,7 @@ def _frozen_input_grad(grad, base, dtype, shape, out_dtype):
     import torch
 
     g = grad.reshape(-1, grad.shape[-1]).to(dtype)
-    return torch.mm(g, _dense_weight(base, dtype)).view(shape).to(out_dtype)
+    return torch.mm(g, KEPT.dense(base, dtype)).view(shape).to(out_dtype)
 
 
 @functools.cache
@@ -65,7 +92,7 @@ def _deferred_linear():
     class DeferredLinear(torch.autograd.Function):
         @staticmethod
         def forward(ctx, x, base, out_dtype):
-            ctx.base, ctx.dtype, ctx.x_shape, ctx.x_dtype = base, _compute_dtype(x), x.shape, x.dtype
+            ctx.base, ctx.dtype, ctx.x_shape, ctx.x_dtype = base, compute_dtype(x), x.shape, x.dtype
             return x.new_empty((*x.shape[:-1], base.out_features), dtype=out_dtype)
 
         @staticmethod
@@ -102,7 +129,7 @@ def _deferred_swiglu():
         @staticmethod
         def forward(ctx, a, b, down, liger):
             ctx.save_for_backward(a, b)
-            ctx.down, ctx.liger, ctx.dtype = down, liger, _compute_dtype(a)
+            ctx.down, ctx.liger, ctx.dtype = down, liger, compute_dtype(a)
             out_dtype = a.dtype if getattr(down.weight, "quant_state", None) is not None else ctx.dtype
             return a.new_empty((*a.shape[:-1], down.out_features), dtype=out_dtype)
 
@@ -134,7 +161,7 @@ def _kept_linear():
         def forward(ctx, x, base):
             ctx.base, ctx.x_shape = base, x.shape
             x2 = x.reshape(-1, x.shape[-1])
-            out = torch.mm(x2, _dense_weight(base, x.dtype, x2.shape[0]).t())
+            out = torch.mm(x2, KEPT.dense(base, x.dtype, x2.shape[0]).t())
             return out.view(*x.shape[:-1], out.shape[-1])
 
         @staticmethod
@@ -144,10 +171,10 @@ def _kept_linear():
     return KeptLinear
 
 
-def _head_forward(self, x, *args, **kwargs):
+def _head_forward(phase: Phase, self, x, *args, **kwargs):
     """A frozen 4-bit input projection: in a recompute, one dequantisation for its forward and backward."""
-    if (not _recomputing() or args or kwargs or self.bias is not None
-            or not x.dtype == _compute_dtype(x) == (self.compute_dtype or x.dtype)):
+    if (not phase.recomputing() or args or kwargs or self.bias is not None
+            or not x.dtype == compute_dtype(x) == (self.compute_dtype or x.dtype)):
         return self._sabia_forward(x, *args, **kwargs)
     return _kept_linear().apply(x, self)
 
@@ -163,152 +190,29 @@ def _swiglu_kind(mlp) -> str | None:
     return None
 
 
-def _mlp_forward(self, x):
+def _mlp_forward(phase: Phase, liger: bool, self, x):
     """A SwiGLU MLP with a frozen down projection: its activation and output skipped in a recompute."""
-    if not _recomputing():
+    if not phase.recomputing():
         return self._sabia_forward(x)
-    return _deferred_swiglu().apply(self.gate_proj(x), self.up_proj(x), self.down_proj,
-                                    self._sabia_swiglu == "liger")
+    return _deferred_swiglu().apply(self.gate_proj(x), self.up_proj(x), self.down_proj, liger)
 
 
-def _add_residual(x, branch):
+def _add_residual(phase: Phase, x, branch):
     # A recomputed half's output only carries the graph back to its input: skip the add.
-    return _residual_in_recompute().apply(x, branch) if _recomputing() else x + branch
+    return _residual_in_recompute().apply(x, branch) if phase.recomputing() else x + branch
 
 
-def _tail_forward(self, x, *args, **kwargs):
+def _tail_forward(phase: Phase, self, x, *args, **kwargs):
     """A frozen output projection: skipped while its half is recomputed, itself otherwise."""
-    if not _recomputing() or args or kwargs:
+    if not phase.recomputing() or args or kwargs:
         return self._sabia_forward(x, *args, **kwargs)
     quantized = getattr(self.weight, "quant_state", None) is not None
     # The dtype its real forward returns: bitsandbytes gives the input's, a Linear the autocast one.
-    out_dtype = x.dtype if quantized else _compute_dtype(x)
+    out_dtype = x.dtype if quantized else compute_dtype(x)
     return _deferred_linear().apply(x, self, out_dtype)
 
 
-def _run_half(function, x):
-    import torch
-
-    # The first pass runs without grad inside the checkpoint; the recompute runs with it.
-    _state.recomputing = torch.is_grad_enabled()
-    _state.half = True
-    # A recompute dequantises the half's 4-bit weights; its backward, which follows at
-    # once, reads them again (one half's weights kept: up to 172 MiB at 7B, where the
-    # micro-batch is large enough; fused_lora._dense_weight).
-    keep_dequantized(_state.recomputing)
-    try:
-        return function(x)
-    finally:
-        _state.recomputing = _state.half = False
-        keep_dequantized(False)
-
-
-def _attention_ops(q):
-    """(forward, backward) of a dense causal attention that returns its log-sum-exp; None where not built."""
-    import torch
-
-    if q.device.type == "cpu":
-        return _cpu_attention_forward, _cpu_attention_backward
-    # cuDNN's kernel, the one SDPA picks on these cards; elsewhere SDPA is left to choose.
-    if (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] <= 128 and q.shape[-1] % 8 == 0
-            and torch.backends.cuda.cudnn_sdp_enabled() and _sm90_or_later(q.device.index)):
-        return _cudnn_attention_forward, _cudnn_attention_backward
-    return None
-
-
-@functools.cache
-def _sm90_or_later(device_index: int | None) -> bool:
-    """Asked once per card rather than on every layer's attention call."""
-    import torch
-
-    return torch.cuda.get_device_capability(device_index) >= (9, 0)
-
-
-def _cpu_attention_forward(q, k, v, scale):
-    import torch
-
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True, scale=scale)
-    return out, lse, ()
-
-
-def _cpu_attention_backward(grad, q, k, v, out, lse, aux, scale):
-    import torch
-
-    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-        grad, q, k, v, out, lse, 0.0, True, scale=scale)
-
-
-def _cudnn_attention_forward(q, k, v, scale):
-    import torch
-
-    out, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = torch.ops.aten._scaled_dot_product_cudnn_attention(
-        q, k, v, None, True, 0.0, True, False, scale=scale)
-    return out, lse, (seed, offset, cum_q, cum_k, max_q, max_k)
-
-
-def _cudnn_attention_backward(grad, q, k, v, out, lse, aux, scale):
-    import torch
-
-    seed, offset, cum_q, cum_k, max_q, max_k = aux
-    # The kernel reads the output gradient in the output's layout.
-    grad = grad if grad.stride() == out.stride() else torch.empty_like(out).copy_(grad)
-    return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
-        grad, q, k, v, out, lse, seed, offset, None, cum_q, cum_k, max_q, max_k, 0.0, True, scale=scale)
-
-
-@functools.cache
-def _attention_from_saved():
-    """Forward: the first pass's attention output, handed back. Backward: the kernel's backward from it."""
-    import torch
-
-    class AttentionFromSaved(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, q, k, v, out, lse, aux, scale, backward):
-            ctx.save_for_backward(q, k, v, out, lse)
-            ctx.aux, ctx.scale, ctx.backward_op = aux, scale, backward
-            return out.view_as(out)
-
-        @staticmethod
-        def backward(ctx, grad):
-            q, k, v, out, lse = ctx.saved_tensors
-            dq, dk, dv = ctx.backward_op(grad, q, k, v, out, lse, ctx.aux, ctx.scale)
-            return dq, dk, dv, None, None, None, None, None
-
-    return AttentionFromSaved
-
-
-def saved_causal_attention(module, q, k, v, scale):
-    """Causal attention of (batch, heads, tokens, dim) q, k, v inside a split half: the
-    first pass stashes its output and log-sum-exp, the recompute reuses them.
-
-    None where it does not apply (outside a half, grouped or cross attention, no
-    kernel for the device); the caller then runs its own attention.
-    """
-    slot = getattr(module, "_sabia_attention", None)
-    if slot is None or not getattr(_state, "half", False):
-        return None
-    if q.shape[1] != k.shape[1] or q.shape[2] != k.shape[2] or q.shape[2] < 2:
-        return None
-    ops = _attention_ops(q)
-    if ops is None:
-        return None
-    forward, backward = ops
-    offload = slot["offload"]
-    if not _recomputing():
-        out, lse, aux = forward(q, k, v, scale)
-        # Sent in the (batch, tokens, heads, dim) order the kernel wrote: the copy keeps it.
-        slot["saved"] = (offload.stash(out.transpose(1, 2)), offload.stash(lse), aux)
-        return out
-    saved, slot["saved"] = slot.get("saved"), None
-    if saved is None:
-        raise RuntimeError(f"{module.__class__.__name__}: recompute without a first pass's attention output")
-    out_handle, lse_handle, aux = saved
-    lse = offload.fetch(lse_handle)  # the small one first: backward takes items in reverse
-    out = offload.fetch(out_handle).transpose(1, 2)
-    return _attention_from_saved().apply(q, k, v, out, lse, aux, scale, backward)
-
-
-def _split_forward(self, hidden_states, *args, **kwargs):
+def _split_forward(phase: Phase, self, hidden_states, *args, **kwargs):
     """A LLaMA decoder layer as two checkpointed halves; the layer's own forward when not training."""
     import torch
     from torch.utils.checkpoint import checkpoint
@@ -318,14 +222,14 @@ def _split_forward(self, hidden_states, *args, **kwargs):
 
     def attention(x):
         out, _ = self.self_attn(hidden_states=self.input_layernorm(x), **kwargs)
-        return _add_residual(x, out)
+        return _add_residual(phase, x, out)
 
     def mlp(h):
-        return _add_residual(h, self.mlp(self.post_attention_layernorm(h)))
+        return _add_residual(phase, h, self.mlp(self.post_attention_layernorm(h)))
 
     # Reentrant: the only tensors it saves are each half's input, which ActivationOffload moves.
-    middle = checkpoint(_run_half, attention, hidden_states, use_reentrant=True)
-    return checkpoint(_run_half, mlp, middle, use_reentrant=True)
+    middle = checkpoint(phase.run_half, attention, hidden_states, use_reentrant=True)
+    return checkpoint(phase.run_half, mlp, middle, use_reentrant=True)
 
 
 def _is_frozen_linear(module) -> bool:
@@ -341,40 +245,11 @@ def _splittable(layer) -> bool:
     return isinstance(layer, LlamaDecoderLayer)
 
 
-SAVED_SDPA = "sabia_sdpa_saved"
-
-
-def _sdpa_or_saved(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """transformers' SDPA attention, but causal attention without a mask inside a split half reuses its first pass."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    plain = (attention_mask is None and not dropout and kwargs.get("is_causal", True) is not False
-             and getattr(module, "is_causal", True) and not any(kwargs.get(k) is not None
-                                                                for k in ("position_bias", "softcap", "sinks")))
-    out = saved_causal_attention(module, query, key, value, scaling) if plain else None
-    if out is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
-    return out.transpose(1, 2).contiguous(), None
-
-
-def _use_saved_sdpa(base) -> None:
-    """Switch a model on transformers' SDPA to the same attention that can reuse its first pass."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    if base.config._attn_implementation != "sdpa":
-        return
-    AttentionInterface.register(SAVED_SDPA, _sdpa_or_saved)
-    AttentionMaskInterface.register(SAVED_SDPA, sdpa_mask)
-    base.set_attn_implementation(SAVED_SDPA)
-
-
 def split_checkpointing(model, offload=None) -> tuple[int, int]:
     """Checkpoint every LLaMA decoder layer of a (peft) causal LM in two halves that
     skip their frozen output projections (and a SwiGLU activation feeding one)
     when recomputed; call after LoRA is attached. With `offload` (a
-    kernels.ActivationOffload), attention outputs travel with it and the
+    offload.ActivationOffload), attention outputs travel with it and the
     attention forward is skipped in the recompute too.
 
     Returns (layers split, projections skipped in recompute). Other layers are
@@ -388,31 +263,35 @@ def split_checkpointing(model, offload=None) -> tuple[int, int]:
                  len(layers) - len(split), len(layers))
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
     if offload is not None:  # without it the saved outputs would stay in GPU memory
-        _use_saved_sdpa(base)
-    skipped = 0
+        use_saved_sdpa(base)
+    phase, skipped, intercepted = Phase(), 0, set[int]()
+
+    def intercept(module, forward, *bound) -> None:
+        # The module's own forward stays reachable as `_sabia_forward`; the new one gets this
+        # model's Phase (and anything else it needs) bound, not looked up in a global.
+        module._sabia_forward = module.forward
+        module.forward = functools.partial(forward, *bound, module)
+        intercepted.add(id(module))
+
     for layer in split:
         layer.gradient_checkpointing = False  # the halves checkpoint themselves
         if offload is not None:
-            layer.self_attn._sabia_attention = {"offload": offload}
-        layer._sabia_forward = layer.forward
-        layer.forward = types.MethodType(_split_forward, layer)
+            SavedAttention(offload, phase).attach(layer.self_attn)
+        intercept(layer, _split_forward, phase)
         for parent, name in TAILS:
             tail = getattr(getattr(layer, parent), name, None)
             if tail is not None and _is_frozen_linear(tail):
-                tail._sabia_forward = tail.forward
-                tail.forward = types.MethodType(_tail_forward, tail)
+                intercept(tail, _tail_forward, phase)
                 skipped += 1
         for parent, name in HEADS:
             head: Any = getattr(getattr(layer, parent), name, None)
             head = head.get_base_layer() if hasattr(head, "get_base_layer") else head
-            if (head is not None and _is_frozen_linear(head) and not hasattr(head, "_sabia_forward")
+            if (head is not None and _is_frozen_linear(head) and id(head) not in intercepted
                     and getattr(head.weight, "quant_state", None) is not None):
-                head._sabia_forward = head.forward
-                head.forward = types.MethodType(_head_forward, head)
+                intercept(head, _head_forward, phase)
         kind = _swiglu_kind(layer.mlp)
-        if kind is not None and hasattr(layer.mlp.down_proj, "_sabia_forward"):
-            layer.mlp._sabia_forward, layer.mlp._sabia_swiglu = layer.mlp.forward, kind
-            layer.mlp.forward = types.MethodType(_mlp_forward, layer.mlp)
+        if kind is not None and id(layer.mlp.down_proj) in intercepted:
+            intercept(layer.mlp, _mlp_forward, phase, kind == "liger")
     log.info("split checkpointing: %d layers in two halves, %d frozen output projections not recomputed",
              len(split), skipped)
     return len(split), skipped

@@ -34,7 +34,7 @@ from ..modeling import (
     pick_dtype,
     resolve_base,
 )
-from . import distributed, fused_lora, kernels, recompute, weighting
+from . import attention, distributed, hot_path, kernels, weighting
 from .packing import CountingCollator, RowBatchSampler
 from .progress import (
     progress_callbacks,
@@ -114,33 +114,19 @@ def build_model(cfg: TrainConfig, folder: Path, device: str, dtype, attn_impleme
     """
     from peft import LoraConfig, get_peft_model
 
-    if cfg.kernels == "liger":
-        kernels.apply_liger(device)
+    hot_path.before_load(cfg, device)
     model = load_model(folder, quantization=cfg.quantization, double_quant=cfg.double_quant,
                        dtype=dtype, device=device, attn_implementation=attn_implementation)
     check_target_modules(model, cfg.lora.target_modules)
     weighting.check_targets(cfg.loss_weighting, cfg.lora.target_modules)
-    offload = None
-    if cfg.gradient_checkpointing == "on":
-        # Non-reentrant recompute saves nothing but what it needs.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif cfg.gradient_checkpointing == "offload":
-        # Reentrant halves (recompute.split_checkpointing, once LoRA is attached), whose
-        # only saved tensors are their inputs, plus the attention output and log-sum-exp
-        # that the recompute reuses: ActivationOffload moves exactly those.
-        model.enable_input_require_grads()  # reentrant recompute needs inputs that require grad
-        offload = kernels.ActivationOffload()
-        offload.attach(model.model)
+    offload = hot_path.before_lora(model, cfg)
     model.config.use_cache = False
     lora = LoraConfig(
         r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
         target_modules=list(cfg.lora.target_modules), bias="none", task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, lora)
-    if cfg.fused_lora:
-        fused_lora.fuse_lora(model)
-    if cfg.gradient_checkpointing == "offload":
-        recompute.split_checkpointing(model, offload)
+    hot_path.after_lora(model, cfg, offload)
     return model
 
 
@@ -281,12 +267,12 @@ def check(cfg: TrainConfig, world_size: int) -> tuple[str, int, str]:
     if device == "cpu":
         pick_dtype(cfg.precision, device)  # on CUDA, asking for bf16 support starts a GPU context
     grad_accum = distributed.accumulation_per_process(cfg.grad_accum, world_size)
-    attention = kernels.attention_implementation(cfg.attention, cfg.packing, device)
+    attn_implementation = attention.attention_implementation(cfg.attention, cfg.packing, device)
     if cfg.kernels == "liger":
         kernels.check_liger(device)
     weighting.check_targets(cfg.loss_weighting, cfg.lora.target_modules)
     trainer_report_to(cfg.report_to)
-    return device, grad_accum, attention
+    return device, grad_accum, attn_implementation
 
 
 def check_before_launch(cfg: TrainConfig, processes: int, base_dir: str | Path, tokenized_dir: str | Path) -> None:
@@ -401,7 +387,7 @@ def train(cfg: TrainConfig, base_dir: str | Path, tokenized_dir: str | Path, ada
     if val_set is None:
         log.warning("no validation split: training runs without evaluation (eval_loss is null in the metrics)")
 
-    collator = CountingCollator(tokenizer, packing=cfg.packing, varlen=run.attention == kernels.VARLEN,
+    collator = CountingCollator(tokenizer, packing=cfg.packing, varlen=run.attention == attention.VARLEN,
                                 pad_to_multiple_of=8 if run.device == "cuda" else None)
     sampler = RowBatchSampler(train_set["length"], packing=cfg.packing, micro_batch_size=cfg.micro_batch_size,
                               micro_batch_tokens=cfg.micro_batch_tokens, by_length=cfg.group_by_length,
