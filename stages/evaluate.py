@@ -20,4 +20,5 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(stage.run(main, __doc__, "base", "adapter", "formatted", "tokenized", "base_results", "samples", "prompts", "metrics"))
+    sys.exit(stage.run(main, __doc__, "base", "adapter", "formatted", "tokenized", "base_results", "samples",
+                       "prompts", "metrics"))

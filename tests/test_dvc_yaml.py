@@ -92,7 +92,7 @@ def test_each_stage_reads_only_its_own_params_section(name):
 def test_the_loading_params_are_the_ones_base_loading_reads():
     from sabia_ift.artifacts import LOADING_KEYS
 
-    assert LOADING_PARAMS == [f"train.{key}" for key in LOADING_KEYS]
+    assert [f"train.{key}" for key in LOADING_KEYS] == LOADING_PARAMS
 
 
 @pytest.mark.parametrize("name", list(BASE_STAGES))

@@ -119,8 +119,8 @@ def test_base_results_pair_with_the_tuned_ones_and_stale_ones_are_refused(short_
 
     import torch
 
-    from sabia_ift.errors import DataError
     from sabia_ift.artifacts import HF_SPLITS, load_tokenized
+    from sabia_ift.errors import DataError
     from sabia_ift.evaluation.evaluation import evaluate, generate, test_prompts
     from sabia_ift.io import read_jsonl, write_json
     from sabia_ift.modeling import load_tuned
