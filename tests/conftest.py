@@ -265,6 +265,21 @@ def save_lora_adapter(base_dir: Path, folder: Path, *, r: int = 4, targets: tupl
     return folder
 
 
+def peft_model(base, targets, r: int, *, b_std: float, dropout: float = 0.0):
+    """peft's LoRA (alpha 2r) on `base`, its B drawn from N(0, b_std^2) after seeding: peft starts B
+    at zero, which would hide a wrong B path and leave A without a gradient."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(base, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout, target_modules=list(targets),
+                                            task_type="CAUSAL_LM"))
+    torch.manual_seed(0)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=b_std)
+    return model
+
+
 @pytest.fixture(scope="session")
 def tuned_adapter(tiny_base, tokenizer, tmp_path_factory) -> Path:
     """An adapter on `tiny_base` trained just enough to stop at EOS (about 30 s on 2 CPU cores).

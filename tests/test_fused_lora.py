@@ -6,6 +6,7 @@ import logging
 import pytest
 import torch
 
+from conftest import peft_model
 from sabia_ift.modeling import load_model
 from sabia_ift.train.fused_lora import fuse_lora
 
@@ -13,15 +14,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 def _peft_model(base, targets=TARGETS, dropout=0.0):
-    from peft import LoraConfig, get_peft_model
-
-    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules=targets,
-                                            task_type="CAUSAL_LM"))
-    torch.manual_seed(0)
-    for name, param in model.named_parameters():
-        if "lora_B" in name:  # peft starts B at zero, which would hide a wrong B path
-            torch.nn.init.normal_(param, std=0.02)
-    return model
+    return peft_model(base, targets, 8, b_std=0.02, dropout=dropout)
 
 
 def _lora_grads(model):

@@ -5,19 +5,14 @@ import copy
 import pytest
 import torch
 
+from conftest import peft_model
 from sabia_ift.modeling import load_model
 from sabia_ift.train.offload import ActivationOffload
 from sabia_ift.train.recompute import split_checkpointing
 
 
 def _peft(base, targets):
-    from peft import LoraConfig, get_peft_model
-
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=targets, task_type="CAUSAL_LM"))
-    torch.manual_seed(0)
-    for name, param in model.named_parameters():
-        if "lora_B" in name:  # zero B would leave A without a gradient
-            torch.nn.init.normal_(param, std=0.05)
+    model = peft_model(base, targets, 4, b_std=0.05)
     model.config.use_cache = False
     return model
 

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from conftest import peft_model
 from sabia_ift.errors import ConfigError
 from sabia_ift.modeling import load_model
 from sabia_ift.template import IGNORE_INDEX as X
@@ -54,15 +55,8 @@ def _rows(vocab):
 
 
 def _model(tiny_base):
-    from peft import LoraConfig, get_peft_model
-
     base = load_model(tiny_base, quantization="none", double_quant=False, dtype=torch.float32, device="cpu")
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
-                                            task_type="CAUSAL_LM"))
-    torch.manual_seed(0)
-    for name, param in model.named_parameters():
-        if "lora_B" in name:  # zero B would leave A without a gradient
-            torch.nn.init.normal_(param, std=0.05)
+    model = peft_model(base, ["q_proj", "v_proj", "down_proj"], 4, b_std=0.05)
     model.config.use_cache = False  # as in training: a cache would hide the packed rows' boundaries
     model.train()
     return model
