@@ -97,6 +97,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--base", type=Path, default=None, help="a models/base folder (default: build the tiny one)")
     parser.add_argument("--code", type=Path, default=REPO, help="the checkout whose stage scripts run")
     parser.add_argument("--name", default="data-scale", help="the results file's last part")
+    parser.add_argument("--until", choices=["fetch", "format", "contamination", "tokenize"], default=None,
+                        help="stop after this stage (default: run all)")
     args = parser.parse_args(argv)
     work, code = args.work.resolve(), args.code.resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -117,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     params_file.write_text(yaml.safe_dump(params, sort_keys=False, allow_unicode=True), encoding="utf-8")
 
     base = args.base
-    if base is None:
+    if base is None and args.until in (None, "tokenize"):
         base = work / "models" / "base"
         if not (base / "base.json").exists():
             tiny = {**params, "base": {**params["base"], "tiny": {**params["base"]["tiny"], "pretrain_epochs": 0}}}
@@ -129,38 +131,61 @@ def main(argv: list[str] | None = None) -> None:
     stages = {
         "fetch": ["--out", f"{out}/data/raw"],
         "format": ["--raw", f"{out}/data/raw", "--out", f"{out}/data/formatted", "--metrics", f"{out}/format.json"],
-        "tokenize": ["--base", str(base), "--formatted", f"{out}/data/formatted", "--out", f"{out}/data/tokenized",
+        "contamination": ["--formatted", f"{out}/data/formatted", "--out", f"{out}/data/contamination",
+                          "--metrics", f"{out}/contamination.json"],
+        "tokenize": ["--base", str(base), "--formatted", f"{out}/data/formatted",
+                     "--contamination", f"{out}/data/contamination", "--out", f"{out}/data/tokenized",
                      "--metrics", f"{out}/tokenize.json", "--detail", f"{out}/tokenize-detail.json"],
     }
+    if args.code != REPO and not (code / "stages" / "contamination.py").exists():
+        # A checkout from before the contamination stage: its tokenize takes no list.
+        del stages["contamination"]
+        stages["tokenize"] = [a for a in stages["tokenize"] if "contamination" not in a]
+    if args.until:
+        stages = dict(list(stages.items())[: list(stages).index(args.until) + 1])
     results = {}
     for name, stage_args in stages.items():
         results[name] = run_stage(name, ["--params", str(params_file), *stage_args], code, work / f"{name}.log")
         print(f"{name}: {results[name]}", file=sys.stderr)
-    tokenized = json.loads((out / "tokenize.json").read_text())
-    tokens = sum(tokenized[split]["tokens"] for split in ("train", "val", "test"))
-    rows_in = json.loads((out / "format.json").read_text())
-    wall, cpu = results["tokenize"]["wall_s"], results["tokenize"]["cpu_s"]
-    results["tokenize"].update(tokens=tokens, tokens_per_s=round(tokens / wall), tokens_per_cpu_s=round(tokens / cpu))
+    tokens = None
+    if "tokenize" in results:
+        tokenized = json.loads((out / "tokenize.json").read_text())
+        tokens = sum(tokenized[split]["tokens"] for split in ("train", "val", "test"))
+        wall, cpu = results["tokenize"]["wall_s"], results["tokenize"]["cpu_s"]
+        results["tokenize"].update(tokens=tokens, tokens_per_s=round(tokens / wall),
+                                   tokens_per_cpu_s=round(tokens / cpu))
+    if "contamination" in results:
+        checked = json.loads((out / "contamination.json").read_text())
+        cost = results["contamination"]
+        cost.update(rows_checked=checked["rows_checked"], rows_flagged=checked["rows_flagged"],
+                    rows_per_cpu_s=round(checked["rows_checked"] / cost["cpu_s"]))
+    rows_in = json.loads((out / "format.json").read_text()) if (out / "format.json").exists() else None
+    done = {"raw": "fetch", "formatted": "format", "tokenized": "tokenize"}
+    done = {folder for folder, stage in done.items() if stage in results}
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=code, capture_output=True, text=True)
     record = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "code": commit.stdout.strip() or str(code),
               "rows": args.rows, "corpus_bytes": data.stat().st_size, "format": rows_in,
-              "data_bytes": {name: sum(f.stat().st_size for f in (out / "data" / folder).rglob("*") if f.is_file())
-                             for name, folder in (("raw", "raw"), ("formatted", "formatted"),
-                                                  ("tokenized", "tokenized"))},
+              "data_bytes": {name: sum(f.stat().st_size for f in (out / "data" / name).rglob("*") if f.is_file())
+                             for name in ("raw", "formatted", "tokenized") if name in done},
               "stages": results}
     args.out.mkdir(parents=True, exist_ok=True)
     slug = f"{record['machine']['cpu']}-{record['machine']['cores']}cpu".lower().replace(" ", "-")
     target = args.out / f"{slug}-{record['date']}-{args.name}.json"
     target.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
-    print(f"{args.rows:,} rows, {data.stat().st_size / 1e6:.0f} MB of JSON Lines, {tokens:,} tokens "
+    counted = f"{tokens:,}" if tokens else "no"
+    print(f"{args.rows:,} rows, {data.stat().st_size / 1e6:.0f} MB of JSON Lines, {counted} tokens "
           f"({record['machine']['cores']} cores, {record['machine']['memory_gib']} GiB)")
     print(f"{'stage':10} {'wall':>8} {'CPU':>8} {'peak RSS':>10} {'load':>10}")
     for name, r in results.items():
         print(f"{name:10} {r['wall_s']:7.1f}s {r['cpu_s']:7.1f}s {r['peak_rss_mb']:8.0f} MB "
               f"{r['load_before']:4.1f}-{r['load_after']:<4.1f}")
-    print(f"tokenize: {results['tokenize']['tokens_per_s']:,} tokens/s, "
-          f"{results['tokenize']['tokens_per_cpu_s']:,} tokens per CPU-second; written to {target}")
+    if tokens:
+        print(f"tokenize: {results['tokenize']['tokens_per_s']:,} tokens/s, "
+              f"{results['tokenize']['tokens_per_cpu_s']:,} tokens per CPU-second")
+    if "contamination" in results:
+        print(f"contamination: {results['contamination']['rows_per_cpu_s']:,} training rows per CPU-second")
+    print(f"written to {target}")
 
 
 if __name__ == "__main__":

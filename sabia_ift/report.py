@@ -30,7 +30,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from .artifacts import BASE_FILE, PROMPT_SCORES
+from .cost import COST_DIR, read_costs
 from .errors import SabiaError
 from .evaluation.metrics import HIGHER_IS_BETTER
 from .provenance import TRACKED, Provenance, compare_locks
@@ -85,6 +88,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples (default 2000)")
     parser.add_argument("--confidence", type=float, default=0.95, help="interval level (default 0.95)")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed, so a report is reproducible")
+    parser.add_argument("--base-costs", default=None,
+                        help="the base revision's logs/cost folder, from its run on this machine (default: none)")
+    parser.add_argument("--head-costs", default=None,
+                        help="the head's logs/cost folder (default: logs/cost when the head is the working tree)")
 
 
 # --- reading a revision ------------------------------------------------------------------------
@@ -612,6 +619,57 @@ def timings_section(head: Revision) -> list[str]:
             *table(["Timing", "Value"], rows), "", "</details>", ""]
 
 
+DVC_FILE = "dvc.yaml"  # its stage order is the order of the cost table
+
+
+def _cost_cell(old: dict | None, new: dict | None, key: str, unit: str, scale: float = 1.0) -> str:
+    def one(record: dict | None) -> str:
+        value = None if record is None else record.get(key)
+        return MISSING if value is None else f"{value / scale:,.1f} {unit}"
+
+    return f"{one(old)} → {one(new)}"
+
+
+def cost_section(base_dir: str | None, head_dir: str | None, before: str, after: str) -> list[str]:
+    """What each stage cost at each revision (logs/cost, sabia_ift/cost.py), beside the results.
+
+    A stage missing on one side did not run there: DVC reused its outputs, or no log was given.
+    """
+    old = read_costs(base_dir) if base_dir and Path(base_dir).is_dir() else {}
+    new = read_costs(head_dir) if head_dir and Path(head_dir).is_dir() else {}
+    if not old and not new:
+        return []
+    try:
+        order = list(yaml.safe_load(Path(DVC_FILE).read_text(encoding="utf-8"))["stages"])
+    except (OSError, KeyError, TypeError, yaml.YAMLError):
+        order = []
+    stages = [s for s in order if s in old or s in new] + sorted((set(old) | set(new)) - set(order))
+    rows = [[stage, _cost_cell(old.get(stage), new.get(stage), "wall_s", "s"),
+             _cost_cell(old.get(stage), new.get(stage), "cpu_s", "s"),
+             _cost_cell(old.get(stage), new.get(stage), "gpu_s", "GPU-h", 3600),
+             _cost_cell(old.get(stage), new.get(stage), "energy_j", "Wh", 3600)] for stage in stages]
+
+    def total(costs: dict[str, dict]) -> dict | None:
+        if not costs:
+            return None
+        sums: dict[str, float | None] = {}
+        for key in ("wall_s", "cpu_s", "gpu_s", "energy_j"):
+            values = [c.get(key) for c in costs.values()]
+            known = [v for v in values if v is not None]
+            sums[key] = sum(known) if known else None
+        return sums
+
+    rows.append(["**all stages run**", *(_cost_cell(total(old), total(new), key, unit, scale) for key, unit, scale in
+                                         (("wall_s", "s", 1), ("cpu_s", "s", 1), ("gpu_s", "GPU-h", 3600),
+                                          ("energy_j", "Wh", 3600)))])
+    note = (f"{before} → {after}, per stage as it ran on the machine that made this report "
+            f"(`{COST_DIR}`); {MISSING}: the stage did not run there (DVC reused its outputs) or the "
+            "machine has no such counter. GPU time is wall time times the GPUs used; energy is NVML's "
+            "counter of those GPUs.")
+    return ["### Cost of each run", "", note, "", *table(["Stage", "Wall time", "CPU time", "GPU time", "GPU energy"],
+                                                         rows), ""]
+
+
 def other_metrics_section(metrics: dict, before: str, after: str) -> list[str]:
     """The pipeline's other metrics files: changed values shown, unchanged ones counted."""
     others = [p for p in sorted(metrics) if Path(p).as_posix() not in (EVAL_METRICS, BENCHMARKS)]
@@ -690,6 +748,8 @@ def build_report(args: argparse.Namespace) -> Path:
     lines += benchmark_section(base, head, before, after)
     lines += other_metrics_section(metrics, before, after)
     lines += timings_section(head)
+    lines += cost_section(args.base_costs, args.head_costs or (str(COST_DIR) if head.sha is None else None),
+                          before, after)
 
     lines += ["### Parameters", ""]
     param_rows = [[path, key, fmt(c.get("old")), fmt(c.get("new"))]

@@ -9,6 +9,7 @@ import sys
 import warnings
 from collections.abc import Callable
 
+from .cost import Meter, write_cost
 from .determinism import check_pinned, pin_cpu_numerics
 from .errors import SabiaError
 from .io import REFUSED
@@ -61,8 +62,10 @@ def run(main: Callable[[argparse.Namespace], None], doc: str | None, *paths: str
     """Parse `--params` and the stage's path arguments, run it, and turn a SabiaError
     into one line on stderr and exit code 2.
 
-    Paths come from dvc.yaml's `cmd`, so dvc.yaml is the one place that names them.
+    Paths come from dvc.yaml's `cmd`, so dvc.yaml is the one place that names them. A run that
+    succeeds records its cost (sabia_ift/cost.py) in logs/cost/<stage>.json.
     """
+    meter = Meter()
     parser = argparse.ArgumentParser(description=doc)
     parser.add_argument("--params", default="params.yaml")
     for name in paths:
@@ -88,4 +91,6 @@ def run(main: Callable[[argparse.Namespace], None], doc: str | None, *paths: str
         where = f"{os.fsdecode(exc.filename)}: " if exc.filename is not None else ""
         print(f"error: {where}{exc.strerror}", file=sys.stderr)
         return 2
+    if "LOCAL_RANK" not in os.environ:  # a DDP worker's time is its launcher's (children's CPU time)
+        write_cost(meter)
     return 0

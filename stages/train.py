@@ -7,7 +7,9 @@ from pathlib import Path
 from sabia_ift import stage
 from sabia_ift.artifacts import CHECKPOINTS_NOTE
 from sabia_ift.config import load_section
+from sabia_ift.cost import note_gpus
 from sabia_ift.io import write_json, write_text
+from sabia_ift.modeling import pick_device
 from sabia_ift.train import distributed
 from sabia_ift.train.training import check_before_launch, train
 
@@ -17,6 +19,8 @@ def main(args: argparse.Namespace) -> None:
     processes = distributed.requested_processes(cfg.devices, cfg.device)
     if distributed.needs_launch(processes):
         check_before_launch(cfg, processes, args.base, args.data)
+        if pick_device(cfg.device, "train.device") == "cuda":
+            note_gpus(processes)  # one GPU a worker; the workers' CPU time is counted as children's
         code = distributed.launch(processes, "stages.train", sys.argv[1:])
         if code:
             raise SystemExit(code)

@@ -196,7 +196,7 @@ def _pairs(word_hashes: np.ndarray, targets: Targets) -> dict[int, tuple[int, fl
 
 def scan(rows: Iterable[tuple[int, str]], targets: Targets, hasher: _WordHashes | None = None,
          chunk_rows: int = CHUNK_ROWS) -> Iterator[tuple[int, dict[int, tuple[int, float]]]]:
-    """(row id, {item number: (overlap words, share of the item)}) for each row of (row id, text) sharing text with a target."""
+    """(row id, {item number: (overlap words, share of the item)}) for each row sharing text with a target."""
     hasher = hasher or _WordHashes()
 
     def flush(ids: list[int], chunk: list[np.ndarray]) -> Iterator[tuple[int, dict[int, tuple[int, float]]]]:
