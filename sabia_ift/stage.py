@@ -62,8 +62,8 @@ def run(main: Callable[[argparse.Namespace], None], doc: str | None, *paths: str
     """Parse `--params` and the stage's path arguments, run it, and turn a SabiaError
     into one line on stderr and exit code 2.
 
-    Paths come from dvc.yaml's `cmd`, so dvc.yaml is the one place that names them. A run that
-    succeeds records its cost (sabia_ift/cost.py) in logs/cost/<stage>.json.
+    Paths come from dvc.yaml's `cmd`, so dvc.yaml is the one place that names them. A run under
+    DVC that succeeds records its cost (sabia_ift/cost.py) in logs/cost/<stage>.json.
     """
     meter = Meter()
     parser = argparse.ArgumentParser(description=doc)
@@ -91,6 +91,8 @@ def run(main: Callable[[argparse.Namespace], None], doc: str | None, *paths: str
         where = f"{os.fsdecode(exc.filename)}: " if exc.filename is not None else ""
         print(f"error: {where}{exc.strerror}", file=sys.stderr)
         return 2
-    if "LOCAL_RANK" not in os.environ:  # a DDP worker's time is its launcher's (children's CPU time)
+    # Only under DVC (DVC_STAGE set): a stage called by hand or from a test leaves no log in the
+    # current folder. A DDP worker's time is its launcher's (the children's CPU time).
+    if os.environ.get("DVC_STAGE") and "LOCAL_RANK" not in os.environ:
         write_cost(meter)
     return 0
