@@ -182,11 +182,15 @@ def main() -> None:
 
     if not only or "evaluate" in only:
         eval_params = write_params(work / "params-eval.yaml", common)
+        base_wall = stage("evaluate_base", eval_params, work, "--base", str(base), "--formatted", str(formatted),
+                          "--tokenized", str(tokenized), "--out", str(work / "eval-base"), log=log)
         wall = stage("evaluate", eval_params, work, "--base", str(base),
                      "--adapter", str(work / "adapter-realistic-mb8"),
                      "--formatted", str(formatted), "--tokenized", str(tokenized),
-                     "--samples", str(out / "samples.jsonl"), "--metrics", str(work / "eval.json"), log=log)
-        results["evaluate"] = {**json.loads((work / "eval.json").read_text()), "stage_wall_s": round(wall, 1)}
+                     "--base_results", str(work / "eval-base"), "--samples", str(out / "samples.jsonl"),
+                     "--prompts", str(work / "eval_prompts.jsonl"), "--metrics", str(work / "eval.json"), log=log)
+        results["evaluate"] = {**json.loads((work / "eval.json").read_text()), "stage_wall_s": round(wall, 1),
+                               "base_stage_wall_s": round(base_wall, 1)}
         save()
 
     print(f"\n{results['card']}  torch {results['torch']}  {results['versions']}")

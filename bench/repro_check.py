@@ -9,7 +9,7 @@ time and what the CPU and torch were. Two machines agree when `outs` and
 `metrics` are equal.
 
     python bench/repro_check.py --out bench/results/repro-<machine>.json
-    python bench/repro_check.py --stages train evaluate --set train.report_to=[] --out ...
+    python bench/repro_check.py --stages train evaluate_base evaluate --set train.report_to=[] --out ...
 
 `--set section.key=yaml-value` edits params.yaml in place first (meant for a throwaway
 copy of the project, such as a GPU machine's working tree). Runs on the CPU: CUDA is
@@ -31,7 +31,7 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_STAGES = ["base", "fetch", "format", "tokenize", "train", "evaluate"]
+DEFAULT_STAGES = ["base", "fetch", "format", "tokenize", "train", "evaluate_base", "evaluate"]
 
 
 def md5_file(path: Path) -> str:

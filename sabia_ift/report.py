@@ -601,7 +601,7 @@ def benchmark_section(base: Revision, head: Revision, before: str, after: str) -
         return []
     headers = [h if h != "tuned before" else f"tuned at {before}" for h in BENCHMARK_HEADERS]
     rows = benchmark_rows(read_json(base, BENCHMARKS), new, read_json(head, CONTAMINATION))
-    note = ("Each delta's 95% interval and p-value come from a paired test over the examples both models "
+    note = ("Each tuned − base change's 95% interval and p-value come from a paired test over the examples both models "
             "answered (exact McNemar for accuracy, paired bootstrap for F1 and Pearson); \"overlap\": training "
             "rows sharing an n-gram with the task's examples (— where the contamination check did not run).")
     return [f"### Portuguese benchmarks at {after}", "", *table(headers, rows), "", note, ""]

@@ -132,19 +132,19 @@ def test_the_stage_reports_a_bad_row_in_one_line_and_writes_nothing(tmp_path, ca
     import yaml
 
     from sabia_ift import stage
-    from stages.benchmark import main
+    from stages.benchmark_base import main
 
     bad = tmp_path / "prova.jsonl"
     bad.write_text('{"pergunta": "Quanto é 2 + 2?", "alternativas": ["3", "4"], "resposta": "C"}\n')
     params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({"benchmark": {**default_params()["benchmark"], "tasks": [
-        {"name": "prova", "kind": "multiple_choice", "path": str(bad), "num_fewshot": 0,
-         "columns": {"question": "pergunta", "choices": "alternativas", "answer": "resposta"}}]}}))
-    metrics = tmp_path / "benchmarks.json"
-    code = stage.run(main, None, "base", "adapter", "metrics", argv=[
-        "--params", str(params), "--base", str(tiny_base), "--adapter", str(tmp_path / "none"),
-        "--metrics", str(metrics)])
-    assert code == 2 and not metrics.exists()
+    params.write_text(yaml.safe_dump({"train": default_params()["train"], "benchmark": {
+        **default_params()["benchmark"], "tasks": [
+            {"name": "prova", "kind": "multiple_choice", "path": str(bad), "num_fewshot": 0,
+             "columns": {"question": "pergunta", "choices": "alternativas", "answer": "resposta"}}]}}))
+    out = tmp_path / "base.json"
+    code = stage.run(main, None, "base", "out", argv=[
+        "--params", str(params), "--base", str(tiny_base), "--out", str(out)])
+    assert code == 2 and not out.exists()
     assert capsys.readouterr().err == (f"error: {bad}: row 1: key resposta: answer 'C' is not among the "
                                        "choices A, B\n")
 

@@ -17,8 +17,8 @@ def default_project(tmp_path_factory):
     """The default params, untouched: what a new user's first `dvc repro` does."""
     project = make_project(tmp_path_factory.mktemp("default") / "sabia-ift")
     result = run(["dvc", "repro"], project, timeout=2700)  # the whole default pipeline, beside another worker
-    assert ran_stages(result.stdout) == {"base", "fetch", "format", "contamination", "tokenize", "train", "evaluate",
-                                           "benchmark"}
+    assert ran_stages(result.stdout) == {"base", "fetch", "format", "contamination", "tokenize", "train",
+                                         "evaluate_base", "evaluate", "benchmark_base", "benchmark"}
     return project
 
 

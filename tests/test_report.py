@@ -398,6 +398,29 @@ def test_benchmark_section_marks_regressions_against_base_and_the_previous_run()
     assert benchmark_section(FakeRevision({}), FakeRevision({}), "main", "this PR") == []
 
 
+def test_benchmark_section_shows_each_tasks_test_and_its_training_overlap():
+    from sabia_ift.report import BENCHMARKS, CONTAMINATION, benchmark_section
+
+    new = {"enem": {"metric": "acc", "base": 0.5, "tuned": 0.6, "delta": 0.1, "n": 120, "num_fewshot": 3,
+                    "test": "mcnemar_exact", "ci95": [0.03, 0.17], "p_value": 0.004, "significant": True}}
+    # metrics/contamination.json as the contamination stage writes it, by hand.
+    contamination = {"n": 13, "policy": "report", "rows_checked": 500,
+                     "targets": {"test": {"items": 100, "rows_flagged": 0, "share": 0.0},
+                                 "enem": {"items": 120, "rows_flagged": 2, "share": 0.004}},
+                     "longest": []}
+    lines = benchmark_section(FakeRevision({}), FakeRevision({BENCHMARKS: new, CONTAMINATION: contamination}),
+                              "main", "this PR")
+    header = next(line for line in lines if line.startswith("| task"))
+    assert "95% interval" in header and "| overlap |" in header
+    row = next(line for line in lines if line.startswith("| enem"))
+    assert "+0.1000 [+0.0300, +0.1700]" in row and "0.0040" in row and "⚠️ 2 rows" in row
+    assert "✅ better than base" in row
+    assert any("exact McNemar" in line for line in lines)
+    without = benchmark_section(FakeRevision({}), FakeRevision({BENCHMARKS: new}), "main", "this PR")
+    row = next(line for line in without if line.startswith("| enem"))
+    assert "| — | ✅ better than base |" in row
+
+
 def test_timings_appear_only_for_the_working_tree():
     from sabia_ift.report import TRAIN_TIMINGS, timings_section
 

@@ -50,7 +50,8 @@ def test_run_preset_is_an_experiment_that_leaves_the_workspace_on_the_default(sm
     before = (p / "params.yaml").read_bytes()
 
     result = run([sys.executable, "-m", "sabia_ift.cli", "run-preset", "short-answers"], p)
-    assert ran_stages(result.stdout + result.stderr) == {"evaluate"}
+    # The base's generations depend on evaluate's params too: both halves rerun, nothing else.
+    assert ran_stages(result.stdout + result.stderr) == {"evaluate_base", "evaluate"}
     assert (p / "params.yaml").read_bytes() == before
     assert run(["git", "status", "--porcelain"], p).stdout == ""
     exp = find_experiment(json.loads(run(["dvc", "exp", "show", "--json"], p).stdout), "short-answers")
@@ -62,10 +63,33 @@ def test_run_preset_is_an_experiment_that_leaves_the_workspace_on_the_default(sm
 # test_determinism.py: the whole pipeline twice (two CPU settings) gives identical metrics.
 
 
+def shape(obj):
+    """A JSON value's keys, nested, without its numbers."""
+    if isinstance(obj, dict):
+        return {key: shape(value) for key, value in obj.items()}
+    return type(obj).__name__ if obj is None or isinstance(obj, (bool, str, list)) else "number"
+
+
 def test_changing_lr_reruns_only_train_and_what_reads_the_adapter(small_project):
+    """The base model's generations and benchmark answers come from DVC's cache, and the metrics
+    files keep their base/tuned/delta shape (dvc metrics diff and the report read them as before)."""
+    before = {name: json.loads((small_project / name).read_text())
+              for name in ("metrics/eval.json", "metrics/benchmarks.json")}
     write_params(small_project, {"train": {"lr": 0.001}})
+    dry = run(["dvc", "repro", "--dry"], small_project)
+    assert ran_stages(dry.stdout) == {"train", "evaluate", "benchmark"}
     result = run(["dvc", "repro"], small_project)
     assert ran_stages(result.stdout) == {"train", "evaluate", "benchmark"}
+    for name, old in before.items():
+        new = json.loads((small_project / name).read_text())
+        assert shape(new) == shape(old), name
+    ev = json.loads((small_project / "metrics/eval.json").read_text())
+    assert ev["base"] == before["metrics/eval.json"]["base"] and ev["tuned"] != before["metrics/eval.json"]["tuned"]
+    assert set(ev) >= {"base", "tuned", "delta"}
+    for task in json.loads((small_project / "metrics/benchmarks.json").read_text()).values():
+        assert set(task) >= {"base", "tuned", "delta", "ci95", "p_value", "significant"}
+    prompts = [json.loads(line) for line in (small_project / "metrics/eval_prompts.jsonl").read_text().splitlines()]
+    assert prompts and all(set(p) == {"source_row", "prompt_sha1", "base", "tuned"} for p in prompts)
 
 
 def test_a_code_change_reruns_its_stage_and_stops_where_outputs_match(small_project):
