@@ -44,6 +44,20 @@ class Interval:
         return self.low > 0 or self.high < 0
 
 
+def _resample(n: int, statistic, resamples: int, seed: int):
+    """`statistic` of `resamples` paired resamples of n items (rows of item indices drawn with
+    replacement), drawn in chunks that bound the index matrix at about 16 MB."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    values = np.empty(resamples)
+    chunk = max(1, 2_000_000 // n)
+    for start in range(0, resamples, chunk):
+        count = min(chunk, resamples - start)
+        values[start:start + count] = statistic(rng.integers(0, n, size=(count, n)))
+    return values
+
+
 def paired_bootstrap(before, after, resamples: int = 2000, confidence: float = 0.95, seed: int = 0) -> Interval:
     """Percentile interval of the mean paired difference, resampling prompts with replacement.
 
@@ -57,12 +71,7 @@ def paired_bootstrap(before, after, resamples: int = 2000, confidence: float = 0
         raise ValueError(f"a paired bootstrap needs two or more paired scores, got {diff.size}")
     if not 0 < confidence < 1 or resamples < 1:
         raise ValueError(f"confidence must be in (0, 1) and resamples positive, got {confidence}, {resamples}")
-    rng = np.random.default_rng(seed)
-    means = np.empty(resamples)
-    chunk = max(1, 2_000_000 // diff.size)  # bounds the index matrix at about 16 MB
-    for start in range(0, resamples, chunk):
-        count = min(chunk, resamples - start)
-        means[start:start + count] = diff[rng.integers(0, diff.size, size=(count, diff.size))].mean(axis=1)
+    means = _resample(diff.size, lambda index: diff[index].mean(axis=1), resamples, seed)
     tail = (1 - confidence) / 2
     low, high = np.quantile(means, [tail, 1 - tail])
     return Interval(float(diff.mean()), float(low), float(high), int(diff.size))
@@ -248,14 +257,8 @@ def paired_bootstrap_statistic(metric: str, before, after, resamples: int = 2000
     if len(before) != len(after) or len(before) < 2:
         raise ValueError(f"a paired bootstrap needs two or more paired items, got {len(before)} and {len(after)}")
     statistic = CORPUS_STATISTICS[metric]
-    rng = np.random.default_rng(seed)
     n = len(before)
-    diffs = np.empty(resamples)
-    chunk = max(1, 2_000_000 // n)
-    for start in range(0, resamples, chunk):
-        count = min(chunk, resamples - start)
-        index = rng.integers(0, n, size=(count, n))
-        diffs[start:start + count] = statistic(after, index) - statistic(before, index)
+    diffs = _resample(n, lambda index: statistic(after, index) - statistic(before, index), resamples, seed)
     everything = np.arange(n)[None, :]
     change = float(statistic(after, everything)[0] - statistic(before, everything)[0])
     finite = diffs[np.isfinite(diffs)]
