@@ -38,7 +38,7 @@ COMMANDS = {
               "--live", "metrics/curves", "--metrics", "metrics/train.json", "--timings", "logs/train-timings.json"],
     # Its task data is checked before any model is loaded.
     "benchmark": ["-m", "stages.benchmark", "--base", "models/base", "--adapter", "models/adapter",
-                  "--metrics", "metrics/benchmarks.json"],
+                  "--base_results", "data/benchmark/base.json", "--metrics", "metrics/benchmarks.json"],
 }
 # What each stage writes (dvc.yaml outs and metrics): none of it may exist after a failure.
 OUTPUTS = {
@@ -447,7 +447,8 @@ def check_clean(project: Path, stage_name: str) -> None:
 TOKENIZE_ARGS = ["--base", "models/base", "--formatted", "data/formatted", "--out", "data/tokenized",
                  "--metrics", "metrics/tokenize.json", "--detail", "metrics/detail/tokenize.json"]
 EVALUATE_ARGS = ["--base", "models/base", "--adapter", "models/adapter", "--formatted", "data/formatted",
-                 "--tokenized", "data/tokenized", "--samples", "data/eval/samples.jsonl",
+                 "--tokenized", "data/tokenized", "--base_results", "data/eval/base",
+                 "--samples", "data/eval/samples.jsonl",
                  "--prompts", "metrics/eval_prompts.jsonl", "--metrics", "metrics/eval.json"]
 
 

@@ -121,8 +121,8 @@ def test_the_stage_says_it_in_one_line(tmp_path, capsys):
     params.write_text(yaml.safe_dump({"benchmark": {**default_params()["benchmark"], "tasks": [
         {"name": "prova", "kind": "multiple_choice", "path": str(bad), "num_fewshot": 0,
          "columns": {"question": "q", "choices": "opts", "answer": "ans"}}]}}))
-    code = stage.run(main, None, "base", "adapter", "metrics", argv=[
+    code = stage.run(main, None, "base", "adapter", "base_results", "metrics", argv=[
         "--params", str(params), "--base", str(tmp_path / "no-base"), "--adapter", str(tmp_path / "no-adapter"),
-        "--metrics", str(tmp_path / "benchmarks.json")])
+        "--base_results", str(tmp_path / "no-base-results.json"), "--metrics", str(tmp_path / "benchmarks.json")])
     assert code == 2 and not (tmp_path / "benchmarks.json").exists()
     assert capsys.readouterr().err == f"error: {bad}: line 1: invalid UTF-8 at byte 9 of the line\n"

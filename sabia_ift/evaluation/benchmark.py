@@ -210,11 +210,12 @@ def run_benchmark(cfg: BenchmarkConfig, base_dir: str | Path, adapter_dir: str |
     device = pick_device(cfg.device, "benchmark.device")
     where = str(base_results) if base_results is not None else "the base results"
     stored = None
-    if base_results is not None:
-        stored = read_base_results(base_results)
-        check_loading(adapter_dir, stored.get("loading") or {}, where)
     with tempfile.TemporaryDirectory(prefix="sabia-benchmark-") as workdir:
+        # The task files first: a bad row is the user's to fix whatever else is missing.
         prepared = prepare_tasks(cfg, workdir, root)
+        if base_results is not None:
+            stored = read_base_results(base_results)
+            check_loading(adapter_dir, stored.get("loading") or {}, where)
         tokenizer, model = load_tuned(base_dir, adapter_dir, device)
         model.eval()
         names = list(prepared)
