@@ -35,7 +35,7 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-PIPELINE_STAGES = (*DATA_STAGES, "train", "evaluate", "benchmark")
+PIPELINE_STAGES = (*DATA_STAGES, "train", "evaluate_base", "evaluate", "benchmark_base", "benchmark")
 
 
 @pytest.fixture(scope="module")

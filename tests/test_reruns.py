@@ -77,7 +77,9 @@ def test_changing_lr_reruns_only_train_and_what_reads_the_adapter(small_project)
               for name in ("metrics/eval.json", "metrics/benchmarks.json")}
     write_params(small_project, {"train": {"lr": 0.001}})
     dry = run(["dvc", "repro", "--dry"], small_project)
-    assert ran_stages(dry.stdout) == {"train", "evaluate", "benchmark"}
+    # A dry run does not train, so DVC cannot see the adapter change yet and lists train alone;
+    # what matters here is that no base stage is in it.
+    assert ran_stages(dry.stdout) == {"train"}
     result = run(["dvc", "repro"], small_project)
     assert ran_stages(result.stdout) == {"train", "evaluate", "benchmark"}
     for name, old in before.items():

@@ -33,6 +33,8 @@ def test_train_writes_a_loadable_adapter_and_metrics(tiny_base, tokenized, tmp_p
     assert timings["rows_seen"] == 64 and timings["processes"] == 1
     # Machine measurements stay out of the results, which must be identical on every rerun.
     assert not {"runtime_s", "peak_memory_gib", "step_time_s"} & set(metrics)
+    # The whole stage's peak (final evaluation and saving included) is at least the training peak.
+    assert timings["stage_peak_memory_gib"] >= timings["peak_memory_gib"] > 0
     config = PeftConfig.from_pretrained(str(tmp_path / "adapter"))
     assert config.r == 4 and sorted(config.target_modules) == ["q_proj", "v_proj"]
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
@@ -217,3 +219,31 @@ def test_tensorboard_events_outlive_the_finished_run(tiny_base, tokenized, tmp_p
     events = list((tmp_path / "logs" / "tensorboard").glob("*/events.out.tfevents.*"))
     # One run folder; the final evaluation after training opens a second event file in it.
     assert events and len({e.parent for e in events}) == 1 and all(e.stat().st_size > 0 for e in events)
+
+
+def test_evaluation_asks_the_fused_loss_for_no_logits(tiny_base, tmp_path):
+    """With Liger's fused loss applied by the stage, the final evaluation must ask it to skip the
+    logits as training does: their fp32 copy is the peak that stopped an 8 GiB card."""
+    import torch
+    from transformers import AutoModelForCausalLM, TrainingArguments
+
+    from sabia_ift.train.training import _make_trainer_class
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_base)
+    asked = []
+    plain_forward = model.forward
+
+    def forward(*args, skip_logits=None, **kwargs):  # what Liger's forward receives
+        asked.append(skip_logits)
+        return plain_forward(*args, **kwargs)
+
+    model.forward = forward
+    trainer = _make_trainer_class()(model=model, args=TrainingArguments(output_dir=str(tmp_path), report_to=[],
+                                                                        use_cpu=True))
+    batch = {"input_ids": torch.tensor([[1, 5, 9, 2]]), "labels": torch.tensor([[1, 5, 9, 2]])}
+    trainer.prediction_step(model, batch, prediction_loss_only=True)
+    trainer.eval_skips_logits = True
+    loss, _, _ = trainer.prediction_step(model, batch, prediction_loss_only=True)
+    trainer.prediction_step(model, batch, prediction_loss_only=False)  # logits wanted: not skipped
+    assert asked == [None, True, None]
+    assert torch.isfinite(loss)

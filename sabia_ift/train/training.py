@@ -150,6 +150,7 @@ def _make_trainer_class():
         save_seconds: list[float]
         checkpoint_bytes: int | None = None
         row_weighting: weighting.RowWeighting | None = None
+        eval_skips_logits = False
 
         def get_train_dataloader(self):
             # Already sharded by rank: not passed through accelerate's re-sharding.
@@ -174,6 +175,15 @@ def _make_trainer_class():
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             finally:
                 self.row_weighting.weights = None
+
+        def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+            if self.eval_skips_logits and prediction_loss_only and "labels" in inputs:
+                # Liger's fused loss skips the logits in training mode only unless asked; in
+                # evaluation it builds the micro-batch's fp32 logits (16,384 x 32,000 x 4 bytes
+                # = 1.95 GiB), the allocation that stopped an 8 GiB card after its last step.
+                # The Trainer asks only when it applied Liger itself; this stage applies it.
+                inputs = {**inputs, "skip_logits": True}
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
 
         def evaluate(self, *args, **kwargs):
             self.data_collator.counting = False
@@ -419,11 +429,13 @@ def train(cfg: TrainConfig, base_dir: str | Path, tokenized_dir: str | Path, ada
         processing_class=tokenizer, callbacks=callbacks,
     )
     trainer.sampler = sampler
+    trainer.eval_skips_logits = cfg.kernels == "liger"
     quiet_trainer_logs(trainer)
     if cfg.loss_weighting == "rows":
         rows_per_step = weighting.rows_per_step(len(train_set), len(sampler.batches(0)), cfg.grad_accum)
         trainer.row_weighting = weighting.RowWeighting(rows_per_step)
         trainer.row_weighting.attach(model.get_base_model().model)
+    load_peak = _peak_memory(run.device)
     if run.device == "cuda":
         # The peak of training itself: weights and everything a step allocates, not loading spikes.
         torch.cuda.reset_peak_memory_stats()
@@ -444,6 +456,10 @@ def train(cfg: TrainConfig, base_dir: str | Path, tokenized_dir: str | Path, ada
         return None
     save_adapter(model, tokenizer, adapter_dir, cfg, ref)
     clear_checkpoints(checkpoint_dir)
+    # What a card must hold for the whole stage (loading, steps, final evaluation, saving),
+    # beside the training peak above: the figure that says whether a run fits a smaller card.
+    memory.update({f"stage_{key}": max(value or 0.0, load_peak.get(key) or 0.0)
+                   for key, value in _peak_memory(run.device).items()})
 
     # From the log history, which a resumed run restores from its checkpoint:
     # the Trainer's own training_loss would only average the steps since resuming.
