@@ -145,7 +145,7 @@ def inference_copy(model, merge: bool):
                 weight = dequantize_module_weight(source.get_base_layer()).to(dtype)
                 if merge:
                     for name in source.active_adapters:
-                        weight = weight + source.get_delta_weight(name).to(dtype)
+                        weight = weight + source.get_delta_weight(name).to(dtype)  # type: ignore[attr-defined]  # lora.Linear and its 4-bit form have it
             elif attr == "weight" and hasattr(getattr(source, "weight", None), "quant_state"):
                 weight = dequantize_module_weight(source).to(dtype)
             else:
