@@ -1,5 +1,7 @@
 """Batched left-padded greedy generation gives what one-at-a-time generation gives."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -46,3 +48,84 @@ def test_answers_never_run_past_the_context(tiny_base, tokenizer):
     with pytest.raises(ModelError, match=f"a prompt of {len(prompt)} tokens leaves no room"):
         generate(model, tokenizer, [prompt], max_new_tokens=4, batch_size=1, device="cpu",
                  context_length=len(prompt))
+
+
+def _test_prompts(tokenizer):
+    from sabia_ift.toy.sample import generate_rows
+
+    rows = generate_rows(1)[:12]
+    return [encode_prompt(tokenizer, build_prompt(r["instruction"], r.get("input", ""))) for r in rows]
+
+
+def test_fast_engine_answers_as_hf_generate(tuned_adapter, tiny_base, tokenizer):
+    """Sorting, retiring finished rows, continuous batching and merged weights change no greedy answer."""
+    from sabia_ift.evaluation.generation import adapter_enabled, fast_generate, inference_copy
+    from sabia_ift.modeling import load_tuned
+
+    _, model = load_tuned(tiny_base, tuned_adapter, "cpu")
+    prompts = _test_prompts(tokenizer)
+    assert len({len(p) for p in prompts}) > 1
+    answers = {}
+    for tuned in (False, True):
+        with model.disable_adapter() if not tuned else contextlib.nullcontext():
+            assert adapter_enabled(model) is tuned
+            plain = inference_copy(model, merge=tuned)
+            assert not any("lora" in name for name, _ in plain.named_parameters())
+            want = generate(model, tokenizer, prompts, max_new_tokens=24, batch_size=4, device="cpu")
+            got = fast_generate(model, tokenizer, prompts, max_new_tokens=24, batch_size=3, plain=plain)
+        assert got == want
+        answers[tuned] = got
+    assert answers[True] != answers[False]  # the merged adapter is really in the copy
+
+
+def test_fast_engine_halves_the_batch_on_out_of_memory(tuned_adapter, tiny_base, tokenizer, caplog):
+    from sabia_ift.evaluation.generation import fast_generate, inference_copy
+    from sabia_ift.modeling import load_tuned
+
+    _, model = load_tuned(tiny_base, tuned_adapter, "cpu")
+    plain = inference_copy(model, merge=True)
+    prompts = _test_prompts(tokenizer)
+    want = fast_generate(model, tokenizer, prompts, max_new_tokens=16, batch_size=8, plain=plain)
+    real, caps = plain.generate_batch, []
+
+    def tight(inputs, generation_config, continuous_batching_config):
+        caps.append(continuous_batching_config.max_requests_per_batch)
+        if continuous_batching_config.max_requests_per_batch > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(inputs, generation_config=generation_config,
+                    continuous_batching_config=continuous_batching_config)
+
+    plain.generate_batch = tight
+    with caplog.at_level("WARNING"):
+        got = fast_generate(model, tokenizer, prompts, max_new_tokens=16, batch_size=8, plain=plain)
+    assert got == want and caps == [8, 4, 2]
+    assert sum("out of memory" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_fast_engine_refuses_a_truncated_answer(tiny_base, tokenizer):
+    from sabia_ift.errors import ModelError
+    from sabia_ift.evaluation.generation import fast_generate
+
+    model = load_model(tiny_base, quantization="none", double_quant=False, dtype=torch.float32, device="cpu")
+    prompts = _test_prompts(tokenizer)[:2]
+    real = model.generate_batch
+
+    def short(inputs, generation_config, continuous_batching_config):
+        out = real(inputs, generation_config=generation_config, continuous_batching_config=continuous_batching_config)
+        for r in out.values():
+            r.generated_tokens = [t for t in r.generated_tokens if t != tokenizer.eos_token_id][:3]
+        return out
+
+    model.generate_batch = short
+    with pytest.raises(ModelError, match="truncated"):
+        fast_generate(model, tokenizer, prompts, max_new_tokens=8, plain=model)
+
+
+def test_prompts_near_the_context_get_the_room_left(tiny_base, tokenizer):
+    from sabia_ift.evaluation.generation import fast_generate
+
+    model = load_model(tiny_base, quantization="none", double_quant=False, dtype=torch.float32, device="cpu")
+    prompts = _test_prompts(tokenizer)[:4]
+    context = max(map(len, prompts)) + 3
+    out = fast_generate(model, tokenizer, prompts, max_new_tokens=20, context_length=context, plain=model)
+    assert all(g.stopped or g.new_tokens == min(20, context - len(p)) for g, p in zip(out, prompts, strict=True))
