@@ -74,10 +74,11 @@ def fixed_length_data(tokenized: Path, out: Path, length: int, rows: int, prompt
         .save_to_disk(str(out))
 
 
-def stage(name: str, params: Path, work: Path, *args: str, log: Path) -> float:
-    """Run one stage script as dvc.yaml would; returns its wall time."""
+def stage(name: str, params: Path, work: Path, *args: str, log: Path, cap_gib: float | None = None) -> float:
+    """Run one stage script as dvc.yaml would (under bench/memory_cap.py with `cap_gib`); returns its wall time."""
     start = time.perf_counter()
-    cmd = [sys.executable, "-m", f"stages.{name}", "--params", str(params), *args]
+    cap = [str(REPO / "bench" / "memory_cap.py"), str(cap_gib)] if cap_gib else []
+    cmd = [sys.executable, *cap, "-m", f"stages.{name}", "--params", str(params), *args]
     with log.open("a") as fh:
         fh.write(f"\n$ {' '.join(cmd)}\n")
         fh.flush()

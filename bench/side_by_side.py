@@ -1,7 +1,7 @@
 """QLoRA of a LLaMA-7B-architecture model, this project beside its peers, in one run on one CUDA card.
 
     python bench/side_by_side.py --rows .bench/rows.jsonl --tokenizer .bench/tokenizer --work /tmp/bench \
-        --out bench/results [--only NAME,...] [--steps 12]
+        --out bench/results [--only NAME,...] [--steps 12] [--caps 6,8,12,16 [--cap-tokens 2048,16384]]
 
 Same random LLaMA-7B folder (bench/gpu_qlora.py builds it), same LoRA shape
 (r=32, alpha 64, dropout 0 on q/k/v), NF4 + double quantization, bf16:
@@ -26,7 +26,10 @@ Only when named in --only:
                        loop under torch.profiler (top kernels); ours-profile-lowmem: the same with offload
 
 Peers run in bench/peers.py (a fresh process each, same plain loop); this
-project's rows run the real stage scripts (as dvc.yaml does). Writes
+project's rows run the real stage scripts (as dvc.yaml does). With --caps, each
+simulated card (bench/memory_cap.py: one per-process CUDA memory cap for both
+tools) trains the low-memory settings and Unsloth's checkpointed mode at each
+--cap-tokens; the rows land in `sim_card_results`. Writes
 <out>/<card>-<date>-side-by-side.json and prints the table.
 """
 
@@ -82,6 +85,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--only", default="")
     parser.add_argument("--tag", default="side-by-side", help="suffix of the results file name")
+    parser.add_argument("--caps", default="", help="simulated card sizes in GiB, e.g. 6,8,12,16 (none by default)")
+    parser.add_argument("--cap-tokens", default="2048,16384", help="tokens a step on each simulated card")
     args = parser.parse_args()
 
     import torch
@@ -134,44 +139,73 @@ def main() -> None:
         "ours-fast-unfused": (fixed, {**FAST, "kernels": "none", "fused_lora": False}),
         "ours-realistic-unpacked-peft": (tokenized, {**UNPACKED, "fused_lora": False}),
     }
-    for name, (data, overrides) in ours.items():
-        if (only and name not in only) or (not only and name in OPTIONAL):
-            continue
+    def run_ours(name: str, data: Path, overrides: dict, cap_gib: float | None = None) -> dict:
         run_params = write_params(work / f"params-{name}.yaml", {**common, "train": {**common["train"], **overrides}})
         metrics, timings = work / f"train-{name}.json", work / f"timings-{name}.json"
         try:
             stage("train", run_params, work, "--base", str(base), "--data", str(data), "--out",
                   str(work / f"adapter-{name}"), "--checkpoints", str(work / f"ckpt-{name}"), "--metrics",
-                  str(metrics), "--timings", str(timings), log=log)
+                  str(metrics), "--timings", str(timings), log=log, cap_gib=cap_gib)
         except SystemExit as exc:
-            results["runs"][name] = {"failed": str(exc)}
-            save()
-            continue
+            return {"failed": str(exc)}
         t = json.loads(timings.read_text())
         m = json.loads(metrics.read_text())
-        results["runs"][name] = {
+        return {
             "tool": "ours", "settings": overrides, "tokens_per_s": t["steady_input_tokens_per_s"],
             "trained_tokens_per_s": t["steady_trained_tokens_per_s"], "step_s": t["step_time_s"],
             "peak_allocated_gib": t.get("peak_step_memory_gib") or t["peak_memory_gib"],
             "peak_allocated_with_saves_gib": t["peak_memory_gib"], "peak_reserved_gib": t["peak_reserved_gib"],
+            # Loading, steps, final evaluation and saving: what the card must hold for the whole stage.
+            "stage_peak_allocated_gib": t.get("stage_peak_memory_gib"),
+            "stage_peak_reserved_gib": t.get("stage_peak_reserved_gib"),
             "micro_batch": (overrides["micro_batch_tokens"] // 2048 if overrides["packing"]
                             else overrides.get("micro_batch_size")),
             "checkpointing": overrides["gradient_checkpointing"], "trainable_params": m["trainable_params"],
             "first_losses": m["first_train_loss"], "final_loss": m["final_train_loss"]}
-        save()
 
-    for name, peer_args in PEERS.items():
-        if (only and name not in only) or (not only and name in OPTIONAL):
-            continue
+    def run_peer(name: str, peer_args: list[str], cap_gib: float | None = None) -> dict:
         res = work / f"peer-{name}.json"
-        cmd = [sys.executable, str(REPO / "bench" / "peers.py"), "--model", str(model_dir), "--steps",
+        res.unlink(missing_ok=True)
+        cap = [str(REPO / "bench" / "memory_cap.py"), str(cap_gib)] if cap_gib else []
+        cmd = [sys.executable, *cap, str(REPO / "bench" / "peers.py"), "--model", str(model_dir), "--steps",
                str(args.steps), "--out", str(res), *peer_args]
         with log.open("a") as fh:
             fh.write(f"\n$ {' '.join(cmd)}\n")
             fh.flush()
             code = subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT, env=peer_env(name), cwd=REPO)
-        results["runs"][name] = json.loads(res.read_text()) if res.is_file() else {"failed": f"exit {code}"}
+        return json.loads(res.read_text()) if res.is_file() else {"failed": f"exit {code}"}
+
+    for name, (data, overrides) in ours.items():
+        if (only and name not in only) or (not only and name in OPTIONAL):
+            continue
+        results["runs"][name] = run_ours(name, data, overrides)
         save()
+
+    for name, peer_args in PEERS.items():
+        if (only and name not in only) or (not only and name in OPTIONAL):
+            continue
+        results["runs"][name] = run_peer(name, peer_args)
+        save()
+
+    # Simulated cards: the low-memory settings and Unsloth's checkpointed mode under one cap each.
+    sim = results.setdefault("sim_card_results", [])
+    for cap_gib in (float(c) for c in filter(None, args.caps.split(","))):
+        for tokens in (int(t) for t in args.cap_tokens.split(",")):
+            rows = tokens // 2048
+            for tool in ("ours", "unsloth"):
+                if tool == "ours":
+                    r = run_ours(f"ours-cap{cap_gib:g}-{tokens}", fixed, {**LOWMEM, "micro_batch_tokens": tokens},
+                                 cap_gib)
+                else:
+                    r = run_peer(f"unsloth-cap{cap_gib:g}-{tokens}", ["--tool", "unsloth", "--micro-batch", str(rows),
+                                 "--accum", "1", "--checkpointing", "unsloth"], cap_gib)
+                sim[:] = [s for s in sim if (s["cap_gib"], s["tokens_per_step"], s["tool"]) != (cap_gib, tokens, tool)]
+                sim.append({"cap_gib": cap_gib, "tokens_per_step": tokens, "tool": tool,
+                            "trained": "tokens_per_s" in r, "tokens_per_s": r.get("tokens_per_s"),
+                            "step_peak_allocated_gib": r.get("peak_allocated_gib"),
+                            "stage_peak_allocated_gib": r.get("stage_peak_allocated_gib"),
+                            **({"failed": r.get("failed") or r.get("skipped")} if "tokens_per_s" not in r else {})})
+                save()
 
     for name, checkpointing in (("ours-profile", "off"), ("ours-profile-lowmem", "offload")):
         if name not in only:
@@ -217,6 +251,9 @@ def summarise(results: dict) -> None:
         "ours_packed_realistic_tokens_per_s": value("ours-realistic-packed"),
         "ours_unpacked_realistic_tokens_per_s": value("ours-realistic-unpacked"),
         "ours_fixed_tokens_per_s": value("ours-fast"),
+        "ours_mb1_tokens_per_s": value("ours-mb1"),
+        "unsloth_mb1_tokens_per_s": value("unsloth-ckpt-mb1"),
+        "ours_lowmem_stage_peak_gib": value("ours-lowmem", "stage_peak_allocated_gib"),
     })
 
     def ratio(a, b):
@@ -224,6 +261,7 @@ def summarise(results: dict) -> None:
 
     results["ratio_fast"] = ratio(results["ours_fast_tokens_per_s"], results["unsloth_best_tokens_per_s"])
     results["ratio_lowmem"] = ratio(results["ours_lowmem_tokens_per_s"], results["unsloth_checkpointed_tokens_per_s"])
+    results["ratio_mb1"] = ratio(results["ours_mb1_tokens_per_s"], results["unsloth_mb1_tokens_per_s"])
     results["realistic_packed_share_of_fixed"] = ratio(results["ours_packed_realistic_tokens_per_s"],
                                                        results["ours_fixed_tokens_per_s"])
 

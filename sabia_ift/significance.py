@@ -160,6 +160,8 @@ def compare(before_eval: dict, after_eval: dict, before_prompts: dict[int, dict]
         keys = [k for k in EVAL_KEYS if k in old or k in new] + sorted((old.keys() | new.keys()) - set(EVAL_KEYS))
         out = []
         for key in keys:
+            if isinstance(old.get(key), str) or isinstance(new.get(key), str):
+                continue  # labels such as the generation engine: recorded in the metrics, not compared
             test = None
             if untested is None and key in SCORE_OF and before_prompts is not None and after_prompts is not None:
                 score = SCORE_OF[key]

@@ -129,3 +129,18 @@ def test_prompts_near_the_context_get_the_room_left(tiny_base, tokenizer):
     context = max(map(len, prompts)) + 3
     out = fast_generate(model, tokenizer, prompts, max_new_tokens=20, context_length=context, plain=model)
     assert all(g.stopped or g.new_tokens == min(20, context - len(p)) for g, p in zip(out, prompts, strict=True))
+
+
+@pytest.mark.parametrize("engine", ["auto", "hf", "fast"])
+def test_the_engine_named_or_picked_answers_and_is_reported(tiny_base, tokenizer, engine):
+    """evaluate.engine: auto takes the 4-bit-capable HF path off CUDA; a named engine is used as named,
+    and both give the same greedy answers on the same weights."""
+    from sabia_ift.evaluation.generation import _copies, generate_with
+
+    model = load_model(tiny_base, quantization="none", double_quant=False, dtype=torch.float32, device="cpu")
+    prompts = _test_prompts(tokenizer)[:5]
+    want = generate(model, tokenizer, prompts, max_new_tokens=16, batch_size=5, device="cpu")
+    got, used = generate_with(engine, model, tokenizer, prompts, max_new_tokens=16, batch_size=2, device="cpu")
+    assert used == ("hf" if engine == "auto" else engine)
+    assert got == want
+    assert not _copies  # the fast engine's copy is not kept beside the next model

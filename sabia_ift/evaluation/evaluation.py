@@ -22,7 +22,7 @@ from ..modeling import load_base, load_tuned, pick_device
 from ..progress import Progress
 from ..template import IGNORE_INDEX
 from ..text import normalize_text
-from .generation import Generation, generate
+from .generation import Generation, generate_with
 from .metrics import load_metric
 
 log = logging.getLogger(__name__)
@@ -134,13 +134,14 @@ def _measure(cfg: EvaluateConfig, name: str, model, tokenizer, device: str, rows
     references = [row["response"] for row in rows]
     with torch.inference_mode():
         with Progress(len(prompts), f"evaluate {name}", unit="prompt") as progress:
-            gens = generate(model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens,
-                            batch_size=cfg.batch_size, device=device, context_length=context,
-                            progress=progress) if rows else []
+            gens, engine = generate_with(cfg.engine, model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens,
+                                         batch_size=cfg.batch_size, device=device, context_length=context,
+                                         progress=progress) if rows else ([], None)
         loss = token_loss(model, tokenizer, validation, cfg.batch_size, device) if validation else math.nan
     summary, per_prompt = score(gens, references, cfg.repetition_ngram) if rows else ({}, [])
     return ({**summary, "val_loss": round(loss, 6) if math.isfinite(loss) else None,
-             "val_perplexity": round(math.exp(loss), 4) if math.isfinite(loss) else None}, gens, per_prompt)
+             "val_perplexity": round(math.exp(loss), 4) if math.isfinite(loss) else None,
+             **({"engine": engine} if engine else {})}, gens, per_prompt)
 
 
 def evaluate_base(cfg: EvaluateConfig, loading: dict[str, Any], base_dir: str | Path, formatted_dir: str | Path,

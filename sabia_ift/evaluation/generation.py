@@ -211,12 +211,13 @@ def _is_oom(error: object) -> bool:
 def fast_generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
                   context_length: int | None = None, batch_size: int | None = None,
                   progress: Callable[[int], None] | None = None, merge: bool | None = None,
-                  plain=None) -> list[Generation]:
+                  plain=None, batching: dict[str, Any] | None = None) -> list[Generation]:
     """What `generate` answers, from transformers' continuous batching on a plain copy of
     `model` (`inference_copy`; `plain` to give one). `merge` defaults to whether the
     adapter is on. `batch_size` caps the rows decoded together (None: as many as memory
-    holds). A CUDA out-of-memory halves the batch and runs the unanswered prompts again;
-    a prompt near the context gets the room left, as `generate` gives it."""
+    holds); `batching` other ContinuousBatchingConfig fields. A CUDA out-of-memory halves
+    the batch and runs the unanswered prompts again; a prompt near the context gets the
+    room left, as `generate` gives it."""
     import torch
     from transformers import ContinuousBatchingConfig, GenerationConfig
 
@@ -244,11 +245,11 @@ def fast_generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens:
         while waiting:
             config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=budget, eos_token_id=eos,
                                       pad_token_id=tokenizer.pad_token_id)
-            batching = ContinuousBatchingConfig(max_requests_per_batch=cap)
+            config_cb = ContinuousBatchingConfig(max_requests_per_batch=cap, **(batching or {}))
             try:
                 with torch.inference_mode():
                     out = plain.generate_batch([prompts[i] for i in waiting], generation_config=config,
-                                               continuous_batching_config=batching)
+                                               continuous_batching_config=config_cb)
                 failed = [r.error for r in out.values() if r.error]
                 if not failed and len(out) != len(waiting):
                     failed = [f"{len(waiting) - len(out)} of {len(waiting)} prompts got no answer"]
@@ -279,12 +280,17 @@ def fast_generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens:
     return results  # type: ignore[return-value]
 
 
-def generate_fastest(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, batch_size: int,
-                     device: str, context_length: int | None = None,
-                     progress: Callable[[int], None] | None = None) -> list[Generation]:
-    """`fast_generate` where `pick_engine` says it fits, else `generate` with `batch_size`."""
-    if prompts and pick_engine(model, device) == "fast":
-        return fast_generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
-                             context_length=context_length, progress=progress)
+def generate_with(engine: str, model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
+                  batch_size: int, device: str, context_length: int | None = None,
+                  progress: Callable[[int], None] | None = None) -> tuple[list[Generation], str]:
+    """The answers and the engine that gave them: `engine` "fast" or "hf" as named, "auto" the
+    fast engine where `pick_engine` says its copy fits (CUDA only), else `generate` with `batch_size`."""
+    chosen = pick_engine(model, device) if engine == "auto" else engine
+    if chosen == "fast":
+        try:
+            return fast_generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                                 context_length=context_length, progress=progress), chosen
+        finally:
+            release_copies()  # the copy must not sit beside the next model or the loss pass
     return generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                    device=device, context_length=context_length, progress=progress)
+                    device=device, context_length=context_length, progress=progress), chosen
