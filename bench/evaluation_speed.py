@@ -1,7 +1,7 @@
-"""The evaluate stage's two generation engines on one CUDA card, same model, same prompts.
+"""The evaluate stage's generation engines on one CUDA card, same model, same prompts.
 
     python bench/evaluation_speed.py --rows .bench/rows.jsonl --tokenizer .bench/tokenizer \
-        --work /tmp/bench --out bench/results [--prompts 64] [--many 256] [--max-new-tokens 128]
+        --work /tmp/bench --out bench/results [--prompts 64] [--max-new-tokens 128]
 
 A LLaMA-7B-architecture model with random weights (bench/gpu_qlora.py builds it),
 loaded as the evaluate stage loads it (NF4, double quantization, bf16), with a
@@ -10,12 +10,14 @@ weights. Random weights never emit EOS: every prompt runs to --max-new-tokens,
 the base model's case at 7B, which never stops. Prompts are the project's
 template over real Portuguese rows.
 
-  hf     sabia_ift.evaluation.generation.generate: HF generate on the 4-bit model, batches of --prompts
-  fast   fast_generate: continuous batching on a bf16 copy with the adapter merged
-         (the copy's build time is reported apart; the stage pays it once per model)
+  4bit   sabia_ift.evaluation.generation.generate: HF generate on the 4-bit model
+  fast   fast_generate: HF generate on a bf16 copy (adapter merged for "tuned")
+  fast_static   the same with a static KV cache (transformers compiles the decoding step)
+  fast_continuous   transformers' continuous batching on the same copy
 
-Reports new tokens/s for each, the fast engine again on --many prompts, and the
-share of prompts whose greedy answers agree between the engines.
+Each at batch 1, 16 and 64, base (adapter off) and tuned (adapter on), as
+gen_tokens_per_s; limit_tokens_per_s_batch64 is what the card's memory bandwidth
+allows when each decoding step reads the bf16 weights and the batch's KV cache once.
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 from gpu_qlora import build_model  # noqa: E402
 
+# Peak memory bandwidth, bytes/s, from the cards' data sheets.
+BANDWIDTH = {"H100 80GB HBM3": 3.35e12, "H200": 4.8e12, "H100 PCIe": 2.0e12, "A100-SXM4-80GB": 2.04e12}
+
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -39,14 +44,18 @@ def main() -> None:
     p.add_argument("--work", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--prompts", type=int, default=64)
-    p.add_argument("--many", type=int, default=256)
     p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--plan", default="4bit:1,16,64;fast:1,16,64;fast_static:64;fast_continuous:64",
+                   help="engine:batch sizes, ';' between engines")
     args = p.parse_args()
+
+    import contextlib
 
     import torch
     from peft import LoraConfig, get_peft_model
+    from transformers import ContinuousBatchingConfig, GenerationConfig
 
-    from sabia_ift.evaluation.generation import fast_generate, generate, inference_copy, release_copies
+    from sabia_ift.evaluation.generation import fast_generate, generate, inference_copy
     from sabia_ift.modeling import load_model, load_tokenizer
     from sabia_ift.template import build_prompt, encode_prompt
 
@@ -57,59 +66,107 @@ def main() -> None:
     torch.manual_seed(0)
     model = get_peft_model(base, LoraConfig(r=32, lora_alpha=64, lora_dropout=0.0, init_lora_weights=False,
                                             target_modules=["q_proj", "k_proj", "v_proj"])).eval()
-    rows = [json.loads(line) for line in args.rows.read_text().splitlines()[: max(args.prompts, args.many)]]
+    rows = [json.loads(line) for line in args.rows.read_text().splitlines()[: args.prompts]]
     prompts = [encode_prompt(tokenizer, build_prompt(r["instruction"], r.get("input", ""))) for r in rows]
     card = torch.cuda.get_device_name(0)
-    result: dict = {"card": card, "torch": torch.__version__, "max_new_tokens": args.max_new_tokens,
-                    "mean_prompt_tokens": round(sum(map(len, prompts)) / len(prompts), 1)}
+    new = args.max_new_tokens
+    mean_prompt = sum(map(len, prompts)) / len(prompts)
+    config = base.config
+    weights = sum(p.numel() for p in inference_copy_params(model)) * 2
+    head_dim = config.hidden_size // config.num_attention_heads
+    kv_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * 2
+    bandwidth = next((v for k, v in BANDWIDTH.items() if k in card), None)
+    result: dict = {"card": card, "torch": torch.__version__, "max_new_tokens": new,
+                    "mean_prompt_tokens": round(mean_prompt, 1), "bf16_weight_bytes": weights,
+                    "kv_bytes_per_token": kv_token, "bandwidth_bytes_per_s": bandwidth,
+                    "gen_tokens_per_s": {}, "seconds": {}}
+    if bandwidth:
+        # One decoding step reads every weight once and each row's cache so far (on average the
+        # prompt and half the answer): 64 tokens a step.
+        step = (weights + 64 * kv_token * (mean_prompt + new / 2)) / bandwidth
+        result["limit_tokens_per_s_batch64"] = round(64 / step)
 
-    def timed(label: str, fn, count: int):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        gens = fn()
-        torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
-        tokens = sum(g.new_tokens for g in gens)
-        result[label] = {"prompts": count, "seconds": round(seconds, 2), "new_tokens": tokens,
-                         "new_tokens_per_s": round(tokens / seconds, 1)}
-        print(label, result[label], flush=True)
-        return gens
+    def continuous(plain, batch, few, tokens):
+        gc = GenerationConfig(do_sample=False, max_new_tokens=tokens, eos_token_id=tokenizer.eos_token_id,
+                              pad_token_id=tokenizer.pad_token_id)
+        out = plain.generate_batch(few, generation_config=gc,
+                                   continuous_batching_config=ContinuousBatchingConfig(max_requests_per_batch=batch))
+        return [type("G", (), {"new_tokens": len(r.generated_tokens)}) for r in out.values()]
 
-    few = prompts[: args.prompts]
-    with torch.inference_mode():
-        generate(model, tokenizer, few[:2], max_new_tokens=4, batch_size=2, device="cuda")  # warm-up
-        hf = timed("hf", lambda: generate(model, tokenizer, few, max_new_tokens=args.max_new_tokens,
-                                          batch_size=len(few), device="cuda"), len(few))
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        plain = inference_copy(model, merge=True)
-        torch.cuda.synchronize()
-        result["fast_copy_s"] = round(time.perf_counter() - start, 2)
-        fast_generate(model, tokenizer, few[:2], max_new_tokens=4, plain=plain)  # warm-up
-        fast = timed("fast", lambda: fast_generate(model, tokenizer, few, max_new_tokens=args.max_new_tokens,
-                                                   plain=plain), len(few))
-        timed("hf_bf16", lambda: generate(plain, tokenizer, few, max_new_tokens=args.max_new_tokens,
-                                          batch_size=len(few), device="cuda"), len(few))
-        timed("fast_graphs", lambda: fast_generate(model, tokenizer, few, max_new_tokens=args.max_new_tokens,
-                                                   plain=plain, batching={"use_cuda_graph": True}), len(few))
-        if args.many:
-            timed("fast_many", lambda: fast_generate(model, tokenizer, prompts[: args.many],
-                                                     max_new_tokens=args.max_new_tokens, plain=plain), args.many)
-    result["speedup"] = round(result["fast"]["new_tokens_per_s"] / result["hf"]["new_tokens_per_s"], 2)
-    if args.many:
-        result["speedup_many"] = round(result["fast_many"]["new_tokens_per_s"] / result["hf"]["new_tokens_per_s"], 2)
-    result["same_answer_share"] = round(sum(a.text == b.text for a, b in zip(hf, fast)) / len(few), 3)
-    # Where answers part, how far they agree: the first differing token position, averaged.
-    agree = []
-    for a, b in zip(hf, fast):
-        x, y = (tokenizer(g.text, add_special_tokens=False)["input_ids"] for g in (a, b))
-        agree.append(next((i for i, (s, t) in enumerate(zip(x, y)) if s != t), min(len(x), len(y))))
-    result["mean_agreeing_prefix_tokens"] = round(sum(agree) / len(agree), 1)
-    release_copies()
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"{card.replace(' ', '-').lower()}-{time.strftime('%Y-%m-%d')}-evaluation-speed.json"
-    path.write_text(json.dumps(result, indent=2))
+    def run(engine, plain, batch, few, tokens=new):
+        if engine == "4bit":
+            return generate(model, tokenizer, few, max_new_tokens=tokens, batch_size=batch, device="cuda")
+        if engine == "fast_continuous":
+            return continuous(plain, batch, few, tokens)
+        return fast_generate(model, tokenizer, few, max_new_tokens=tokens, batch_size=batch, plain=plain,
+                             cache_implementation="static" if engine == "fast_static" else None)
+
+    def save(result: dict) -> None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        path = args.out / f"{card.replace(' ', '-').lower()}-{time.strftime('%Y-%m-%d')}-evaluation.json"
+        path.write_text(json.dumps(result, indent=2))
+
+    answers: dict = {}
+    plan = {engine: [int(b) for b in batches.split(",")]
+            for engine, batches in (part.split(":") for part in args.plan.split(";"))}
+    for tuned in (False, True):
+        which = "tuned" if tuned else "base"
+        plain = None
+        for engine, batches in plan.items():
+            if engine != "4bit" and plain is None:
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                with model.disable_adapter() if not tuned else contextlib.nullcontext():
+                    plain = inference_copy(model, merge=tuned)
+                torch.cuda.synchronize()
+                result["seconds"]["copy"] = round(time.perf_counter() - start, 2)
+            with model.disable_adapter() if not tuned else contextlib.nullcontext(), torch.inference_mode():
+                for batch in batches:
+                    # batch 1 answers two prompts: its rate is per row and rows are alike.
+                    few = prompts[: min(len(prompts), max(batch, 2))]
+                    start = time.perf_counter()
+                    try:
+                        # Warm-up; a static cache compiles the decoding step for these very shapes.
+                        if engine == "fast_static":
+                            run(engine, plain, batch, few[:batch])
+                        else:
+                            run(engine, plain, batch, few[:1], tokens=4)
+                        torch.cuda.synchronize()
+                        result["seconds"][f"{engine}_{which}_b{batch}_first"] = round(time.perf_counter() - start, 2)
+                        start = time.perf_counter()
+                        gens = run(engine, plain, batch, few)
+                        torch.cuda.synchronize()
+                    except Exception as exc:  # one engine failing must not lose the others' numbers
+                        result.setdefault("errors", {})[f"{engine}_{which}_b{batch}"] = repr(exc)[:500]
+                        print(engine, which, batch, "failed:", repr(exc)[:500], flush=True)
+                        continue
+                    seconds = time.perf_counter() - start
+                    rate = round(sum(g.new_tokens for g in gens) / seconds, 1)
+                    result["gen_tokens_per_s"].setdefault(engine, {}).setdefault(which, {})[f"batch{batch}"] = rate
+                    print(engine, which, batch, rate, flush=True)
+                    save(result)
+                    if batch == 64 and engine in ("4bit", "fast", "fast_static"):
+                        answers[(engine, which)] = [g.text for g in gens]
+        del plain
+        torch.cuda.empty_cache()
+    for engine in ("fast", "fast_static"):
+        for which in ("base", "tuned"):
+            a, b = answers.get(("4bit", which)), answers.get((engine, which))
+            if a and b:
+                result.setdefault("same_answer_share_vs_4bit", {})[f"{engine}_{which}"] = round(
+                    sum(x == y for x, y in zip(a, b)) / len(a), 3)
+    save(result)
     print(json.dumps(result))
+
+
+def inference_copy_params(model):
+    """The parameters a bf16 copy holds: the base's, 4-bit ones counted unpacked."""
+    import torch
+
+    for name, p in model.get_base_model().named_parameters():
+        if "lora_" in name:
+            continue
+        yield torch.empty(p.numel() * (2 if p.dtype == torch.uint8 else 1), device="meta")
 
 
 if __name__ == "__main__":

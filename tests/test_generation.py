@@ -58,7 +58,7 @@ def _test_prompts(tokenizer):
 
 
 def test_fast_engine_answers_as_hf_generate(tuned_adapter, tiny_base, tokenizer):
-    """Sorting, retiring finished rows, continuous batching and merged weights change no greedy answer."""
+    """Sorting, batches cut apart, a plain copy and merged weights change no greedy answer."""
     from sabia_ift.evaluation.generation import adapter_enabled, fast_generate, inference_copy
     from sabia_ift.modeling import load_tuned
 
@@ -73,7 +73,9 @@ def test_fast_engine_answers_as_hf_generate(tuned_adapter, tiny_base, tokenizer)
             assert not any("lora" in name for name, _ in plain.named_parameters())
             want = generate(model, tokenizer, prompts, max_new_tokens=24, batch_size=4, device="cpu")
             got = fast_generate(model, tokenizer, prompts, max_new_tokens=24, batch_size=3, plain=plain)
-        assert got == want
+            static = fast_generate(model, tokenizer, prompts, max_new_tokens=24, batch_size=5, plain=plain,
+                                   cache_implementation="static")
+        assert got == want and static == want
         answers[tuned] = got
     assert answers[True] != answers[False]  # the merged adapter is really in the copy
 
@@ -86,39 +88,35 @@ def test_fast_engine_halves_the_batch_on_out_of_memory(tuned_adapter, tiny_base,
     plain = inference_copy(model, merge=True)
     prompts = _test_prompts(tokenizer)
     want = fast_generate(model, tokenizer, prompts, max_new_tokens=16, batch_size=8, plain=plain)
-    real, caps = plain.generate_batch, []
+    real, rows = plain.generate, []
 
-    def tight(inputs, generation_config, continuous_batching_config):
-        caps.append(continuous_batching_config.max_requests_per_batch)
-        if continuous_batching_config.max_requests_per_batch > 2:
+    def tight(input_ids, **kwargs):
+        rows.append(len(input_ids))
+        if len(input_ids) > 2:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real(inputs, generation_config=generation_config,
-                    continuous_batching_config=continuous_batching_config)
+        return real(input_ids=input_ids, **kwargs)
 
-    plain.generate_batch = tight
+    plain.generate = tight
     with caplog.at_level("WARNING"):
         got = fast_generate(model, tokenizer, prompts, max_new_tokens=16, batch_size=8, plain=plain)
-    assert got == want and caps == [8, 4, 2]
+    assert got == want and rows[:3] == [8, 4, 2] and set(rows[3:]) == {2} and sum(rows[2:]) == len(prompts)
     assert sum("out of memory" in r.getMessage() for r in caplog.records) == 1
 
 
-def test_fast_engine_refuses_a_truncated_answer(tiny_base, tokenizer):
-    from sabia_ift.errors import ModelError
-    from sabia_ift.evaluation.generation import fast_generate
+def test_batch_size_follows_free_memory():
+    """The KV cache of a 7B (32 layers, 32 heads of 128, bf16) is 0.5 MiB a token."""
+    from types import SimpleNamespace
 
-    model = load_model(tiny_base, quantization="none", double_quant=False, dtype=torch.float32, device="cpu")
-    prompts = _test_prompts(tokenizer)[:2]
-    real = model.generate_batch
+    from sabia_ift.evaluation.generation import rows_that_fit
 
-    def short(inputs, generation_config, continuous_batching_config):
-        out = real(inputs, generation_config=generation_config, continuous_batching_config=continuous_batching_config)
-        for r in out.values():
-            r.generated_tokens = [t for t in r.generated_tokens if t != tokenizer.eos_token_id][:3]
-        return out
-
-    model.generate_batch = short
-    with pytest.raises(ModelError, match="truncated"):
-        fast_generate(model, tokenizer, prompts, max_new_tokens=8, plain=model)
+    config = SimpleNamespace(num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                             hidden_size=4096, intermediate_size=11008, head_dim=None)
+    weight = torch.empty(1, dtype=torch.bfloat16)
+    plain = SimpleNamespace(config=config, get_input_embeddings=lambda: SimpleNamespace(weight=weight))
+    per_row = 2**19 * (300 + 212) + 3 * 300 * 11008 * 2
+    assert rows_that_fit(plain, 300, 212, 40 * 2**30) == int(40 * 2**30 * 0.7) // per_row
+    assert rows_that_fit(plain, 300, 212, 10 * 2**30) < rows_that_fit(plain, 300, 212, 40 * 2**30)
+    assert rows_that_fit(plain, 300, 212, 2**20) == 1
 
 
 def test_prompts_near_the_context_get_the_room_left(tiny_base, tokenizer):

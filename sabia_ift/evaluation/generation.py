@@ -21,7 +21,8 @@ class Generation:
 
 def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, batch_size: int,
              device: str, context_length: int | None = None,
-             progress: Callable[[int], None] | None = None) -> list[Generation]:
+             progress: Callable[[int], None] | None = None,
+             cache_implementation: str | None = None) -> list[Generation]:
     """Continue each tokenized prompt (BOS included) greedily, in batches of similar length.
 
     With `context_length`, prompt + answer never exceed it: a batch whose longest
@@ -51,6 +52,7 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
         config = GenerationConfig(
             do_sample=False, num_beams=1, max_new_tokens=budget,
             eos_token_id=eos, pad_token_id=pad, bos_token_id=tokenizer.bos_token_id,
+            cache_implementation=cache_implementation,
         )
         input_ids = torch.full((len(idx), width), pad, dtype=torch.long)
         attention = torch.zeros((len(idx), width), dtype=torch.long)
@@ -78,18 +80,19 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
 
 # Fast generation --------------------------------------------------------------------------------
 #
-# A 4-bit base dequantises every weight on every decoding step, and HF `generate` keeps a
-# finished row in its batch until the longest one ends: at batch 64 on an H100 that was
-# about 500 new tokens/s for a 7B, a few percent of what reading the weights allows. The
-# fast engine answers from a plain copy of the weights in the compute dtype (the 4-bit
-# ones dequantised: the same numbers the 4-bit layers multiply by; the adapter merged
-# when it is on) with transformers' continuous batching, which keeps a paged KV cache
-# sized from free memory, retires finished rows and admits waiting ones, and replays
-# decoding steps as CUDA graphs.
+# A 4-bit base dequantises every weight on every decoding step: at batch 64 on an H100 that
+# was about 400-500 new tokens/s for a 7B. The fast engine answers from a plain copy of the
+# weights in the compute dtype (the 4-bit ones dequantised: the same numbers the 4-bit
+# layers multiply by; the adapter merged when it is on), with HF generate over prompts
+# sorted by length, in batches as large as the card's free memory holds for their KV cache.
+# transformers' continuous batching was measured too and was slower on the same copy
+# (BENCHMARKS.md, "Evaluation speed").
 
 # What the KV cache and activations need beside the copy, as a share of the copy's bytes:
 # below this the 4-bit path answers instead.
 _HEADROOM = 0.25
+# Share of the free memory the batch may plan to use; the rest absorbs what the estimate misses.
+_BATCH_SHARE = 0.7
 _copies: dict[int, tuple[bool, Any]] = {}
 _engines: dict[int, str] = {}
 
@@ -199,84 +202,73 @@ def pick_engine(model, device: str) -> str:
     fits = free > need * (1 + _HEADROOM)
     _engines[id(model)] = "fast" if fits else "hf"
     log.info("generation: %s (a %s copy of the weights takes %.1f GB; %.1f GB of the card free)",
-             "fast engine, continuous batching on a plain copy" if fits else "4-bit model with HF generate",
+             "fast engine, HF generate on a plain copy" if fits else "4-bit model with HF generate",
              str(_compute_dtype(model)).removeprefix("torch."), need / 1e9, free / 1e9)
     return "fast" if fits else "hf"
 
 
-def _is_oom(error: object) -> bool:
-    return "out of memory" in str(error).lower()
+def rows_that_fit(plain, longest: int, new_tokens: int, free_bytes: int) -> int:
+    """How many rows of `longest` prompt tokens plus `new_tokens` answers fit `free_bytes`:
+    each row's KV cache for the whole sequence and its widest prefill activation (the MLP's)."""
+    config = plain.config
+    element = plain.get_input_embeddings().weight.element_size()
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    kv_per_token = 2 * config.num_hidden_layers * kv_heads * head_dim * element
+    prefill = 3 * longest * getattr(config, "intermediate_size", 4 * config.hidden_size) * element
+    per_row = kv_per_token * (longest + new_tokens) + prefill
+    return max(1, int(free_bytes * _BATCH_SHARE) // per_row)
 
 
 def fast_generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
                   context_length: int | None = None, batch_size: int | None = None,
                   progress: Callable[[int], None] | None = None, merge: bool | None = None,
-                  plain=None, batching: dict[str, Any] | None = None) -> list[Generation]:
-    """What `generate` answers, from transformers' continuous batching on a plain copy of
-    `model` (`inference_copy`; `plain` to give one). `merge` defaults to whether the
-    adapter is on. `batch_size` caps the rows decoded together (None: as many as memory
-    holds); `batching` other ContinuousBatchingConfig fields. A CUDA out-of-memory halves
-    the batch and runs the unanswered prompts again; a prompt near the context gets the
-    room left, as `generate` gives it."""
+                  plain=None, cache_implementation: str | None = None) -> list[Generation]:
+    """What `generate` answers, from a plain copy of `model` (`inference_copy`; `plain` to
+    give one). `merge` defaults to whether the adapter is on. `batch_size` caps the rows
+    decoded together (None: as many as the card's free memory holds, `rows_that_fit`).
+    A CUDA out-of-memory halves the batch and answers the rest of the prompts at that size;
+    no answer is cut short for it."""
     import torch
-    from transformers import ContinuousBatchingConfig, GenerationConfig
-
-    from ..errors import ModelError
 
     if not prompts:
         return []
-    eos = tokenizer.eos_token_id
-    if context_length is not None:
-        longest = max(len(p) for p in prompts)
-        if longest >= context_length:
-            raise ModelError(f"a prompt of {longest} tokens leaves no room in the model's "
-                             f"{context_length}-token context; shorten it")
     if plain is None:
         plain = _cached_copy(model, adapter_enabled(model) if merge is None else merge)
-    budgets = [max_new_tokens if context_length is None else min(max_new_tokens, context_length - len(p))
-               for p in prompts]
+    device = plain.get_input_embeddings().weight.device
+    order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
+    rows = batch_size or len(prompts)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        fit = rows_that_fit(plain, max(map(len, prompts)), max_new_tokens, free)
+        rows = min(rows, fit)
+        log.info("generation: up to %d rows a batch (%.1f GB of the card free)", rows, free / 1e9)
     results: list[Generation | None] = [None] * len(prompts)
-    cap = batch_size
-    halved = False
-    # One call per answer budget (all prompts share one unless the context caps some), sorted
-    # by length so rows decoded together are alike.
-    for budget in sorted(set(budgets), reverse=True):
-        waiting = sorted((i for i, b in enumerate(budgets) if b == budget), key=lambda i: (len(prompts[i]), i))
-        while waiting:
-            config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=budget, eos_token_id=eos,
-                                      pad_token_id=tokenizer.pad_token_id)
-            config_cb = ContinuousBatchingConfig(max_requests_per_batch=cap, **(batching or {}))
-            try:
-                with torch.inference_mode():
-                    out = plain.generate_batch([prompts[i] for i in waiting], generation_config=config,
-                                               continuous_batching_config=config_cb)
-                failed = [r.error for r in out.values() if r.error]
-                if not failed and len(out) != len(waiting):
-                    failed = [f"{len(waiting) - len(out)} of {len(waiting)} prompts got no answer"]
-            except torch.OutOfMemoryError as exc:
-                out, failed = {}, [exc]
-            if failed and all(_is_oom(e) for e in failed) and (cap is None or cap > 1):
-                cap = max(1, (cap or len(waiting)) // 2)
-                if not halved:
-                    log.warning("generation: CUDA out of memory; halving the batch to %d rows and going on", cap)
-                    halved = True
-                _release()
-                continue
-            if failed:
-                raise ModelError(f"generation failed: {failed[0]}")
-            for position, i in enumerate(waiting):
-                tokens = list(out[f"req_{position}"].generated_tokens)
-                stopped = eos in tokens
-                if stopped:
-                    tokens = tokens[: tokens.index(eos)]
-                elif len(tokens) != budget:
-                    raise ModelError(f"generation returned {len(tokens)} of {budget} new tokens for a prompt "
-                                     "that did not stop; refusing a truncated answer")
-                results[i] = Generation(text=tokenizer.decode(tokens, skip_special_tokens=True).strip(),
-                                        new_tokens=len(tokens) + int(stopped), stopped=stopped)
-            if progress is not None:
-                progress(len(waiting))
-            waiting = []
+    done, halved = 0, False
+    # Near the context a prompt gets the room it leaves (as `generate` gives it alone), so a
+    # batch holds prompts of one answer budget only.
+    budget = [max_new_tokens if context_length is None else min(max_new_tokens, context_length - len(p))
+              for p in prompts]
+    while done < len(order):
+        idx = [i for i in order[done:done + rows] if budget[i] == budget[order[done]]]
+        try:
+            answers = generate(plain, tokenizer, [prompts[i] for i in idx], max_new_tokens=budget[idx[0]],
+                               batch_size=len(idx), device=device.type, context_length=context_length,
+                               cache_implementation=cache_implementation)
+        except torch.OutOfMemoryError:
+            if rows == 1:
+                raise
+            rows = max(1, len(idx) // 2)
+            if not halved:
+                log.warning("generation: CUDA out of memory; halving the batch to %d rows and going on", rows)
+                halved = True
+            _release()
+            continue
+        for i, answer in zip(idx, answers, strict=True):
+            results[i] = answer
+        done += len(idx)
+        if progress is not None:
+            progress(len(idx))
     return results  # type: ignore[return-value]
 
 
