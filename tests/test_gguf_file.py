@@ -112,30 +112,35 @@ def test_weights_are_the_merged_models_with_q_and_k_in_rotation_pair_order(f16):
 
 def test_pair_order_turns_hf_rotary_into_adjacent_pair_rotary():
     """Attention scores are the same: HF's half-split rotation on the HF weights, and llama.cpp's adjacent-pair
-    rotation on the reordered weights."""
+    rotation on the reordered weights. Query and key sit at different positions: at one position any rotation
+    cancels in the dot product, and the scores could not tell the two layouts apart."""
     import torch
 
     torch.manual_seed(0)
-    heads, dim, hidden, position = 2, 8, 16, 5
+    heads, dim, hidden = 2, 8, 16
     wq, wk, x = torch.randn(heads * dim, hidden), torch.randn(heads * dim, hidden), torch.randn(2, hidden)
-    angles = position * 10000.0 ** (-torch.arange(0, dim, 2).float() / dim)
+    query_at, key_at = 7, 2
 
-    def hf_rope(v):  # transformers' rotate_half convention
-        v = v.view(-1, heads, dim)
-        cos, sin = torch.cat([angles.cos()] * 2), torch.cat([angles.sin()] * 2)
+    def angles(position):
+        return position * 10000.0 ** (-torch.arange(0, dim, 2).float() / dim)
+
+    def hf_rope(v, position):  # transformers' rotate_half convention: row i turns with row i + dim/2
+        v, a = v.view(heads, dim), angles(position)
+        cos, sin = torch.cat([a.cos()] * 2), torch.cat([a.sin()] * 2)
         return v * cos + torch.cat([-v[..., dim // 2:], v[..., :dim // 2]], -1) * sin
 
-    def pair_rope(v):  # llama.cpp's LLaMA rope: rows 2i and 2i+1 rotate together
-        v = v.view(-1, heads, dim // 2, 2)
-        a, b = v[..., 0], v[..., 1]
-        return torch.stack([a * angles.cos() - b * angles.sin(), a * angles.sin() + b * angles.cos()], -1)
+    def pair_rope(v, position):  # llama.cpp's LLaMA rope: rows 2i and 2i+1 turn together
+        v, a = v.view(heads, dim // 2, 2), angles(position)
+        even, odd = v[..., 0], v[..., 1]
+        return torch.stack([even * a.cos() - odd * a.sin(), even * a.sin() + odd * a.cos()], -1).flatten(1)
 
-    hf = torch.einsum("hd,hd->h", hf_rope(x[:1] @ wq.T)[0], hf_rope(x[1:] @ wk.T)[0])
-    pairs = pair_rope(x[:1] @ gguf_file.pair_order(wq, heads).T)[0].flatten(1)
-    keys = pair_rope(x[1:] @ gguf_file.pair_order(wk, heads).T)[0].flatten(1)
-    torch.testing.assert_close(torch.einsum("hd,hd->h", pairs, keys), hf)
-    unordered = torch.einsum("hd,hd->h", pair_rope(x[:1] @ wq.T)[0].flatten(1), pair_rope(x[1:] @ wk.T)[0].flatten(1))
-    assert not torch.allclose(unordered, hf)
+    def scores(rope, q_weight, k_weight):
+        return torch.einsum("hd,hd->h", rope(x[0] @ q_weight.T, query_at), rope(x[1] @ k_weight.T, key_at))
+
+    hf = scores(hf_rope, wq, wk)
+    torch.testing.assert_close(scores(pair_rope, gguf_file.pair_order(wq, heads), gguf_file.pair_order(wk, heads)),
+                               hf)
+    assert not torch.allclose(scores(pair_rope, wq, wk), hf, rtol=1e-2, atol=1e-2)  # the reordering matters
 
 
 def test_tokenizer_arrays_are_the_training_tokenizers(f16, tokenizer):
