@@ -149,8 +149,9 @@ def vocabulary(folder: Path, tokenizer) -> Vocabulary:
     if not path.is_file():
         if (folder / "tokenizer.model").is_file():
             spm = gguf.SentencePieceVocab(folder)
-            tokens, scores, types = zip(*spm.all_tokens(), strict=True)
-            return Vocabulary("llama", [t.decode("utf-8") for t in tokens], list(scores), [int(t) for t in types])
+            pieces, piece_scores, piece_types = zip(*spm.all_tokens(), strict=True)
+            return Vocabulary("llama", [p.decode("utf-8") for p in pieces], list(piece_scores),
+                              [int(t) for t in piece_types])
         raise ModelError(f"{folder}: no tokenizer.json or tokenizer.model to write into the GGUF file")
     spec = json.loads(path.read_text(encoding="utf-8"))
     model = spec.get("model") or {}
@@ -462,7 +463,7 @@ def measure(gguf_path: Path, merged_folder: Path, rows: list[dict[str, Any]], ch
     llm = LlamaCpp(gguf_path, context)
     same_prompt = agreeing = 0
     for ids, text in prompts:
-        asked = llm.tokenize(text)
+        asked = llm.tokenize(str(text))
         expected = hf_greedy(model, ids, tokenizer.eos_token_id, max_new_tokens)
         got = llm.greedy(asked, max_new_tokens)
         same_prompt += asked == ids
