@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import random
+import re
 import subprocess
 import sys
 import time
@@ -70,6 +71,12 @@ def machine() -> dict:
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "memory_gib": round(memory / 2**30, 1),
             "python": platform.python_version()}
+
+
+def slug(machine_: dict) -> str:
+    """A results file's machine part: CPU model and cores, lower case, letters and digits."""
+    name = re.sub(r"\((r|tm)\)", "", f"{machine_['cpu']}-{machine_['cores']}cpu".lower())
+    return re.sub(r"[^a-z0-9]+", "-", name).strip("-")
 
 
 def run_stage(name: str, args: list[str], code: Path, log: Path) -> dict:
@@ -169,8 +176,7 @@ def main(argv: list[str] | None = None) -> None:
                              for name in ("raw", "formatted", "tokenized") if name in done},
               "stages": results}
     args.out.mkdir(parents=True, exist_ok=True)
-    slug = f"{record['machine']['cpu']}-{record['machine']['cores']}cpu".lower().replace(" ", "-")
-    target = args.out / f"{slug}-{record['date']}-{args.name}.json"
+    target = args.out / f"{slug(record['machine'])}-{record['date']}-{args.name}.json"
     target.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
     counted = f"{tokens:,}" if tokens else "no"

@@ -6,7 +6,8 @@
     sabia-ift run-preset NAME [-- DVC-ARGS]   run them as a DVC experiment; params.yaml stays as it is
     sabia-ift generate "instrução" [--input]  answer with the tuned model (models/adapter)
     sabia-ift chat [--terminal]               base and tuned side by side in the browser (or the terminal)
-    sabia-ift export [--merged OUT] [--push-to-hub REPO]   standalone merged model; publish to the Hub
+    sabia-ift export [--merged OUT] [--gguf f16|q8_0 PATH] [--push-to-hub REPO]
+                                              standalone merged model; one llama.cpp file; publish to the Hub
     sabia-ift report --base REV [--head REV]  what a change did to the tuned model, with significance
     sabia-ift make-sample OUT                 regenerate the bundled sample
 """
@@ -134,7 +135,7 @@ def _export(args: argparse.Namespace) -> None:
 
     export(args.base, args.adapter, merged=args.merged, push_to=args.push_to_hub, dtype=args.dtype,
            device=args.device, overwrite=args.overwrite, prompts=args.prompts, check_prompts=args.check_prompts,
-           private=not args.public)
+           private=not args.public, gguf=tuple(args.gguf) if args.gguf else None)
 
 
 def _report(args: argparse.Namespace) -> None:
@@ -210,8 +211,10 @@ def parser() -> argparse.ArgumentParser:
     exp.add_argument("--adapter", default="models/adapter")
     exp.add_argument("--merged", metavar="OUT",
                      help="write base + adapter merged into this new folder (such as models/merged)")
+    exp.add_argument("--gguf", nargs=2, metavar=("TYPE", "PATH"),
+                     help="write the merged model as one GGUF file for llama.cpp and Ollama: TYPE f16 or q8_0")
     exp.add_argument("--overwrite", action="store_true",
-                     help="replace OUT if it already holds files (never a folder of the project's own)")
+                     help="replace OUT (or the GGUF file) if it already exists (never a project folder)")
     exp.add_argument("--dtype", default="auto",
                      help="weights of the merged model: auto (default: the dtype the model is evaluated in "
                           "on --device), bf16, fp16, fp32")

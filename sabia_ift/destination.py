@@ -110,6 +110,21 @@ def check_destination(out: str | Path, *, flag: str, overwrite: bool, reads: dic
     return target
 
 
+def check_file_destination(out: str | Path, *, flag: str, overwrite: bool, reads: dict[str, str | Path]) -> Path:
+    """The resolved file to write for `flag PATH`, or a ConfigError saying why not. Nothing is written."""
+    target = Path(out).expanduser().resolve()
+    why = refusal(target, protected_paths(reads))
+    if why is not None:
+        raise ConfigError(f"{flag} {out}: refused, even with --overwrite: {why}; write a file of its own, "
+                          "such as models/model.gguf")
+    if target.is_dir():
+        raise ConfigError(f"{flag} {out}: is a folder; give the path of the file to write")
+    if target.exists() and not overwrite:
+        raise ConfigError(f"{flag} {out}: exists; nothing is deleted that this command did not write: choose a "
+                          "new path, or pass --overwrite to replace this file")
+    return target
+
+
 def default_modes() -> tuple[int, int]:
     """(folder, file) permissions a new folder and file get under this process's umask."""
     mask = os.umask(0)
@@ -125,21 +140,22 @@ def normal_permissions(folder: Path) -> None:
     shared like any other.
     """
     dir_mode, file_mode = default_modes()
-    for path in (folder, *folder.rglob("*")):
+    for path in (folder, *(folder.rglob("*") if folder.is_dir() else ())):
         if not path.is_symlink():
             os.chmod(path, dir_mode if path.is_dir() else file_mode)
 
 
 @contextlib.contextmanager
-def new_folder(target: Path) -> Iterator[Path]:
+def new_folder(target: Path, *, is_dir: bool = True) -> Iterator[Path]:
     """A temporary sibling of `target`, renamed into place on success with normal permissions.
 
     On any failure it vanishes, `target` (if it existed) stays as it was, and
-    the parent folders this created are removed again.
+    the parent folders this created are removed again. With `is_dir=False`
+    the same for a file.
     """
     created = [p for p in (target.parent, *target.parent.parents) if not p.exists()]
     try:
-        with atomic_path(target, is_dir=True) as tmp:
+        with atomic_path(target, is_dir=is_dir) as tmp:
             yield tmp
             normal_permissions(tmp)
     except BaseException:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -116,8 +118,9 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 120) -> None
     raise AssertionError(f"the chat server did not answer on {url} within {timeout} s")
 
 
-def test_chat_in_a_real_browser(tiny_base, tuned_adapter, tmp_path):
-    """`sabia-ift chat` serves the app; headless Chromium asks a question and both answers arrive."""
+@contextlib.contextmanager
+def in_browser(command: Callable[[int], list[str]], env: dict[str, str]) -> Iterator:
+    """The app served by `command(port)`, open in headless Chromium: the selenium driver. Both end after."""
     if not (shutil.which(CHROMIUM) and shutil.which(CHROMEDRIVER)):
         message = "Debian's chromium and chromium-driver are not installed (apt-get install chromium chromium-driver)"
         if os.environ.get("CI"):
@@ -125,18 +128,11 @@ def test_chat_in_a_real_browser(tiny_base, tuned_adapter, tmp_path):
         pytest.skip(message)
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions as ec
-    from selenium.webdriver.support.ui import WebDriverWait
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sabia_ift.cli", "chat", "--base", str(tiny_base), "--adapter", str(tuned_adapter),
-         "--device", "cpu", "--port", str(port)],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-        env={**os.environ, "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false"},
-    )
+    proc = subprocess.Popen(command(port), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, env={**env, "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false"})
     driver = None
     try:
         wait_healthy(url, proc)
@@ -147,27 +143,7 @@ def test_chat_in_a_real_browser(tiny_base, tuned_adapter, tmp_path):
             options.add_argument(arg)
         driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
         driver.get(url)
-        wait = WebDriverWait(driver, 300)
-        box = wait.until(ec.element_to_be_clickable((By.CSS_SELECTOR, 'textarea[aria-label="Instruction"]')))
-        box.send_keys("Qual é a capital do Ceará?")
-        driver.find_element(By.XPATH, "//button[.//p[text()='Answer']]").click()
-
-        def caption(side: str):
-            found = driver.find_elements(By.CSS_SELECTOR, f'.st-key-turn-0-{side} [data-testid="stCaptionContainer"]')
-            return found[0].text if found and "tokens" in found[0].text else False
-
-        # A finished turn moves to the history, captions and all: the tuned caption means both are done.
-        tuned_caption = wait.until(lambda _: caption("tuned"))
-        base_caption = caption("base")
-        text = {side: driver.find_element(By.CSS_SELECTOR, f'.st-key-turn-0-{side} [data-testid="stCode"]').text
-                for side in ("base", "tuned")}
-        driver.save_screenshot(str(tmp_path / "chat.png"))
-        assert tuned_caption.startswith("stopped at EOS"), tuned_caption
-        assert base_caption.startswith("hit the max new tokens limit"), base_caption
-        assert text["base"] != text["tuned"]
-        assert (tmp_path / "chat.png").stat().st_size > 10_000
-        # client.toolbarMode = minimal: no Deploy button.
-        assert not driver.find_elements(By.XPATH, "//*[normalize-space(text())='Deploy']")
+        yield driver
     finally:
         if driver is not None:
             driver.quit()
@@ -176,3 +152,149 @@ def test_chat_in_a_real_browser(tiny_base, tuned_adapter, tmp_path):
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def ask(driver, wait, instruction: str) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+
+    box = wait.until(ec.element_to_be_clickable((By.CSS_SELECTOR, 'textarea[aria-label="Instruction"]')))
+    box.send_keys(instruction)
+    driver.find_element(By.XPATH, "//button[.//p[text()='Answer']]").click()
+
+
+def shown(driver, css: str) -> str | None:
+    """The text of the first element `css` selects, whitespace collapsed; None when there is none."""
+    from selenium.webdriver.common.by import By
+
+    found = driver.find_elements(By.CSS_SELECTOR, css)
+    return " ".join(found[0].text.split()) if found else None
+
+
+def test_chat_in_a_real_browser(tiny_base, tuned_adapter, tmp_path):
+    """`sabia-ift chat` serves the app; headless Chromium asks a question and both answers arrive."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    command = [sys.executable, "-m", "sabia_ift.cli", "chat", "--base", str(tiny_base), "--adapter",
+               str(tuned_adapter), "--device", "cpu", "--port"]
+    with in_browser(lambda port: [*command, str(port)], dict(os.environ)) as driver:
+        wait = WebDriverWait(driver, 300)
+        ask(driver, wait, "Qual é a capital do Ceará?")
+
+        def caption(side: str):
+            text = shown(driver, f'.st-key-turn-0-{side} [data-testid="stCaptionContainer"]')
+            return text if text and "tokens" in text else False
+
+        # A finished turn moves to the history, captions and all: the tuned caption means both are done.
+        tuned_caption = wait.until(lambda _: caption("tuned"))
+        base_caption = caption("base")
+        text = {side: shown(driver, f'.st-key-turn-0-{side} [data-testid="stCode"]') for side in ("base", "tuned")}
+        driver.save_screenshot(str(tmp_path / "chat.png"))
+        assert tuned_caption.startswith("stopped at EOS"), tuned_caption
+        assert base_caption.startswith("hit the max new tokens limit"), base_caption
+        assert text["base"] != text["tuned"]
+        assert (tmp_path / "chat.png").stat().st_size > 10_000
+        # client.toolbarMode = minimal: no Deploy button.
+        assert not driver.find_elements(By.XPATH, "//*[normalize-space(text())='Deploy']")
+
+
+# Seconds each generation step waits in the test's copy of the app: slow enough for a browser to see
+# the answers half written and to press Stop in time, with no change to the app itself.
+STEP_DELAY = 0.25
+SLOW_APP = """\
+import runpy
+import time
+
+from sabia_ift.serve import chat, chat_app_path
+
+if not hasattr(chat, "unslowed_row_streamer"):  # Streamlit runs this script again on every click
+    chat.unslowed_row_streamer = chat._row_streamer
+
+    def slowed_row_streamer(*args):
+        streamer = chat.unslowed_row_streamer(*args)
+        put = streamer.put
+
+        def slowed_put(value):
+            time.sleep({delay})
+            put(value)
+
+        streamer.put = slowed_put
+        return streamer
+
+    chat._row_streamer = slowed_row_streamer
+runpy.run_path(str(chat_app_path()), run_name="__main__")
+"""
+
+
+def test_both_answers_stream_at_once_stop_and_history_in_a_real_browser(tiny_base, tuned_adapter, tmp_path):
+    """Both columns grow together; Stop ends both and keeps what was written; the history holds every turn
+    until Clear. The app runs unchanged, its generation slowed down by a wrapper script."""
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from sabia_ift.serve import streamlit_command
+
+    app = tmp_path / "slow_chat_app.py"
+    app.write_text(SLOW_APP.format(delay=STEP_DELAY), encoding="utf-8")
+    env = {**os.environ, "SABIA_IFT_BASE": str(tiny_base), "SABIA_IFT_ADAPTER": str(tuned_adapter),
+           "SABIA_IFT_DEVICE": "cpu", "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get(
+               "PYTHONPATH")]))}
+    with in_browser(lambda port: streamlit_command("127.0.0.1", port, app), env) as driver:
+        wait = WebDriverWait(driver, 120, poll_frequency=0.05, ignored_exceptions=[StaleElementReferenceException])
+        sides = ("base", "tuned")
+
+        def click(css: str, by: str = By.CSS_SELECTOR) -> None:
+            wait.until(lambda _: driver.find_element(by, css).click() or True)  # again if it was redrawn
+
+        def decoding(mode: str) -> None:
+            click(f"//*[contains(@class, 'st-key-mode')]//label[.//p[text()='{mode}']]", By.XPATH)
+
+        def live() -> dict[str, str] | bool:
+            text = {side: (shown(driver, f'.st-key-answer-{side} [data-testid="stText"]') or "")
+                    .removesuffix("▌").strip() for side in sides}
+            return text if all(text.values()) else False
+
+        def turn(number: int) -> dict[str, tuple[str, str]] | bool:
+            """Side -> (answer, caption) of a turn in the history, once both are there."""
+            found = {side: (shown(driver, f'.st-key-turn-{number}-{side} [data-testid="stCode"]'),
+                            shown(driver, f'.st-key-turn-{number}-{side} [data-testid="stCaptionContainer"]'))
+                     for side in sides}
+            return found if all(code and caption for code, caption in found.values()) else False
+
+        # Seeded sampling: the tuned model's greedy answer is three tokens, gone before anyone could press
+        # Stop; this draw writes dozens.
+        decoding("sampling")
+        ask(driver, wait, "Qual é a capital do Ceará?")
+        partial = wait.until(lambda _: live())  # both columns have text, and the Stop button is still up
+        click(".st-key-stop button")
+        stopped = wait.until(lambda _: turn(0))
+        for side in sides:
+            answer, caption = stopped[side]
+            # Neither side had ended (not at EOS, not at the 128-token limit): they were written together.
+            assert caption.startswith("stopped by you"), (side, caption)
+            assert answer.startswith(partial[side]), (side, answer, partial[side])
+        # Ready again: no Stop button, no answer still being written, and the kept text grows no more.
+        wait.until(lambda _: not driver.find_elements(By.CSS_SELECTOR, ".st-key-stop, .st-key-answer-base"))
+        for _ in range(2):
+            time.sleep(4 * STEP_DELAY)
+            assert turn(0) == stopped
+
+        # Greedy again, and short, for a second turn that ends on its own.
+        decoding("greedy")
+        field = wait.until(lambda _: driver.find_element(By.CSS_SELECTOR, 'input[aria-label="Max new tokens"]'))
+        field.send_keys(Keys.CONTROL, "a")
+        field.send_keys("6", Keys.ENTER)
+        ask(driver, wait, "Quanto é 7 mais 5?")
+        second = wait.until(lambda _: turn(1))
+        assert second["base"][1].startswith("hit the max new tokens limit · 6 tokens"), second
+        assert second["tuned"][1].startswith("stopped at EOS"), second
+        assert turn(0) == stopped
+        assert "Qual é a capital do Ceará?" in shown(driver, ".st-key-turn-0")
+        assert "Quanto é 7 mais 5?" in shown(driver, ".st-key-turn-1")
+        driver.save_screenshot(str(tmp_path / "history.png"))
+
+        click(".st-key-clear button")
+        wait.until(lambda _: not driver.find_elements(By.CSS_SELECTOR, ".st-key-turn-0, .st-key-turn-1"))

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import REPO, SHARED, params_for
 from sabia_ift.config import BenchmarkConfig, ContaminationConfig
-from sabia_ift.data.contamination import build_targets, check, gram_hashes, item_text, run_stage, words
+from sabia_ift.data.contamination import build_targets, check, gram_hashes, item_text, run_stage, scan, words
 from sabia_ift.errors import ConfigError, DataError
 from sabia_ift.evaluation import benchmark_data as bd
 from sabia_ift.io import read_jsonl
@@ -44,6 +44,77 @@ def test_gram_hashes_hash_each_window_once():
     again = gram_hashes(__import__("numpy").array([9, 3, 4, 5], dtype="uint64"), 3)
     assert again[1] == hashes[2]
     assert len(gram_hashes(__import__("numpy").arange(2, dtype="uint64"), 3)) == 0
+
+
+# The hashed scan against word-by-word comparison -----------------------------------------
+
+def reference_pairs(rows: list[tuple[int, str]], items: list[tuple[str, str]], config: ContaminationConfig) -> dict:
+    """{(row id, item id): (longest shared run in words, share of the item's words)} found by comparing
+    word tuples directly, row by row and item by item."""
+    found = {}
+    for ident, text in rows:
+        row = words(text)
+        for item_id, item_text_ in items:
+            item = words(item_text_)
+            if len(item) < config.min_item_words:
+                continue
+            k = min(config.n, len(item))
+            item_grams = {tuple(item[j:j + k]) for j in range(len(item) - k + 1)}
+            row_grams = {tuple(row[j:j + k]) for j in range(len(row) - k + 1)}
+            held = [j for j in range(len(row) - k + 1) if tuple(row[j:j + k]) in item_grams]
+            if not held:
+                continue
+            longest = run = 1
+            for before, after in zip(held, held[1:]):
+                run = run + 1 if after == before + 1 else 1
+                longest = max(longest, run)
+            covered = {w for j in range(len(item) - k + 1) if tuple(item[j:j + k]) in row_grams
+                       for w in range(j, j + k)}
+            share = len(covered) / len(item)
+            if share >= config.min_item_share:
+                found[ident, item_id] = (longest + k - 1, round(share, 4))
+    return found
+
+
+def mixed_input(seed: int = 0) -> tuple[list[tuple[int, str]], list[tuple[str, str]]]:
+    """Items of 2 to 30 words from a small vocabulary (so unrelated text shares short runs), and rows that
+    copy them whole, in part, with a word changed, twice over, across each other, or not at all."""
+    rng = random.Random(seed)
+    vocab = [f"palavra{i}" for i in range(12)] + ["Olá,", "MUNDO!", "ﬁm", "São", "Paulo…"]
+    items = [(f"i{i}", " ".join(rng.choices(vocab, k=rng.choice([2, 3, 4, 6, 9, 14, 22, 30])))) for i in range(40)]
+    rows = []
+    for i in range(300):
+        a, b = (rng.choice(items)[1].split() for _ in range(2))
+        cut = rng.randrange(len(a) + 1)
+        text = rng.choice([
+            " ".join(rng.choices(vocab, k=rng.randrange(0, 40))),
+            " ".join(a).upper(),
+            " ".join(a[:cut] + ["outra"] + a[cut + 1:]),
+            " ".join(a[cut:] + b + a[:cut]),
+            " ".join(a + rng.choices(vocab, k=3) + a),
+            " ".join(a[: len(a) // 2]),
+            "",
+        ])
+        rows.append((1000 + i, text))
+    return rows, items
+
+
+@pytest.mark.parametrize("share", [0.0, 0.5, 0.8, 1.0])
+def test_the_hashed_scan_finds_what_comparing_words_finds(share):
+    config = cfg(n=5, min_item_words=3, min_item_share=share)
+    rows, items = mixed_input()
+    expected = reference_pairs(rows, items, config)
+    assert len(expected) > 50 or share == 1.0
+    metrics, pairs, flagged = check(iter(rows), build_targets({"bench": items}, config), config)
+    assert {(p["train_row"], p["item"]): (p["overlap_words"], p["item_share"]) for p in pairs} == expected
+    assert flagged == sorted({row for row, _ in expected})
+    # Chunks of any size give the same pairs: a gram never spans two rows.
+    targets = build_targets({"bench": items}, config)
+    for chunk_rows in (1, 7, 300):
+        scanned = {(ident, targets.item_ids[number][1]): (overlap, round(s, 4))
+                   for ident, found in scan(iter(rows), targets, chunk_rows=chunk_rows, min_share=share)
+                   for number, (overlap, s) in found.items()}
+        assert scanned == expected
 
 
 # Planted contamination ---------------------------------------------------------------

@@ -5,8 +5,11 @@ invisible characters) with punctuation dropped, so case, punctuation, spacing
 and line breaks do not hide a copy. Every target item's n-grams become 64-bit
 hashes in sorted numpy arrays; training rows then stream in chunks, their
 n-gram hashes computed for the whole chunk at once (a rolling polynomial over
-word hashes) and looked up with a binary search. Only a row with a hit is
-looked at again, to name the items it shares text with and the longest shared run.
+word hashes) and looked up with a binary search. The items each hit belongs
+to, the longest shared run and the share of the item covered are then worked
+out for the whole chunk at once too (sorting the hits by row and item), so a
+corpus whose every row shares some text with the test split costs no
+per-row Python work beyond splitting its words.
 
 An item shorter than n words can hold no n-gram: one of at least
 `min_item_words` words is matched on its whole word sequence instead; a shorter
@@ -45,26 +48,22 @@ def words(text: str) -> list[str]:
     return _WORD.findall(comparable(text))
 
 
-class _WordHashes:
+class _WordHashes(dict[str, int]):
     """Stable 64-bit word hashes (Python's own str hash changes with every process), cached."""
 
     def __init__(self, limit: int = 2_000_000) -> None:
-        self.cache: dict[str, int] = {}
+        super().__init__()
         self.limit = limit
 
+    def __missing__(self, word: str) -> int:
+        value = int.from_bytes(hashlib.blake2b(word.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
+        self[word] = value
+        return value
+
     def __call__(self, tokens: list[str]) -> np.ndarray:
-        cache = self.cache
-        if len(cache) > self.limit:
-            cache.clear()
-        out = np.empty(len(tokens), dtype=np.uint64)
-        for i, word in enumerate(tokens):
-            value = cache.get(word)
-            if value is None:
-                value = int.from_bytes(hashlib.blake2b(word.encode("utf-8", "surrogatepass"), digest_size=8).digest(),
-                                       "little")
-                cache[word] = value
-            out[i] = value
-        return out
+        if len(self) > self.limit:
+            self.clear()
+        return np.fromiter(map(self.__getitem__, tokens), dtype=np.uint64, count=len(tokens))
 
 
 def gram_hashes(word_hashes: np.ndarray, k: int) -> np.ndarray:
@@ -98,19 +97,40 @@ def row_text(row: dict[str, Any]) -> str:
 
 
 @dataclass
+class _Grams:
+    """The target grams of one length k as sorted arrays: each distinct hash (`keys`), the items
+    holding it (`owner_item[owner_start[i]:owner_start[i + 1]]` for keys[i]) and every place
+    it stands in them (`entry_item`, `entry_pos` from entry_start[i] to entry_start[i + 1])."""
+
+    keys: np.ndarray
+    owner_start: np.ndarray
+    owner_item: np.ndarray
+    entry_start: np.ndarray
+    entry_item: np.ndarray
+    entry_pos: np.ndarray
+
+    @classmethod
+    def of(cls, hashes: np.ndarray, item: np.ndarray, pos: np.ndarray) -> _Grams:
+        order = np.lexsort((pos, item, hashes))
+        hashes, item, pos = hashes[order], item[order], pos[order]
+        keys, first = np.unique(hashes, return_index=True)
+        owner = np.ones(len(hashes), dtype=bool)
+        owner[1:] = (hashes[1:] != hashes[:-1]) | (item[1:] != item[:-1])
+        owner_start = np.append(np.searchsorted(hashes[owner], keys), owner.sum())
+        return cls(keys, owner_start, item[owner], np.append(first, len(hashes)), item, pos)
+
+
+@dataclass
 class Targets:
-    """Every target item's n-gram hashes, by gram length, and which items hold each hash."""
+    """Every target item's n-gram hashes, by gram length, and which items hold each hash where."""
 
     n: int
     names: list[str] = field(default_factory=list)
     items: dict[str, int] = field(default_factory=dict)
     too_short: dict[str, int] = field(default_factory=dict)
     item_ids: list[tuple[int, str]] = field(default_factory=list)       # (target index, item id)
-    item_words: list[int] = field(default_factory=list)                 # words in each item's grams
-    item_length: list[int] = field(default_factory=list)                # words in each item
-    item_grams: list[np.ndarray] = field(default_factory=list)          # each item's gram hashes, in order
-    owners: dict[int, dict[int, list[int]]] = field(default_factory=dict)  # k -> hash -> item numbers
-    sorted_hashes: dict[int, np.ndarray] = field(default_factory=dict)
+    item_length: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))  # words in each item
+    grams: dict[int, _Grams] = field(default_factory=dict)              # k -> the grams of k words
 
 
 def build_targets(sets: dict[str, Iterable[tuple[str, str]]], cfg: ContaminationConfig,
@@ -118,7 +138,8 @@ def build_targets(sets: dict[str, Iterable[tuple[str, str]]], cfg: Contamination
     """Targets from {target name: (item id, item text), ...}."""
     hasher = hasher or _WordHashes()
     targets = Targets(cfg.n)
-    owners: dict[int, defaultdict[int, list[int]]] = defaultdict(lambda: defaultdict(list))
+    lengths: list[int] = []
+    parts: defaultdict[int, list[tuple[np.ndarray, int]]] = defaultdict(list)  # k -> (gram hashes, item number)
     for t, (name, items) in enumerate(sets.items()):
         targets.names.append(name)
         targets.items[name] = targets.too_short[name] = 0
@@ -129,90 +150,110 @@ def build_targets(sets: dict[str, Iterable[tuple[str, str]]], cfg: Contamination
                 targets.too_short[name] += 1
                 continue
             k = min(cfg.n, len(tokens))
-            number = len(targets.item_ids)
+            parts[k].append((gram_hashes(hasher(tokens), k), len(targets.item_ids)))
             targets.item_ids.append((t, ident))
-            targets.item_words.append(k)
-            targets.item_length.append(len(tokens))
-            targets.item_grams.append(gram_hashes(hasher(tokens), k))
-            for value in np.unique(targets.item_grams[-1]).tolist():
-                owners[k][value].append(number)
-    targets.owners = {k: dict(table) for k, table in owners.items()}
-    targets.sorted_hashes = {k: np.array(sorted(table), dtype=np.uint64) for k, table in targets.owners.items()}
+            lengths.append(len(tokens))
+    targets.item_length = np.array(lengths, dtype=np.int64)
+    for k, grams in parts.items():
+        targets.grams[k] = _Grams.of(np.concatenate([g for g, _ in grams]),
+                                     np.concatenate([np.full(len(g), i, dtype=np.int64) for g, i in grams]),
+                                     np.concatenate([np.arange(len(g), dtype=np.int64) for g, _ in grams]))
     return targets
 
 
-def _hit_rows(chunk: list[np.ndarray], targets: Targets) -> set[int]:
-    """Positions in `chunk` (word-hash arrays of rows) of rows holding any target gram."""
-    lengths = np.array([len(a) for a in chunk], dtype=np.int64)
-    if not lengths.sum():
-        return set()
-    flat = np.concatenate(chunk)
+def _expand(start: np.ndarray, which: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every element of the ranges start[w]:start[w + 1] for w in `which`: (its w's place in `which`, its index)."""
+    low = start[which]
+    counts = start[which + 1] - low
+    origin = np.repeat(np.arange(len(which)), counts)
+    return origin, np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts) + low[origin]
+
+
+def _firsts(sorted_keys: np.ndarray) -> np.ndarray:
+    """Where each run of equal values in `sorted_keys` begins, as a mask."""
+    first = np.ones(len(sorted_keys), dtype=bool)
+    first[1:] = sorted_keys[1:] != sorted_keys[:-1]
+    return first
+
+
+def _chunk_pairs(flat: np.ndarray, lengths: np.ndarray, targets: Targets,
+                 min_share: float) -> dict[int, dict[int, tuple[int, float]]]:
+    """{row position: {item number: (longest shared run in words, share of the item's words inside grams
+    the row holds)}} of the rows of a chunk (their word hashes end to end in `flat`), for each pair sharing
+    a gram whose share is at least `min_share`. Every (row, item, gram) meeting is handled at once, in numpy."""
+    found: defaultdict[int, dict[int, tuple[int, float]]] = defaultdict(dict)
     ends = np.cumsum(lengths)
-    row_of = np.repeat(np.arange(len(chunk)), lengths)
-    hit: set[int] = set()
-    for k, table in targets.sorted_hashes.items():
+    row_of = np.repeat(np.arange(len(lengths)), lengths)
+    items = len(targets.item_length)
+    for k, table in targets.grams.items():
         grams = gram_hashes(flat, k)
-        if not len(grams):
+        if not len(grams) or not len(table.keys):
             continue
+        rows = row_of[: len(grams)]
+        where = np.minimum(np.searchsorted(table.keys, grams), len(table.keys) - 1)
         # A gram must end inside the row it starts in.
-        inside = np.arange(len(grams)) + k <= ends[row_of[: len(grams)]]
-        where = np.searchsorted(table, grams)
-        found = (where < len(table)) & (table[np.minimum(where, len(table) - 1)] == grams) & inside
-        hit.update(np.unique(row_of[: len(grams)][found]).tolist())
-    return hit
+        at = np.flatnonzero((table.keys[where] == grams) & (np.arange(len(grams)) + k <= ends[rows]))
+        if not len(at):
+            continue
+        key, hit_row = where[at], rows[at]
 
+        # The row's side: its gram positions each item holds, ascending within a pair (a stable sort
+        # of ascending positions), and the longest run of consecutive ones; r grams cover r + k - 1 words.
+        origin, owner = _expand(table.owner_start, key)
+        pair = hit_row[origin] * items + table.owner_item[owner]
+        order = np.argsort(pair, kind="stable")
+        pair, position = pair[order], at[origin][order]
+        first = _firsts(pair)
+        run = first.copy()
+        run[1:] |= position[1:] != position[:-1] + 1
+        runs = np.flatnonzero(run)
+        longest = np.maximum.reduceat(np.diff(np.append(runs, len(pair))), np.flatnonzero(first[runs]))
+        pairs = pair[first]
 
-def _covered(positions: Iterable[int], k: int) -> int:
-    """Words covered by grams of k words starting at ascending `positions`."""
-    covered = end = 0
-    for start in positions:
-        covered += start + k - max(start, end)
-        end = start + k
-    return covered
-
-
-def _pairs(word_hashes: np.ndarray, targets: Targets) -> dict[int, tuple[int, float]]:
-    """{item number: (words of the longest run this row shares with it, share of the item's words
-    inside grams the row holds)} for one row, of each item sharing a gram with it."""
-    runs: dict[int, list[int]] = defaultdict(list)
-    grams = {k: gram_hashes(word_hashes, k) for k in targets.owners}
-    for k, table in targets.owners.items():
-        for position, value in enumerate(grams[k].tolist()):
-            for number in table.get(value, ()):
-                runs[number].append(position)
-    found: dict[int, tuple[int, float]] = {}
-    for number, positions in runs.items():
-        # A run of r consecutive grams of k words covers r + k - 1 words (k: n, or a short item's length).
-        k = targets.item_words[number]
-        longest = run = 1
-        for before, after in zip(positions, positions[1:]):
-            run = run + 1 if after == before + 1 else 1
-            longest = max(longest, run)
-        # Counted on the item's side: a row repeating one sentence of it twice holds no more of it.
-        inside = np.flatnonzero(np.isin(targets.item_grams[number], grams[k])).tolist()
-        found[number] = longest + k - 1, _covered(inside, k) / targets.item_length[number]
+        # The item's side: its gram positions whose hash the row holds (a row repeating one sentence of
+        # it twice holds no more of it), and the words grams starting there cover.
+        distinct = np.unique(hit_row * len(table.keys) + key)
+        origin, entry = _expand(table.entry_start, distinct % len(table.keys))
+        pair = (distinct // len(table.keys))[origin] * items + table.entry_item[entry]
+        start = table.entry_pos[entry]
+        order = np.lexsort((start, pair))
+        pair, start = pair[order], start[order]
+        first = _firsts(pair)
+        step = np.full(len(start), k, dtype=np.int64)
+        step[1:] = np.where(first[1:], k, np.minimum(k, start[1:] - start[:-1]))
+        share = np.add.reduceat(step, np.flatnonzero(first)) / targets.item_length[pairs % items]
+        keep = share >= min_share
+        for p, words_, s in zip(pairs[keep].tolist(), (longest[keep] + k - 1).tolist(), share[keep].tolist()):
+            found[p // items][p % items] = words_, s
     return found
 
 
 def scan(rows: Iterable[tuple[int, str]], targets: Targets, hasher: _WordHashes | None = None,
-         chunk_rows: int = CHUNK_ROWS) -> Iterator[tuple[int, dict[int, tuple[int, float]]]]:
-    """(row id, {item number: (overlap words, share of the item)}) for each row sharing text with a target."""
+         chunk_rows: int = CHUNK_ROWS, min_share: float = 0.0,
+         ) -> Iterator[tuple[int, dict[int, tuple[int, float]]]]:
+    """(row id, {item number: (overlap words, share of the item)}) for each row sharing text with a target
+    (pairs covering less than `min_share` of the item left out; a row left with none is not yielded)."""
     hasher = hasher or _WordHashes()
 
-    def flush(ids: list[int], chunk: list[np.ndarray]) -> Iterator[tuple[int, dict[int, tuple[int, float]]]]:
-        for position in sorted(_hit_rows(chunk, targets)):
-            yield ids[position], _pairs(chunk[position], targets)
+    def flush(ids: list[int], tokens: list[str], lengths: list[int],
+              ) -> Iterator[tuple[int, dict[int, tuple[int, float]]]]:
+        found = _chunk_pairs(hasher(tokens), np.array(lengths, dtype=np.int64), targets, min_share)
+        for position in sorted(found):
+            yield ids[position], found[position]
 
     ids: list[int] = []
-    chunk: list[np.ndarray] = []
+    tokens: list[str] = []
+    lengths: list[int] = []
     for ident, text in rows:
+        row = words(text)
         ids.append(ident)
-        chunk.append(hasher(words(text)))
-        if len(chunk) >= chunk_rows:
-            yield from flush(ids, chunk)
-            ids, chunk = [], []
-    if chunk:
-        yield from flush(ids, chunk)
+        tokens += row
+        lengths.append(len(row))
+        if len(ids) >= chunk_rows:
+            yield from flush(ids, tokens, lengths)
+            ids, tokens, lengths = [], [], []
+    if ids:
+        yield from flush(ids, tokens, lengths)
 
 
 def check(rows: Iterable[tuple[int, str]], targets: Targets, cfg: ContaminationConfig,
@@ -229,7 +270,7 @@ def check(rows: Iterable[tuple[int, str]], targets: Targets, cfg: ContaminationC
     flagged_by: dict[str, set[int]] = {name: set() for name in targets.names}
     pairs: list[dict[str, Any]] = []
     flagged_rows: list[int] = []
-    for ident, found in scan(counted(), targets, hasher):
+    for ident, found in scan(counted(), targets, hasher, min_share=cfg.min_item_share):
         kept = {number: v for number, v in found.items() if v[1] >= cfg.min_item_share}
         if not kept:
             continue

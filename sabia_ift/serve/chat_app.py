@@ -19,6 +19,7 @@ the streaming answer never appears twice.
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass, field
 
 import streamlit as st
@@ -31,7 +32,7 @@ BASE_ENV, ADAPTER_ENV, DEVICE_ENV = "SABIA_IFT_BASE", "SABIA_IFT_ADAPTER", "SABI
 METRICS_ENV = "SABIA_IFT_METRICS"
 TITLES: dict[Which, str] = {"base": "Base model", "tuned": "Tuned (base + adapter)"}
 CURSOR = "▌"
-TURNS = "turns"
+TURNS, ANSWERING = "turns", "answering"
 
 
 @dataclass
@@ -103,31 +104,40 @@ def show_turn(number: int, turn: Turn, show_prompt: bool) -> None:
                 st.caption(answer.describe())
 
 
+def answering() -> threading.Lock:
+    """Held by the session's run that is answering, until its turn is in the history."""
+    return st.session_state.setdefault(ANSWERING, threading.Lock())
+
+
 def stream_turn(chat: Chat, turn: Turn, show_prompt: bool) -> None:
     """Draw both answers as they grow; keep the turn in the history however the run ends.
 
     A click anywhere (Stop among them) makes Streamlit end this run at its next
-    draw call and start a new one; the `finally` then stops the generation and
-    keeps what was written, marked as stopped.
+    draw call and start the next run at once, in another thread (runner.fastReruns);
+    the `finally` then stops the generation and keeps what was written, marked as
+    stopped, while the next run waits for it (see `main`).
     """
-    show_question(turn, show_prompt)
-    st.button("Stop", key="stop", help="Stop both answers here")
-    places = {}
-    for which, column in zip(SIDES, st.columns(2)):
-        with column.container(key=f"answer-{which}", border=True):
-            st.markdown(f"**{TITLES[which]}**")
-            places[which] = st.empty()
-    pair: PairStream = chat.stream_both(turn.instruction, turn.input, turn.settings)
-    text: dict[Which, str] = {which: "" for which in SIDES}
-    try:
-        for which, piece in pair:
-            text[which] += piece
-            places[which].text(text[which] + CURSOR)
-    finally:
-        pair.close()
-        if len(pair.answers) == len(SIDES):  # else generation failed, and its error is on its way up
-            turn.answers = pair.answers
-            st.session_state.setdefault(TURNS, []).append(turn)
+    # Taken now: in a run that a click ended, every Streamlit call, session state included, raises again.
+    turns, lock = st.session_state.setdefault(TURNS, []), answering()
+    with lock:
+        show_question(turn, show_prompt)
+        st.button("Stop", key="stop", help="Stop both answers here")
+        places = {}
+        for which, column in zip(SIDES, st.columns(2)):
+            with column.container(key=f"answer-{which}", border=True):
+                st.markdown(f"**{TITLES[which]}**")
+                places[which] = st.empty()
+        pair: PairStream = chat.stream_both(turn.instruction, turn.input, turn.settings)
+        text: dict[Which, str] = {which: "" for which in SIDES}
+        try:
+            for which, piece in pair:
+                text[which] += piece
+                places[which].text(text[which] + CURSOR)
+        finally:
+            pair.close()
+            if len(pair.answers) == len(SIDES):  # else generation failed, and its error is on its way up
+                turn.answers = pair.answers
+                turns.append(turn)
 
 
 def main() -> None:
@@ -154,6 +164,10 @@ def main() -> None:
             st.warning("Write an instruction first.")
         submitted = False
 
+    # A run that a click ended may still be keeping its turn: unwaited, the turn would show only after
+    # the next click, and Stop would seem to throw the answers away.
+    with answering():
+        pass
     with history:
         for number, turn in enumerate(st.session_state.get(TURNS, [])):
             show_turn(number, turn, show_prompt)

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..artifacts import TrainMeta
-from ..destination import check_destination, new_folder
+from ..destination import check_destination, check_file_destination, new_folder
 from ..errors import ConfigError, DataError, ModelError
 from ..io import read_jsonl
 from ..model_card import CARD, gather, write_card
@@ -277,17 +277,52 @@ def push(folder: str | Path, repo_id: str, *, private: bool = True) -> str:
     return getattr(commit, "commit_url", None) or f"https://huggingface.co/{repo_id}"
 
 
+def write_gguf_file(folder: Path, out: Path, kind: str, *, prompts: str | Path | None, check_prompts: int,
+                    log=print) -> Path:
+    """The merged model in `folder` as one GGUF file, with llama.cpp's greedy agreement recorded in it."""
+    from . import gguf_file
+
+    tokenizer = load_tokenizer(folder)
+    rows, not_measured = agreement_rows(prompts, check_prompts)
+    template = gguf_file.chat_template_for_gguf(folder, tokenizer)
+
+    def measure(path: Path) -> dict[str, Any]:
+        if not rows:
+            return {"type": kind, "not_measured": not_measured}
+        log(f"comparing greedy answers of llama.cpp ({kind}) and the merged model on {len(rows)} test prompts")
+        return gguf_file.measure(path, folder, rows, template, MAX_NEW_TOKENS, str(prompts), kind)
+
+    gguf_file.write_gguf(folder, out, kind, chat_template=template, tokenizer=tokenizer,
+                         name=f"sabia-ift {folder.name}", measure=measure)
+    log(f"GGUF file written to {out} ({kind}, llama architecture, tokenizer and chat template)")
+    log(gguf_file.agreement_line(gguf_file.read_agreement(out)))
+    return out
+
+
 def export(base_dir: str | Path, adapter_dir: str | Path, *, merged: str | Path | None,
            push_to: str | None, dtype: str = "auto", device: str = "auto", overwrite: bool = False,
            prompts: str | Path | None = None, check_prompts: int = 8, private: bool = True,
            params: str | Path | None = "params.yaml", manifest: str | Path | None = "data/raw/manifest.json",
-           metrics_dir: str | Path | None = "metrics", log=print) -> None:
-    """What `sabia-ift export` does: merge if asked, then push the merged model or else the adapter."""
-    if merged is None and push_to is None:
-        raise ConfigError("nothing to export: give --merged OUT (a standalone model) and/or "
-                          "--push-to-hub REPO (publishes the merged model if --merged is given, else the adapter)")
-    if merged is not None:
+           metrics_dir: str | Path | None = "metrics", gguf: tuple[str, str | Path] | None = None,
+           log=print) -> None:
+    """What `sabia-ift export` does: merge if asked, write GGUF if asked, then push the merged model or else
+    the adapter."""
+    if merged is None and push_to is None and gguf is None:
+        raise ConfigError("nothing to export: give --merged OUT (a standalone model), --gguf TYPE PATH "
+                          "(one llama.cpp file) and/or --push-to-hub REPO (publishes the merged model if "
+                          "--merged is given, else the adapter)")
+    if merged is not None or gguf is not None:
         check_dtype(dtype)
+    gguf_target = None
+    if gguf is not None:
+        from . import gguf_file
+
+        gguf_file.check_type(gguf[0])
+        gguf_file.require_gguf()
+        reads: dict[str, str | Path] = {"the base model it reads": base_dir, "the adapter it reads": adapter_dir}
+        if merged is not None:
+            reads["the merged model folder it writes"] = merged
+        gguf_target = check_file_destination(gguf[1], flag="--gguf", overwrite=overwrite, reads=reads)
     if push_to is not None and _offline():
         # Fail before minutes of merging, not after.
         raise ModelError(f"cannot push to {push_to}: HF_HUB_OFFLINE is set. Unset it on a machine that "
@@ -296,9 +331,21 @@ def export(base_dir: str | Path, adapter_dir: str | Path, *, merged: str | Path 
         out = merge(base_dir, adapter_dir, merged, dtype=dtype, device=device, overwrite=overwrite, prompts=prompts,
                     check_prompts=check_prompts, repo_id=push_to, params=params, manifest=manifest,
                     metrics_dir=metrics_dir, log=log)
+        if gguf is not None and gguf_target is not None:
+            write_gguf_file(out, gguf_target, gguf[0], prompts=prompts, check_prompts=check_prompts, log=log)
         if push_to is not None:
             log(f"published: {push(out, push_to, private=private)}")
         return
+    if gguf is not None and gguf_target is not None:
+        # The merged model is a temporary folder beside the file (same disk, removed whatever happens).
+        parent = next(p for p in (gguf_target.parent, *gguf_target.parents) if p.is_dir())
+        with tempfile.TemporaryDirectory(prefix=f".{gguf_target.name}.merge-", dir=parent) as tmp:
+            folder = merge(base_dir, adapter_dir, Path(tmp) / "merged", dtype=dtype, device=device, prompts=None,
+                           check_prompts=0, params=params, manifest=manifest, metrics_dir=metrics_dir,
+                           log=lambda _: None)
+            write_gguf_file(folder, gguf_target, gguf[0], prompts=prompts, check_prompts=check_prompts, log=log)
+        if push_to is None:
+            return
     with tempfile.TemporaryDirectory() as tmp:
         folder = portable_adapter(adapter_dir, base_dir, Path(tmp) / "adapter", params=params, manifest=manifest,
                                   metrics_dir=metrics_dir, repo_id=push_to)
