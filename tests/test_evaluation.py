@@ -121,7 +121,8 @@ def test_base_results_pair_with_the_tuned_ones_and_stale_ones_are_refused(short_
 
     from sabia_ift.artifacts import HF_SPLITS, load_tokenized
     from sabia_ift.errors import DataError
-    from sabia_ift.evaluation.evaluation import evaluate, generate, test_prompts
+    from sabia_ift.evaluation.evaluation import evaluate, test_prompts
+    from sabia_ift.evaluation.generation import generate
     from sabia_ift.io import read_jsonl, write_json
     from sabia_ift.modeling import load_tuned
 

@@ -414,11 +414,11 @@ class LlamaCpp:
         """Up to `max_new_tokens` greedy ids after `ids`, stopping before EOS."""
         eos = self.llm.token_eos()
         out: list[int] = []
-        for token in self.llm.generate(ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0,
-                                       reset=True):
-            if token == eos or len(out) == max_new_tokens:
+        for next_id in self.llm.generate(ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0,
+                                         reset=True):
+            if next_id == eos or len(out) == max_new_tokens:
                 break
-            out.append(token)
+            out.append(next_id)
         return out
 
 
