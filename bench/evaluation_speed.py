@@ -55,7 +55,7 @@ def main() -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import ContinuousBatchingConfig, GenerationConfig
 
-    from sabia_ift.evaluation.generation import fast_generate, generate, inference_copy
+    from sabia_ift.evaluation.generation import copy_bytes, fast_generate, generate, inference_copy
     from sabia_ift.modeling import load_model, load_tokenizer
     from sabia_ift.template import build_prompt, encode_prompt
 
@@ -72,7 +72,7 @@ def main() -> None:
     new = args.max_new_tokens
     mean_prompt = sum(map(len, prompts)) / len(prompts)
     config = base.config
-    weights = sum(p.numel() for p in inference_copy_params(model)) * 2
+    weights = copy_bytes(model)
     head_dim = config.hidden_size // config.num_attention_heads
     kv_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * 2
     bandwidth = next((v for k, v in BANDWIDTH.items() if k in card), None)
@@ -157,16 +157,6 @@ def main() -> None:
                     sum(x == y for x, y in zip(a, b)) / len(a), 3)
     save(result)
     print(json.dumps(result))
-
-
-def inference_copy_params(model):
-    """The parameters a bf16 copy holds: the base's, 4-bit ones counted unpacked."""
-    import torch
-
-    for name, p in model.get_base_model().named_parameters():
-        if "lora_" in name:
-            continue
-        yield torch.empty(p.numel() * (2 if p.dtype == torch.uint8 else 1), device="meta")
 
 
 if __name__ == "__main__":
