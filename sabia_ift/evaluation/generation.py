@@ -17,18 +17,24 @@ class Generation:
     # True when the model ended the answer with EOS before max_new_tokens:
     # the earlier attempt's model never did.
     stopped: bool
+    # The answer's token ids, EOS left out: what a caller that decodes differently reads
+    # (lm-eval cuts at its stop strings before stripping anything).
+    token_ids: tuple[int, ...] = ()
 
 
 def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, batch_size: int,
              device: str, context_length: int | None = None,
              progress: Callable[[int], None] | None = None,
-             cache_implementation: str | None = None) -> list[Generation]:
+             cache_implementation: str | None = None, max_cache_len: int | None = None,
+             compile_config=None) -> list[Generation]:
     """Continue each tokenized prompt (BOS included) greedily, in batches of similar length.
 
     With `context_length`, prompt + answer never exceed it: a batch whose longest
     prompt leaves less room gets fewer new tokens; a prompt that fills the
     context on its own is a ModelError. `progress`, if given, is called with the
     number of prompts each finished batch answered (a sabia_ift.progress.Progress fits).
+    `cache_implementation`, `max_cache_len` and `compile_config` go to transformers'
+    GenerationConfig as they are (a "static" cache is compiled on CUDA).
     """
     import torch
     from transformers import GenerationConfig
@@ -52,7 +58,8 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
         config = GenerationConfig(
             do_sample=False, num_beams=1, max_new_tokens=budget,
             eos_token_id=eos, pad_token_id=pad, bos_token_id=tokenizer.bos_token_id,
-            cache_implementation=cache_implementation,
+            cache_implementation=cache_implementation, max_cache_len=max_cache_len,
+            compile_config=compile_config,
         )
         input_ids = torch.full((len(idx), width), pad, dtype=torch.long)
         attention = torch.zeros((len(idx), width), dtype=torch.long)
@@ -72,6 +79,7 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
                 text=tokenizer.decode(new, skip_special_tokens=True).strip(),
                 new_tokens=len(new) + int(stopped),
                 stopped=stopped,
+                token_ids=tuple(new),
             )
         if progress is not None:
             progress(len(idx))
@@ -220,15 +228,26 @@ def rows_that_fit(plain, longest: int, new_tokens: int, free_bytes: int) -> int:
     return max(1, int(free_bytes * _BATCH_SHARE) // per_row)
 
 
+# A static cache is sized in steps of this many tokens: every batch whose prompt and answer fit
+# the same step decodes through the same compiled graph instead of compiling its own.
+_CACHE_STEP = 256
+
+
 def fast_generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
                   context_length: int | None = None, batch_size: int | None = None,
                   progress: Callable[[int], None] | None = None, merge: bool | None = None,
-                  plain=None, cache_implementation: str | None = None) -> list[Generation]:
+                  plain=None, cache_implementation: str | None = None,
+                  compile_backend: str | None = None) -> list[Generation]:
     """What `generate` answers, from a plain copy of `model` (`inference_copy`; `plain` to
     give one). `merge` defaults to whether the adapter is on. `batch_size` caps the rows
-    decoded together (None: as many as the card's free memory holds, `rows_that_fit`).
-    A CUDA out-of-memory halves the batch and answers the rest of the prompts at that size;
-    no answer is cut short for it."""
+    decoded together; each batch holds as many as the card's free memory holds for its own
+    longest prompt (`rows_that_fit`). A CUDA out-of-memory halves the batch and answers the
+    rest of the prompts at that size; no answer is cut short for it.
+
+    `cache_implementation="static"` decodes into a KV cache of fixed size (rounded up to
+    `_CACHE_STEP` tokens), which transformers compiles on CUDA: with `compile_backend` None
+    its default (inductor, CUDA graphs), or a torch.compile backend such as "cudagraphs"
+    (graphs of the eager kernels, no code generation)."""
     import torch
 
     if not prompts:
@@ -237,26 +256,48 @@ def fast_generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens:
         plain = _cached_copy(model, adapter_enabled(model) if merge is None else merge)
     device = plain.get_input_embeddings().weight.device
     order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
-    rows = batch_size or len(prompts)
+    cap = batch_size or len(prompts)
+    free = None
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        fit = rows_that_fit(plain, max(map(len, prompts)), max_new_tokens, free)
-        rows = min(rows, fit)
-        log.info("generation: up to %d rows a batch (%.1f GB of the card free)", rows, free / 1e9)
+        log.info("generation: up to %d rows a batch for the shortest prompts (%.1f GB of the card free)",
+                 min(cap, rows_that_fit(plain, len(prompts[order[0]]), max_new_tokens, free)), free / 1e9)
+    compile_config = None
+    if cache_implementation == "static" and compile_backend is not None:
+        from transformers import CompileConfig
+
+        # mode belongs to inductor; other backends take none. Static shapes: CUDA graphs of the
+        # eager kernels replay one shape each, and failed on shapes marked dynamic.
+        compile_config = CompileConfig(backend=compile_backend, mode=None,  # type: ignore[arg-type]  # torch.compile's default
+                                       dynamic=False)
     results: list[Generation | None] = [None] * len(prompts)
-    done, halved = 0, False
+    done, halved, rows = 0, False, cap
     # Near the context a prompt gets the room it leaves (as `generate` gives it alone), so a
     # batch holds prompts of one answer budget only.
     budget = [max_new_tokens if context_length is None else min(max_new_tokens, context_length - len(p))
               for p in prompts]
     while done < len(order):
-        idx = [i for i in order[done:done + rows] if budget[i] == budget[order[done]]]
+        take = min(rows, len(order) - done)
+        if free is not None:
+            # Prompts come shortest first: a batch's longest is its last, so its rows are counted
+            # from that prompt's length, not from the longest of all. A static cache keeps one row
+            # count (the longest prompt's) instead: each new batch shape would be compiled anew.
+            last = len(order) - 1 if cache_implementation == "static" else done + take - 1
+            while take > 1 and take > (fit := rows_that_fit(plain, len(prompts[order[last]]), max_new_tokens, free)):
+                take = fit
+                last = last if cache_implementation == "static" else done + take - 1
+        idx = [i for i in order[done:done + take] if budget[i] == budget[order[done]]]
+        width = max(len(prompts[i]) for i in idx)
+        cache_len = None
+        if cache_implementation == "static":
+            cache_len = -(-(width + budget[idx[0]]) // _CACHE_STEP) * _CACHE_STEP
         try:
             answers = generate(plain, tokenizer, [prompts[i] for i in idx], max_new_tokens=budget[idx[0]],
                                batch_size=len(idx), device=device.type, context_length=context_length,
-                               cache_implementation=cache_implementation)
+                               cache_implementation=cache_implementation, max_cache_len=cache_len,
+                               compile_config=compile_config)
         except torch.OutOfMemoryError:
-            if rows == 1:
+            if len(idx) == 1:
                 raise
             rows = max(1, len(idx) // 2)
             if not halved:
