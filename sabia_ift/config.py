@@ -375,6 +375,9 @@ class BenchmarkConfig(_Section):
     batch_size: Literal["auto"] | PositiveInt = _key("auto: lm-eval finds the largest batch that fits; or a size")
     max_gen_toks: PositiveInt = _key("longest generated answer in tokens (a letter, a label or a number)")
     device: Device = _key("auto: cuda if present, else cpu")
+    engine: Literal["auto", "fast", "hf"] = _key(
+        "model the tasks run on: fast (a plain bf16 copy, adapter merged; greedy answers from the evaluate "
+        "stage's fast engine), hf (the loaded model, 4-bit where it is), auto (fast on CUDA where the copy fits)")
     seed: int = _key("seed of the draws of the scored rows (limit) and of the few-shot examples")
 
     @model_validator(mode="after")

@@ -359,6 +359,23 @@ def test_the_stage_scores_what_lm_eval_scores_on_its_own(run, tiny_base, adapter
             assert score == pytest.approx(metrics[name][side], abs=1e-4), (side, name)
 
 
+def test_the_fast_engine_scores_as_the_loaded_model(run, tiny_base, adapter, monkeypatch):
+    """benchmark.engine fast: log-likelihoods and greedy answers from a plain copy (the adapter merged
+    for the tuned side) give the scores of the loaded model with lm-eval's batches."""
+    from sabia_ift.evaluation import generation
+
+    cfg, metrics, _ = run
+    copies = []
+    real = generation.inference_copy
+    monkeypatch.setattr(generation, "inference_copy", lambda model, merge: copies.append(merge) or real(model, merge))
+    fast, raw = run_benchmark(parse_section("benchmark", {**cfg.model_dump(), "engine": "fast"}), tiny_base, adapter)
+    assert copies == [False, True]
+    for name, m in metrics.items():
+        for side in ("base", "tuned"):
+            assert fast[name][side] == pytest.approx(m[side], abs=1e-4), (name, side)
+    assert raw["tuned"]["samples"]["exame_gen"][0]["resps"]  # generated answers came back through lm-eval
+
+
 def test_the_adapter_is_applied_and_both_see_the_same_prompts(run):
     _, _, raw = run
     for name in ("exame_ll", "exame_gen"):

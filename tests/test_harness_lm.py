@@ -98,3 +98,44 @@ def test_bars_only_on_a_terminal(model_and_tokenizer, capsys):
     assert "Running loglikelihood requests" in capsys.readouterr().err  # lm-eval's own model draws it
     lm(ContinuationHFLM, model_and_tokenizer).loglikelihood(asked)
     assert capsys.readouterr().err == ""
+
+
+def generation_requests(n: int) -> list:
+    """Instruction prompts (the trained test model answers them with confidence, so batch sizes
+    do not flip near-tied tokens) in two groups of options: a newline stop, and stops that cut
+    inside answers (a space, a letter), so the cut and its whitespace are compared too."""
+    from lm_eval.api.instance import Instance
+
+    from sabia_ift.template import build_prompt
+    from sabia_ift.toy.sample import generate_rows
+
+    out = []
+    for k, row in enumerate(generate_rows(1)[:n]):
+        options = ({"until": ["\n"], "do_sample": False, "max_gen_toks": 8} if k % 2 else
+                   {"until": [" ", "a"], "do_sample": False, "max_gen_toks": 6})
+        out.append(Instance(request_type="generate_until", doc={},
+                            arguments=(build_prompt(row["instruction"], row.get("input", "")), options), idx=k))
+    return out
+
+
+@pytest.mark.parametrize("max_length", [2048, 40], ids=["whole prompts", "prompts cut from the left"])
+def test_fast_generation_answers_as_lm_evals_hflm(tuned_adapter, tiny_base, max_length, monkeypatch):
+    """The benchmark's fast engine gives lm-eval's own generate_until strings, request by request."""
+    from lm_eval.models.huggingface import HFLM
+
+    from sabia_ift.evaluation import generation
+    from sabia_ift.modeling import load_tuned
+
+    tokenizer, model = load_tuned(tiny_base, tuned_adapter, "cpu")
+    plain = generation.inference_copy(model, merge=True)
+    asked = generation_requests(9)
+    stock = lm(HFLM, (plain, tokenizer), max_length).generate_until(asked, disable_tqdm=True)
+    calls = []
+    real = generation.fast_generate
+    monkeypatch.setattr(generation, "fast_generate", lambda *a, **k: calls.append(len(a[2])) or real(*a, **k))
+    fast = lm(ContinuationHFLM, (plain, tokenizer), max_length)
+    fast.fast_generation = True
+    ours = fast.generate_until(asked, disable_tqdm=True)
+    assert sorted(calls) == [4, 5]  # one call a group of options, every request through the fast engine
+    assert ours == stock
+    assert len(set(stock)) >= 2  # differing answers, not one constant, were compared

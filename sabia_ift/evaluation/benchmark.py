@@ -102,11 +102,14 @@ def prepare_tasks(cfg: BenchmarkConfig, workdir: str | Path, root: str | Path = 
     return prepared
 
 
-def make_lm(model, tokenizer, batch_size: int | str, max_length: int | None):
-    """An lm-eval model around an already-loaded (Peft)model."""
+def make_lm(model, tokenizer, batch_size: int | str, max_length: int | None, *, fast: bool = False):
+    """An lm-eval model around an already-loaded (Peft)model; with `fast`, `model` is a plain copy
+    (generation.inference_copy) and greedy answers come from the evaluate stage's fast engine."""
     from .harness_lm import ContinuationHFLM
 
-    return ContinuationHFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+    lm = ContinuationHFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+    lm.fast_generation = fast
+    return lm
 
 
 def evaluate_tasks(lm, names: list[str], include_path: str | Path, *, limit: int | None, seed: int,
@@ -174,10 +177,23 @@ def summarize(prepared: dict[str, dict], base: dict[str, dict], tuned: dict[str,
     return metrics
 
 
-def _score_model(cfg: BenchmarkConfig, model, tokenizer, workdir: str | Path, names: list[str]) -> dict:
-    lm = make_lm(model, tokenizer, cfg.batch_size, getattr(model.config, "max_position_embeddings", None))
+def _score_model(cfg: BenchmarkConfig, model, tokenizer, workdir: str | Path, names: list[str], device: str) -> dict:
+    from .generation import adapter_enabled, inference_copy, pick_engine, release_copies
+
+    max_length = getattr(model.config, "max_position_embeddings", None)
+    engine = pick_engine(model, device) if cfg.engine == "auto" else cfg.engine
     # prepare_tasks wrote only the rows to score: no limit for lm-eval (it would take the first ones).
-    return evaluate_tasks(lm, names, workdir, limit=None, seed=cfg.seed, log_samples=True)
+    if engine != "fast":
+        return evaluate_tasks(make_lm(model, tokenizer, cfg.batch_size, max_length), names, workdir, limit=None,
+                              seed=cfg.seed, log_samples=True)
+    # Log-likelihoods and answers both from the plain copy (the adapter merged where it is on).
+    plain = inference_copy(model, merge=adapter_enabled(model))
+    try:
+        lm = make_lm(plain, tokenizer, cfg.batch_size, max_length, fast=True)
+        return evaluate_tasks(lm, names, workdir, limit=None, seed=cfg.seed, log_samples=True)
+    finally:
+        del plain
+        release_copies()  # the copy must not sit beside the next model's
 
 
 def benchmark_base(cfg: BenchmarkConfig, loading: dict[str, Any], base_dir: str | Path, out: str | Path, *,
@@ -192,7 +208,7 @@ def benchmark_base(cfg: BenchmarkConfig, loading: dict[str, Any], base_dir: str 
             tokenizer, model = load_base(base_dir, device, **loading)
             model.eval()
             start = time.perf_counter()
-            record = model_record(prepared, _score_model(cfg, model, tokenizer, workdir, list(prepared)))
+            record = model_record(prepared, _score_model(cfg, model, tokenizer, workdir, list(prepared), device))
             log.info("benchmark base: %d tasks in %.1f s", len(prepared), time.perf_counter() - start)
     write_json(out, {"loading": loading, "tasks": record})
     return record
@@ -223,8 +239,8 @@ def run_benchmark(cfg: BenchmarkConfig, base_dir: str | Path, adapter_dir: str |
         raw = {}
         if stored is None:
             with model.disable_adapter():
-                raw["base"] = _score_model(cfg, model, tokenizer, workdir, names)
-        raw["tuned"] = _score_model(cfg, model, tokenizer, workdir, names)
+                raw["base"] = _score_model(cfg, model, tokenizer, workdir, names, device)
+        raw["tuned"] = _score_model(cfg, model, tokenizer, workdir, names, device)
         log.info("benchmark: %d tasks, %s in %.1f s", len(names), "tuned" if stored else "base and tuned",
                  time.perf_counter() - start)
     base = stored["tasks"] if stored is not None else model_record(prepared, raw["base"])

@@ -11,6 +11,12 @@ vocabulary projection and log_softmax see (batch, longest continuation,
 vocabulary) whatever the prompt length. Batching, request order, truncation
 and the one-token continuation cache are lm-eval's own; the numbers are the
 same.
+
+With `fast_generation` (the benchmark stage's fast engine, on a plain bf16 copy
+of the model), greedy generate_until requests are answered by the evaluate
+stage's engine (generation.fast_generate: prompts sorted by length, batches
+sized from free memory) instead of lm-eval's fixed batches; prompts, stop
+strings and the text returned are lm-eval's.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from lm_eval.models.huggingface import HFLM
-from lm_eval.models.utils import Collator
+from lm_eval.models.utils import Collator, has_bos_prefix
 from lm_eval.models.utils_hf import pad_and_concat
 from tqdm import tqdm
 
@@ -54,6 +60,10 @@ class ContinuationHFLM(HFLM):
     redrawn bar piles up into one unreadable line.
     """
 
+    # Set on an instance whose model is a plain copy (generation.inference_copy): greedy
+    # generation then goes through generation.fast_generate.
+    fast_generation = False
+
     def loglikelihood(self, requests, disable_tqdm: bool = False):
         return super().loglikelihood(requests, disable_tqdm=disable_tqdm or not interactive())
 
@@ -61,7 +71,50 @@ class ContinuationHFLM(HFLM):
         return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm or not interactive())
 
     def generate_until(self, requests, disable_tqdm: bool = False):
-        return super().generate_until(requests, disable_tqdm=disable_tqdm or not interactive())
+        disable = disable_tqdm or not interactive()
+        if not self.fast_generation or self.backend != "causal" or self.think_end_token is not None:
+            return super().generate_until(requests, disable_tqdm=disable)
+        from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
+
+        from .generation import fast_generate
+
+        eos = self.tok_decode(self.eot_token_id, skip_special_tokens=False)
+        groups: dict[str, list[int]] = {}
+        for i, request in enumerate(requests):
+            groups.setdefault(repr(sorted(request.args[1].items())), []).append(i)
+        results: list[str] = [""] * len(requests)
+        progress = tqdm(total=len(requests), disable=disable or self.rank != 0, desc="Running generate_until requests")
+        for indices in groups.values():
+            gen_kwargs = requests[indices[0]].args[1]
+            kwargs = normalize_gen_kwargs(gen_kwargs, self.max_gen_toks)
+            until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
+            new_tokens = kwargs.pop("max_gen_toks")
+            if kwargs.get("do_sample") or set(kwargs) - {"do_sample", "temperature"}:
+                # Sampling or other generate options: lm-eval's own path honours them.
+                for i, text in zip(indices, super().generate_until([requests[i] for i in indices], disable),
+                                   strict=True):
+                    results[i] = text
+                continue
+            room = self.max_length - new_tokens
+            prompts = [self._context_ids(requests[i].args[0])[-room:] for i in indices]
+            answers = fast_generate(self.model, self.tokenizer, prompts, max_new_tokens=new_tokens, plain=self.model,
+                                    progress=progress.update)
+            for i, answer in zip(indices, answers, strict=True):
+                text = postprocess_generated_text(generation=self.tok_decode(list(answer.token_ids)), stop=until,
+                                                  think_end_token=None)
+                results[i] = text
+                self.cache_hook.add_partial("generate_until", requests[i].args, text)
+        progress.close()
+        return results
+
+    def _context_ids(self, context: str) -> list[int]:
+        # lm-eval's tok_batch_encode for one string: BOS as its add_bos_token says, no padding.
+        special = {}
+        if has_bos_prefix(context, getattr(self.tokenizer, "bos_token", None)):
+            special = {"add_special_tokens": False}
+        elif self.add_bos_token is not None:
+            special = {"add_special_tokens": self.add_bos_token}
+        return self.tokenizer(context, **special)["input_ids"]
 
     def continuation_logits(self, inputs: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Logits at `positions` (rows, k) of right-padded `inputs` (rows, length): (rows, k, vocab)."""
