@@ -12,7 +12,10 @@ template over real Portuguese rows.
 
   4bit   sabia_ift.evaluation.generation.generate: HF generate on the 4-bit model
   fast   fast_generate: HF generate on a bf16 copy (adapter merged for "tuned")
-  fast_static   the same with a static KV cache (transformers compiles the decoding step)
+  fast_static   the same with a static KV cache, which transformers compiles (inductor, CUDA graphs)
+  fast_graphs   the same static cache, compiled with the "cudagraphs" backend (CUDA graphs of the
+                eager kernels, no code generation: seconds to compile, not minutes); only when
+                named in --plan
   fast_continuous   transformers' continuous batching on the same copy
 
 Each at batch 1, 16 and 64, base (adapter off) and tuned (adapter on), as
@@ -45,13 +48,18 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--prompts", type=int, default=64)
     p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--plan", default="4bit:1,16,64;fast:1,16,64;fast_static:64;fast_continuous:64",
+    p.add_argument("--tag", default="evaluation", help="suffix of the results file name")
+    p.add_argument("--plan", default="4bit:1,16,64;fast:1,16,64;fast_static:64",
                    help="engine:batch sizes, ';' between engines")
     args = p.parse_args()
 
     import contextlib
 
     import torch
+
+    # Each engine, batch size and model copy compiles its own decoding graph: more than
+    # torch's default of 8 for one function, past which it would quietly run eager.
+    torch._dynamo.config.recompile_limit = 64
     from peft import LoraConfig, get_peft_model
     from transformers import ContinuousBatchingConfig, GenerationConfig
 
@@ -98,12 +106,14 @@ def main() -> None:
             return generate(model, tokenizer, few, max_new_tokens=tokens, batch_size=batch, device="cuda")
         if engine == "fast_continuous":
             return continuous(plain, batch, few, tokens)
+        static = engine in ("fast_static", "fast_graphs")
         return fast_generate(model, tokenizer, few, max_new_tokens=tokens, batch_size=batch, plain=plain,
-                             cache_implementation="static" if engine == "fast_static" else None)
+                             cache_implementation="static" if static else None,
+                             compile_backend="cudagraphs" if engine == "fast_graphs" else None)
 
     def save(result: dict) -> None:
         args.out.mkdir(parents=True, exist_ok=True)
-        path = args.out / f"{card.replace(' ', '-').lower()}-{time.strftime('%Y-%m-%d')}-evaluation.json"
+        path = args.out / f"{card.replace(' ', '-').lower()}-{time.strftime('%Y-%m-%d')}-{args.tag}.json"
         path.write_text(json.dumps(result, indent=2))
 
     answers: dict = {}
@@ -124,10 +134,12 @@ def main() -> None:
                 for batch in batches:
                     # batch 1 answers two prompts: its rate is per row and rows are alike.
                     few = prompts[: min(len(prompts), max(batch, 2))]
+                    result.setdefault("free_gib_before", {})[f"{engine}_{which}_b{batch}"] = round(
+                        torch.cuda.mem_get_info()[0] / 2**30, 1)
                     start = time.perf_counter()
                     try:
                         # Warm-up; a static cache compiles the decoding step for these very shapes.
-                        if engine == "fast_static":
+                        if engine in ("fast_static", "fast_graphs"):
                             run(engine, plain, batch, few[:batch])
                         else:
                             run(engine, plain, batch, few[:1], tokens=4)
@@ -145,11 +157,11 @@ def main() -> None:
                     result["gen_tokens_per_s"].setdefault(engine, {}).setdefault(which, {})[f"batch{batch}"] = rate
                     print(engine, which, batch, rate, flush=True)
                     save(result)
-                    if batch == 64 and engine in ("4bit", "fast", "fast_static"):
+                    if batch == 64 and engine in ("4bit", "fast", "fast_static", "fast_graphs"):
                         answers[(engine, which)] = [g.text for g in gens]
         del plain
         torch.cuda.empty_cache()
-    for engine in ("fast", "fast_static"):
+    for engine in ("fast", "fast_static", "fast_graphs"):
         for which in ("base", "tuned"):
             a, b = answers.get(("4bit", which)), answers.get((engine, which))
             if a and b:

@@ -1,10 +1,11 @@
 """One QLoRA training measurement in a fresh process: the HF+PEFT recipe, Unsloth, or this project's model.
 
     python bench/peers.py --tool hf|unsloth|ours --model DIR --micro-batch 8 --accum 1 \
-        --checkpointing on|off|unsloth|offload --steps 10 --out result.json [--profile table.txt]
+        --checkpointing on|off|unsloth|offload --steps 10 --out result.json [--lora qkv|all] [--profile table.txt]
 
 Every tool trains the same thing: NF4 + double quantization, bf16 compute,
-SDPA (or the tool's own attention), LoRA r=32, alpha 64, dropout 0 on q/k/v,
+SDPA (or the tool's own attention), LoRA r=32, alpha 64, dropout 0 on q/k/v
+(--lora all: r=16, alpha 32 on all seven projections, the QLoRA paper's placement),
 AdamW at 2e-4, rows of exactly 2,048 real tokens with loss on all but the
 first 256, global batch = micro-batch x accumulation. The loop is the same
 plain PyTorch loop for all, timed with CUDA synchronisation at each optimizer
@@ -21,11 +22,14 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 TARGETS = ["q_proj", "k_proj", "v_proj"]
+LORAS = {"qkv": {"r": 32, "alpha": 64, "target_modules": TARGETS},
+         "all": {"r": 16, "alpha": 32, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                          "up_proj", "down_proj"]}}
 SEQ = 2048
 PROMPT = 256
 
 
-def hf_recipe(folder: str, checkpointing: str):
+def hf_recipe(folder: str, checkpointing: str, lora: dict):
     """The recipe most QLoRA tutorials use: prepare_model_for_kbit_training + get_peft_model."""
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -38,11 +42,11 @@ def hf_recipe(folder: str, checkpointing: str):
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing == "on",
                                             gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
-    return get_peft_model(model, LoraConfig(r=32, lora_alpha=64, lora_dropout=0.0, target_modules=TARGETS,
-                                            bias="none", task_type="CAUSAL_LM"))
+    return get_peft_model(model, LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=0.0,
+                                            target_modules=lora["target_modules"], bias="none", task_type="CAUSAL_LM"))
 
 
-def unsloth_model(folder: str, checkpointing: str):
+def unsloth_model(folder: str, checkpointing: str, lora: dict):
     import torch
     import unsloth  # noqa: F401  (must come before transformers)
     from unsloth import FastLanguageModel
@@ -50,11 +54,12 @@ def unsloth_model(folder: str, checkpointing: str):
     model, _ = FastLanguageModel.from_pretrained(model_name=folder, max_seq_length=SEQ, dtype=torch.bfloat16,
                                                  load_in_4bit=True, local_files_only=True)
     return FastLanguageModel.get_peft_model(
-        model, r=32, lora_alpha=64, lora_dropout=0, target_modules=TARGETS, bias="none",
+        model, r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=0, target_modules=lora["target_modules"],
+        bias="none",
         use_gradient_checkpointing="unsloth" if checkpointing == "unsloth" else False, random_state=0)
 
 
-def ours(folder: str, checkpointing: str, kernels: str, micro_batch: int):
+def ours(folder: str, checkpointing: str, kernels: str, micro_batch: int, lora: dict):
     """This project's model exactly as the train stage builds it (sabia_ift.train.training.build_model)."""
     import torch
 
@@ -66,7 +71,7 @@ def ours(folder: str, checkpointing: str, kernels: str, micro_batch: int):
     cfg = section_from_params("train", {
         "quantization": "nf4", "gradient_checkpointing": checkpointing, "kernels": kernels, "packing": True,
         "micro_batch_tokens": micro_batch * SEQ,
-        "lora": {"r": 32, "alpha": 64, "dropout": 0.0, "target_modules": TARGETS}}, REPO / "params.yaml")
+        "lora": {**lora, "dropout": 0.0}}, REPO / "params.yaml")
     attn = attention_implementation("auto", True, "cuda")
     return build_model(cfg, Path(folder), "cuda", torch.bfloat16, attn)
 
@@ -99,6 +104,7 @@ def main() -> None:
     p.add_argument("--kernels", default="liger")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--out", required=True)
+    p.add_argument("--lora", choices=sorted(LORAS), default="qkv", help="where LoRA goes (module docstring)")
     p.add_argument("--autocast", action="store_true", help="bf16 autocast around forward, as the HF Trainer does")
     p.add_argument("--profile", default=None, help="write a torch.profiler table of the top CUDA kernels here")
     args = p.parse_args()
@@ -106,18 +112,19 @@ def main() -> None:
     import torch
 
     result = {"tool": args.tool, "micro_batch": args.micro_batch, "accum": args.accum,
-              "checkpointing": args.checkpointing}
+              "checkpointing": args.checkpointing, "lora": args.lora}
+    lora = LORAS[args.lora]
     if args.tool == "hf":
-        model = hf_recipe(args.model, args.checkpointing)
+        model = hf_recipe(args.model, args.checkpointing, lora)
     elif args.tool == "unsloth":
         try:
-            model = unsloth_model(args.model, args.checkpointing)
+            model = unsloth_model(args.model, args.checkpointing, lora)
         except Exception as exc:  # not importable on this machine: say why, measure nothing
             result["skipped"] = f"{type(exc).__name__}: {exc}"[:500]
             Path(args.out).write_text(json.dumps(result, indent=2))
             return
     else:
-        model = ours(args.model, args.checkpointing, args.kernels, args.micro_batch)
+        model = ours(args.model, args.checkpointing, args.kernels, args.micro_batch, lora)
         result["kernels"] = args.kernels
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -125,6 +132,8 @@ def main() -> None:
     optimizer = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0)
     data = batches(args.micro_batch, args.tool == "ours", model.config.vocab_size)
 
+    # Loading and quantising can peak above the loop: the process's whole peak is the larger one.
+    load_peak = torch.cuda.max_memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     times, losses = [], []
 
@@ -151,6 +160,7 @@ def main() -> None:
                    "trained_tokens_per_s": round(trained / step_s, 1),
                    "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3),
                    "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 3),
+                   "whole_peak_allocated_gib": round(max(load_peak, torch.cuda.max_memory_allocated()) / 2**30, 3),
                    "losses": [round(x, 4) for x in losses]})
     if args.profile:
         from torch.profiler import ProfilerActivity, profile

@@ -16,6 +16,9 @@ Same random LLaMA-7B folder (bench/gpu_qlora.py builds it), same LoRA shape
   ours-mb1             the train stage, low-memory settings at 1 x 2,048
   ours-realistic-packed    the fast configuration on real Portuguese rows (FaQuAD/ENEM mix)
   ours-realistic-unpacked  the same rows, padded micro-batches of 8 rows, length-grouped
+  ours-fast16-all, ours-lowmem-all, unsloth-nockpt-mb8-all, unsloth-ckpt-mb8-all
+                       the same with LoRA r=16, alpha 32 on all seven projections (q, k, v, o, gate,
+                       up, down), where Unsloth's fused MLP and output-projection kernels run
 Only when named in --only:
   unsloth-nockpt-mb4   Unsloth without checkpointing, micro-batch 4 x 2 accumulation
   ours-fast16-peft     ours-fast16 with peft's own LoRA forward (train.fused_lora: false)
@@ -48,6 +51,8 @@ sys.path.insert(0, str(REPO / "bench"))
 from gpu_qlora import build_model, fixed_length_data, prepare_data, stage, write_params  # noqa: E402
 
 LORA = {"r": 32, "alpha": 64, "dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj"]}
+LORA_ALL = {"r": 16, "alpha": 32, "dropout": 0.0,
+            "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
 FAST = {"packing": True, "micro_batch_tokens": 8192, "grad_accum": 2, "gradient_checkpointing": "off",
         "kernels": "liger", "fused_lora": True, "attention": "auto"}
 LOWMEM = {"packing": True, "micro_batch_tokens": 16384, "grad_accum": 1, "gradient_checkpointing": "offload",
@@ -60,6 +65,10 @@ PEERS = {
     "unsloth-nockpt-mb4": ["--tool", "unsloth", "--micro-batch", "4", "--accum", "2", "--checkpointing", "off"],
     "unsloth-nockpt-mb8": ["--tool", "unsloth", "--micro-batch", "8", "--accum", "1", "--checkpointing", "off"],
     "unsloth-ckpt-mb1": ["--tool", "unsloth", "--micro-batch", "1", "--accum", "1", "--checkpointing", "unsloth"],
+    "unsloth-nockpt-mb8-all": ["--tool", "unsloth", "--micro-batch", "8", "--accum", "1", "--checkpointing", "off",
+                               "--lora", "all"],
+    "unsloth-ckpt-mb8-all": ["--tool", "unsloth", "--micro-batch", "8", "--accum", "1", "--checkpointing", "unsloth",
+                             "--lora", "all"],
 }
 
 
@@ -133,6 +142,8 @@ def main() -> None:
         "ours-mb1": (fixed, {**LOWMEM, "micro_batch_tokens": 2048}),
         "ours-realistic-packed": (tokenized, FAST),
         "ours-realistic-unpacked": (tokenized, UNPACKED),
+        "ours-fast16-all": (fixed, {**FAST16, "lora": LORA_ALL}),
+        "ours-lowmem-all": (fixed, {**LOWMEM, "lora": LORA_ALL}),
         # What the fused LoRA is worth, and the GPU check that the fast paths train the same
         # model: no Liger and peft's own LoRA forward (8,192 tokens: 16,384 unfused does not fit).
         "ours-fast16-peft": (fixed, {**FAST16, "fused_lora": False}),
@@ -203,7 +214,8 @@ def main() -> None:
                 sim.append({"cap_gib": cap_gib, "tokens_per_step": tokens, "tool": tool,
                             "trained": "tokens_per_s" in r, "tokens_per_s": r.get("tokens_per_s"),
                             "step_peak_allocated_gib": r.get("peak_allocated_gib"),
-                            "stage_peak_allocated_gib": r.get("stage_peak_allocated_gib"),
+                            "stage_peak_allocated_gib": r.get("stage_peak_allocated_gib",
+                                                              r.get("whole_peak_allocated_gib")),
                             **({"failed": r.get("failed") or r.get("skipped")} if "tokens_per_s" not in r else {})})
                 save()
 
@@ -254,6 +266,7 @@ def summarise(results: dict) -> None:
         "ours_mb1_tokens_per_s": value("ours-mb1"),
         "unsloth_mb1_tokens_per_s": value("unsloth-ckpt-mb1"),
         "ours_lowmem_stage_peak_gib": value("ours-lowmem", "stage_peak_allocated_gib"),
+        "unsloth_checkpointed_whole_peak_gib": value("unsloth-ckpt-mb8", "whole_peak_allocated_gib"),
     })
 
     def ratio(a, b):
@@ -262,6 +275,8 @@ def summarise(results: dict) -> None:
     results["ratio_fast"] = ratio(results["ours_fast_tokens_per_s"], results["unsloth_best_tokens_per_s"])
     results["ratio_lowmem"] = ratio(results["ours_lowmem_tokens_per_s"], results["unsloth_checkpointed_tokens_per_s"])
     results["ratio_mb1"] = ratio(results["ours_mb1_tokens_per_s"], results["unsloth_mb1_tokens_per_s"])
+    results["ratio_all_linear_fast"] = ratio(value("ours-fast16-all"), value("unsloth-nockpt-mb8-all"))
+    results["ratio_all_linear_lowmem"] = ratio(value("ours-lowmem-all"), value("unsloth-ckpt-mb8-all"))
     results["realistic_packed_share_of_fixed"] = ratio(results["ours_packed_realistic_tokens_per_s"],
                                                        results["ours_fixed_tokens_per_s"])
 
