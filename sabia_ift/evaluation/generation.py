@@ -270,6 +270,9 @@ def fast_generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens:
         # eager kernels replay one shape each, and failed on shapes marked dynamic.
         compile_config = CompileConfig(backend=compile_backend, mode=None,  # type: ignore[arg-type]  # torch.compile's default
                                        dynamic=False)
+    if free is not None and cache_implementation == "static":
+        # One row count for every batch, the longest prompt's: each new batch shape would be compiled anew.
+        cap = min(cap, rows_that_fit(plain, len(prompts[order[-1]]), max_new_tokens, free))
     results: list[Generation | None] = [None] * len(prompts)
     done, halved, rows = 0, False, cap
     # Near the context a prompt gets the room it leaves (as `generate` gives it alone), so a
@@ -278,14 +281,12 @@ def fast_generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens:
               for p in prompts]
     while done < len(order):
         take = min(rows, len(order) - done)
-        if free is not None:
+        if free is not None and cache_implementation != "static":
             # Prompts come shortest first: a batch's longest is its last, so its rows are counted
-            # from that prompt's length, not from the longest of all. A static cache keeps one row
-            # count (the longest prompt's) instead: each new batch shape would be compiled anew.
-            last = len(order) - 1 if cache_implementation == "static" else done + take - 1
-            while take > 1 and take > (fit := rows_that_fit(plain, len(prompts[order[last]]), max_new_tokens, free)):
+            # from that prompt's length, not from the longest of all.
+            while take > 1 and take > (fit := rows_that_fit(plain, len(prompts[order[done + take - 1]]),
+                                                            max_new_tokens, free)):
                 take = fit
-                last = last if cache_implementation == "static" else done + take - 1
         idx = [i for i in order[done:done + take] if budget[i] == budget[order[done]]]
         width = max(len(prompts[i]) for i in idx)
         cache_len = None
