@@ -24,17 +24,13 @@ class Generation:
 
 def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, batch_size: int,
              device: str, context_length: int | None = None,
-             progress: Callable[[int], None] | None = None,
-             cache_implementation: str | None = None, max_cache_len: int | None = None,
-             compile_config=None) -> list[Generation]:
+             progress: Callable[[int], None] | None = None) -> list[Generation]:
     """Continue each tokenized prompt (BOS included) greedily, in batches of similar length.
 
     With `context_length`, prompt + answer never exceed it: a batch whose longest
     prompt leaves less room gets fewer new tokens; a prompt that fills the
     context on its own is a ModelError. `progress`, if given, is called with the
     number of prompts each finished batch answered (a sabia_ift.progress.Progress fits).
-    `cache_implementation`, `max_cache_len` and `compile_config` go to transformers'
-    GenerationConfig as they are (a "static" cache is compiled on CUDA).
     """
     import torch
     from transformers import GenerationConfig
@@ -58,8 +54,6 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
         config = GenerationConfig(
             do_sample=False, num_beams=1, max_new_tokens=budget,
             eos_token_id=eos, pad_token_id=pad, bos_token_id=tokenizer.bos_token_id,
-            cache_implementation=cache_implementation, max_cache_len=max_cache_len,
-            compile_config=compile_config,
         )
         input_ids = torch.full((len(idx), width), pad, dtype=torch.long)
         attention = torch.zeros((len(idx), width), dtype=torch.long)
@@ -71,19 +65,20 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
             out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
                                  generation_config=config)
         for row, i in enumerate(idx):
-            new = out[row, width:].tolist()
-            stopped = eos in new
-            if stopped:
-                new = new[: new.index(eos)]
-            results[i] = Generation(
-                text=tokenizer.decode(new, skip_special_tokens=True).strip(),
-                new_tokens=len(new) + int(stopped),
-                stopped=stopped,
-                token_ids=tuple(new),
-            )
+            results[i] = _answer(tokenizer, out[row, width:].tolist())
         if progress is not None:
             progress(len(idx))
     return results  # type: ignore[return-value]
+
+
+def _answer(tokenizer, new: list[int]) -> Generation:
+    """The Generation of answer token ids `new`, cut at the first EOS; what follows it is padding."""
+    eos = tokenizer.eos_token_id
+    stopped = eos in new
+    if stopped:
+        new = new[: new.index(eos)]
+    return Generation(text=tokenizer.decode(new, skip_special_tokens=True).strip(),
+                      new_tokens=len(new) + int(stopped), stopped=stopped, token_ids=tuple(new))
 
 
 # Fast generation --------------------------------------------------------------------------------
@@ -91,10 +86,10 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
 # A 4-bit base dequantises every weight on every decoding step: at batch 64 on an H100 that
 # was about 400-500 new tokens/s for a 7B. The fast engine answers from a plain copy of the
 # weights in the compute dtype (the 4-bit ones dequantised: the same numbers the 4-bit
-# layers multiply by; the adapter merged when it is on), with HF generate over prompts
-# sorted by length, in batches as large as the card's free memory holds for their KV cache.
-# transformers' continuous batching was measured too and was slower on the same copy
-# (BENCHMARKS.md, "Evaluation speed").
+# layers multiply by; the adapter merged when it is on), over prompts sorted by length, in
+# batches as large as the card's free memory holds for their KV cache, each decoding step one
+# CUDA graph replay (decoding.py). HF generate eager, its compiled static cache and its
+# continuous batching were measured on the same copy and were slower (BENCHMARKS.md).
 
 # What the KV cache and activations need beside the copy, as a share of the copy's bytes:
 # below this the 4-bit path answers instead.
@@ -228,27 +223,20 @@ def rows_that_fit(plain, longest: int, new_tokens: int, free_bytes: int) -> int:
     return max(1, int(free_bytes * _BATCH_SHARE) // per_row)
 
 
-# A static cache is sized in steps of this many tokens: every batch whose prompt and answer fit
-# the same step decodes through the same compiled graph instead of compiling its own.
-_CACHE_STEP = 256
-
-
 def fast_generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
                   context_length: int | None = None, batch_size: int | None = None,
                   progress: Callable[[int], None] | None = None, merge: bool | None = None,
-                  plain=None, cache_implementation: str | None = None,
-                  compile_backend: str | None = None) -> list[Generation]:
+                  plain=None) -> list[Generation]:
     """What `generate` answers, from a plain copy of `model` (`inference_copy`; `plain` to
-    give one). `merge` defaults to whether the adapter is on. `batch_size` caps the rows
-    decoded together; each batch holds as many as the card's free memory holds for its own
-    longest prompt (`rows_that_fit`). A CUDA out-of-memory halves the batch and answers the
-    rest of the prompts at that size; no answer is cut short for it.
-
-    `cache_implementation="static"` decodes into a KV cache of fixed size (rounded up to
-    `_CACHE_STEP` tokens), which transformers compiles on CUDA: with `compile_backend` None
-    its default (inductor, CUDA graphs), or a torch.compile backend such as "cudagraphs"
-    (graphs of the eager kernels, no code generation)."""
+    give one) through a `decoding.GreedyDecoder` (on CUDA, one graph replay a step).
+    `merge` defaults to whether the adapter is on. `batch_size` caps the rows decoded
+    together; on CUDA every batch has as many rows as the card's free memory holds for the
+    longest prompt and answer (`rows_that_fit`), one row count so that every batch replays
+    the same graphs. A CUDA out-of-memory halves the rows and answers the rest of the
+    prompts at that size; no answer is cut short for it."""
     import torch
+
+    from .decoding import GreedyDecoder, round_slots
 
     if not prompts:
         return []
@@ -256,58 +244,43 @@ def fast_generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens:
         plain = _cached_copy(model, adapter_enabled(model) if merge is None else merge)
     device = plain.get_input_embeddings().weight.device
     order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
-    cap = batch_size or len(prompts)
-    free = None
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        log.info("generation: up to %d rows a batch for the shortest prompts (%.1f GB of the card free)",
-                 min(cap, rows_that_fit(plain, len(prompts[order[0]]), max_new_tokens, free)), free / 1e9)
-    compile_config = None
-    if cache_implementation == "static" and compile_backend is not None:
-        from transformers import CompileConfig
-
-        # mode belongs to inductor; other backends take none. Static shapes: CUDA graphs of the
-        # eager kernels replay one shape each, and failed on shapes marked dynamic.
-        compile_config = CompileConfig(backend=compile_backend, mode=None,  # type: ignore[arg-type]  # torch.compile's default
-                                       dynamic=False)
-    if free is not None and cache_implementation == "static":
-        # One row count for every batch, the longest prompt's: each new batch shape would be compiled anew.
-        cap = min(cap, rows_that_fit(plain, len(prompts[order[-1]]), max_new_tokens, free))
-    results: list[Generation | None] = [None] * len(prompts)
-    done, halved, rows = 0, False, cap
     # Near the context a prompt gets the room it leaves (as `generate` gives it alone), so a
     # batch holds prompts of one answer budget only.
     budget = [max_new_tokens if context_length is None else min(max_new_tokens, context_length - len(p))
               for p in prompts]
+    if context_length is not None and min(budget) < 1:
+        from ..errors import ModelError
+
+        raise ModelError(f"a prompt of {max(map(len, prompts))} tokens leaves no room in the model's "
+                         f"{context_length}-token context; shorten it")
+    slots = round_slots(max(len(p) + b for p, b in zip(prompts, budget, strict=True)))
+    longest = len(prompts[order[-1]])
+    rows = min(batch_size or len(prompts), len(prompts))
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        rows = min(rows, rows_that_fit(plain, longest, slots - longest, free))
+        log.info("generation: %d rows a batch, %d cache slots (%.1f GB of the card free)", rows, slots, free / 1e9)
+    results: list[Generation | None] = [None] * len(prompts)
+    done, halved, decoder = 0, False, None
     while done < len(order):
-        take = min(rows, len(order) - done)
-        if free is not None and cache_implementation != "static":
-            # Prompts come shortest first: a batch's longest is its last, so its rows are counted
-            # from that prompt's length, not from the longest of all.
-            while take > 1 and take > (fit := rows_that_fit(plain, len(prompts[order[done + take - 1]]),
-                                                            max_new_tokens, free)):
-                take = fit
-        idx = [i for i in order[done:done + take] if budget[i] == budget[order[done]]]
-        width = max(len(prompts[i]) for i in idx)
-        cache_len = None
-        if cache_implementation == "static":
-            cache_len = -(-(width + budget[idx[0]]) // _CACHE_STEP) * _CACHE_STEP
+        idx = [i for i in order[done:done + rows] if budget[i] == budget[order[done]]]
         try:
-            answers = generate(plain, tokenizer, [prompts[i] for i in idx], max_new_tokens=budget[idx[0]],
-                               batch_size=len(idx), device=device.type, context_length=context_length,
-                               cache_implementation=cache_implementation, max_cache_len=cache_len,
-                               compile_config=compile_config)
+            if decoder is None:
+                decoder = GreedyDecoder(plain, rows=rows, slots=slots, max_new_tokens=max(budget),
+                                        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+            answers = decoder.decode([prompts[i] for i in idx], budget[idx[0]])
         except torch.OutOfMemoryError:
-            if len(idx) == 1:
+            if rows == 1:
                 raise
-            rows = max(1, len(idx) // 2)
+            rows = max(1, min(rows, len(idx)) // 2)
             if not halved:
                 log.warning("generation: CUDA out of memory; halving the batch to %d rows and going on", rows)
                 halved = True
+            decoder = None
             _release()
             continue
-        for i, answer in zip(idx, answers, strict=True):
-            results[i] = answer
+        for i, ids in zip(idx, answers, strict=True):
+            results[i] = _answer(tokenizer, ids)
         done += len(idx)
         if progress is not None:
             progress(len(idx))
