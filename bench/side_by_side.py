@@ -21,6 +21,7 @@ Same random LLaMA-7B folder (bench/gpu_qlora.py builds it), same LoRA shape
                        up, down), where Unsloth's fused MLP and output-projection kernels run
 Only when named in --only:
   unsloth-nockpt-mb4   Unsloth without checkpointing, micro-batch 4 x 2 accumulation
+  ours-mb1-recompute   ours-mb1 with checkpointing "on" (layer inputs stay on the card); ours-mb1-nockpt: none
   ours-fast16-peft     ours-fast16 with peft's own LoRA forward (train.fused_lora: false)
   ours-realistic-unpacked-peft  ours-realistic-unpacked with peft's own LoRA forward
   ours-fast-unfused    ours-fast without Liger and without the fused LoRA: the GPU check that the fast
@@ -73,7 +74,8 @@ PEERS = {
 
 
 # Measured when named in --only; the default run is the table.
-OPTIONAL = {"unsloth-nockpt-mb4", "ours-fast16-peft", "ours-fast-unfused", "ours-realistic-unpacked-peft",
+OPTIONAL = {"unsloth-nockpt-mb4", "ours-mb1-recompute", "ours-mb1-nockpt",
+            "ours-fast16-peft", "ours-fast-unfused", "ours-realistic-unpacked-peft",
             "ours-profile", "ours-profile-lowmem"}
 
 
@@ -140,6 +142,9 @@ def main() -> None:
         "ours-fast16": (fixed, FAST16),
         "ours-lowmem": (fixed, LOWMEM),
         "ours-mb1": (fixed, {**LOWMEM, "micro_batch_tokens": 2048}),
+        # One row: layer inputs kept on the card (0.5 GiB at 7B) instead of offloaded, and no recompute.
+        "ours-mb1-recompute": (fixed, {**LOWMEM, "micro_batch_tokens": 2048, "gradient_checkpointing": "on"}),
+        "ours-mb1-nockpt": (fixed, {**LOWMEM, "micro_batch_tokens": 2048, "gradient_checkpointing": "off"}),
         "ours-realistic-packed": (tokenized, FAST),
         "ours-realistic-unpacked": (tokenized, UNPACKED),
         "ours-fast16-all": (fixed, {**FAST16, "lora": LORA_ALL}),
