@@ -299,7 +299,8 @@ class EvaluateConfig(_Section):
     samples_to_write: Annotated[int, Field(ge=0)] = _key("rows written to the side-by-side samples file")
     device: Device = _key("auto: cuda if present, else cpu")
     engine: Literal["auto", "fast", "hf"] = _key(
-        "generation engine: fast (HF generate on a plain bf16 copy, adapter merged, batch from free memory), "
+        "generation engine: fast (a plain bf16 copy, adapter merged, a fixed KV cache and one CUDA graph a "
+        "decoding step, batch from free memory), "
         "hf (the loaded model with HF generate, 4-bit where it is), auto (fast on CUDA where the copy fits, else hf)")
 
 
