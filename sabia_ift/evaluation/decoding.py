@@ -29,12 +29,12 @@ class SlotCache:
     at `slots`, the same for every row (prompts are left-padded to one width), and read back
     as the first `length` slots, which the caller's attention mask covers."""
 
-    def __init__(self) -> None:
+    def __init__(self, size: int) -> None:
         self.keys: dict[int, Any] = {}
         self.values: dict[int, Any] = {}
         self.slots: Any = None
         self.length = 0
-        self.size = 0
+        self.size = size
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         import torch
@@ -67,8 +67,7 @@ class GreedyDecoder:
         device = model.get_input_embeddings().weight.device
         self.device = device
         self.graphed = device.type == "cuda"
-        self.cache = SlotCache()
-        self.cache.size = self.slots
+        self.cache = SlotCache(self.slots)
         long = dict(dtype=torch.long, device=device)
         # The decoding step's inputs and outputs: fixed tensors the graphs read and write in place.
         self.tokens = torch.full((rows, 1), pad_token_id, **long)

@@ -35,14 +35,8 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
     import torch
     from transformers import GenerationConfig
 
-    from ..errors import ModelError
-
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    if context_length is not None:
-        longest = max((len(p) for p in prompts), default=0)
-        if longest >= context_length:
-            raise ModelError(f"a prompt of {longest} tokens leaves no room in the model's "
-                             f"{context_length}-token context; shorten it")
+    _refuse_full_context(prompts, context_length)
     # Sorting by length keeps left padding short; results go back in input order.
     order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
     results: list[Generation | None] = [None] * len(prompts)
@@ -69,6 +63,16 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
         if progress is not None:
             progress(len(idx))
     return results  # type: ignore[return-value]
+
+
+def _refuse_full_context(prompts: list[list[int]], context_length: int | None) -> None:
+    """A ModelError when a prompt leaves no room for an answer in the model's context."""
+    from ..errors import ModelError
+
+    longest = max((len(p) for p in prompts), default=0)
+    if context_length is not None and longest >= context_length:
+        raise ModelError(f"a prompt of {longest} tokens leaves no room in the model's "
+                         f"{context_length}-token context; shorten it")
 
 
 def _answer(tokenizer, new: list[int]) -> Generation:
@@ -246,13 +250,9 @@ def fast_generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens:
     order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
     # Near the context a prompt gets the room it leaves (as `generate` gives it alone), so a
     # batch holds prompts of one answer budget only.
+    _refuse_full_context(prompts, context_length)
     budget = [max_new_tokens if context_length is None else min(max_new_tokens, context_length - len(p))
               for p in prompts]
-    if context_length is not None and min(budget) < 1:
-        from ..errors import ModelError
-
-        raise ModelError(f"a prompt of {max(map(len, prompts))} tokens leaves no room in the model's "
-                         f"{context_length}-token context; shorten it")
     slots = round_slots(max(len(p) + b for p, b in zip(prompts, budget, strict=True)))
     longest = len(prompts[order[-1]])
     rows = min(batch_size or len(prompts), len(prompts))
