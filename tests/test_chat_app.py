@@ -182,14 +182,19 @@ def test_chat_in_a_real_browser(tiny_base, tuned_adapter, tmp_path):
         wait = WebDriverWait(driver, 300)
         ask(driver, wait, "Qual é a capital do Ceará?")
 
-        def caption(side: str):
-            text = shown(driver, f'.st-key-turn-0-{side} [data-testid="stCaptionContainer"]')
-            return text if text and "tokens" in text else False
+        def finished() -> dict[str, tuple[str, str]] | bool:
+            """Side -> (answer, caption) once both sides of the first turn are drawn in the history."""
+            found = {side: (shown(driver, f'.st-key-turn-0-{side} [data-testid="stCode"]'),
+                            shown(driver, f'.st-key-turn-0-{side} [data-testid="stCaptionContainer"]'))
+                     for side in ("base", "tuned")}
+            return found if all(code and caption and "tokens" in caption for code, caption in found.values()) \
+                else False
 
-        # A finished turn moves to the history, captions and all: the tuned caption means both are done.
-        tuned_caption = wait.until(lambda _: caption("tuned"))
-        base_caption = caption("base")
-        text = {side: shown(driver, f'.st-key-turn-0-{side} [data-testid="stCode"]') for side in ("base", "tuned")}
+        # A caption can be on screen before its st.code beside it (the code block's renderer loads lazily,
+        # slowly on a busy machine), so wait for both, on both sides.
+        found = wait.until(lambda _: finished())
+        text = {side: answer for side, (answer, _) in found.items()}
+        base_caption, tuned_caption = found["base"][1], found["tuned"][1]
         driver.save_screenshot(str(tmp_path / "chat.png"))
         assert tuned_caption.startswith("stopped at EOS"), tuned_caption
         assert base_caption.startswith("hit the max new tokens limit"), base_caption
