@@ -34,8 +34,8 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 lock: $(STAMP)
-	{ sed -n '1,3p' constraints.txt; $(BIN)/python -m pip freeze --exclude-editable \
-	  | grep -v '^sabia' | sed 's/^torch==\([0-9.]*\)+.*/torch==\1/'; } > constraints.new && mv constraints.new constraints.txt
+	{ sed -n '1,5p' constraints.txt; $(BIN)/python -m pip freeze --exclude-editable \
+	  | grep -v '^sabia\|^liger-kernel==' | sed 's/^torch==\([0-9.]*\)+.*/torch==\1/'; } > constraints.new && mv constraints.new constraints.txt
 
 clean-venv:
 	rm -rf $(VENV)
