@@ -30,6 +30,19 @@ sys.path.insert(0, str(REPO / "bench"))
 from gpu_qlora import build_model, prepare_data, stage, write_params  # noqa: E402
 
 
+def leaderboard_tasks(pt: Path) -> list[dict]:
+    """The Sabiá-7B preset's five tasks, read from local copies of the publishers' files in `pt`."""
+    return [
+        {"name": "enem", "kind": "enem", "path": str(pt / "enem2022.json")},
+        {"name": "assin2_rte", "kind": "assin2_rte", "path": str(pt / "assin2-test.xml"),
+         "fewshot_path": str(pt / "assin2-train-only.xml")},
+        {"name": "assin2_sts", "kind": "assin2_sts", "path": str(pt / "assin2-test.xml"),
+         "fewshot_path": str(pt / "assin2-train-only.xml")},
+        {"name": "faquad_nli", "kind": "faquad_nli", "path": str(pt / "faquad_dev.json"),
+         "fewshot_path": str(pt / "faquad_train.json")},
+        {"name": "tweetsentbr", "kind": "tweetsentbr", "path": str(pt / "tweetsentbr_poeta750.json")},
+    ]
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pt-eval", type=Path, required=True)
@@ -51,16 +64,7 @@ def main() -> None:
     log = out / "benchmark-stage.log"
     model_dir = work / "llama-7b-random"
     build_model(model_dir, args.tokenizer)
-    tasks = [
-        {"name": "enem", "kind": "enem", "path": str(pt / "enem2022.json")},
-        {"name": "assin2_rte", "kind": "assin2_rte", "path": str(pt / "assin2-test.xml"),
-         "fewshot_path": str(pt / "assin2-train-only.xml")},
-        {"name": "assin2_sts", "kind": "assin2_sts", "path": str(pt / "assin2-test.xml"),
-         "fewshot_path": str(pt / "assin2-train-only.xml")},
-        {"name": "faquad_nli", "kind": "faquad_nli", "path": str(pt / "faquad_dev.json"),
-         "fewshot_path": str(pt / "faquad_train.json")},
-        {"name": "tweetsentbr", "kind": "tweetsentbr", "path": str(pt / "tweetsentbr_poeta750.json")},
-    ]
+    tasks = leaderboard_tasks(pt)
     overrides = {
         "base": {"source": "pretrained", "name_or_path": str(model_dir)},
         "fetch": {"source": "file", "path": str(REPO / "data/sample/instructions.jsonl"), "max_rows": 200},

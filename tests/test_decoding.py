@@ -88,3 +88,45 @@ def test_cuda_graphs_answer_as_generate(tiny_base, tokenizer, monkeypatch):
     decoder = _decoder(model, tokenizer, rows=5, slots=max(map(len, prompts)) + 48, new=48)
     got = _as_generate(tokenizer, decoder.decode(prompts[:5], 48) + decoder.decode(prompts[5:], 48))
     assert decoder.graphs and got == want
+
+
+def test_a_shared_beginning_is_computed_once_and_answers_as_generate(tuned_adapter, tiny_base, tokenizer,
+                                                                      monkeypatch):
+    """Prompts behind one few-shot block (the leaderboard tasks' shape): the block is prefilled in
+    one row and copied to every row, and the answers are generate's, batch after batch."""
+    from sabia_ift.evaluation.generation import inference_copy
+
+    monkeypatch.setattr(decoding, "SLOT_STEP", 8)
+    monkeypatch.setattr(decoding, "MIN_SHARED", 16)
+    _, model = load_tuned(tiny_base, tuned_adapter, "cpu")
+    plain = inference_copy(model, merge=True)
+    own = _prompts(tokenizer, 7)
+    block = [t for p in own[:2] for t in p[1:]][:40]  # a "few-shot block": earlier prompts' tokens, no BOS
+    prompts = [[p[0], *block, *p[1:]] for p in own]
+    # Two alike to the last token: the shared part stops one short, so each row still has its own.
+    prompts.append(list(prompts[0]))
+    want = [g.token_ids for g in generate(plain, tokenizer, prompts, max_new_tokens=12, batch_size=1, device="cpu")]
+    decoder = _decoder(plain, tokenizer, rows=5, slots=max(map(len, prompts)) + 12, new=12)
+    passes = []
+    real = decoder._forward
+    decoder._forward = lambda ids, *rest: passes.append(tuple(ids.shape)) or real(ids, *rest)
+    got = _as_generate(tokenizer, decoder.decode(prompts[:5], 12) + decoder.decode(prompts[5:], 12))
+    assert got == want
+    assert got[-1] == got[0]
+    widths = [max(map(len, prompts[:5])), max(map(len, prompts[5:]))]
+    # The block, BOS and the template's own first words after it.
+    shared = [decoding.shared_prefix(prompts[:5]), decoding.shared_prefix(prompts[5:])]
+    assert min(shared) > 41
+    # Each batch: one pass of one row over what its prompts share, then every row over its own rest.
+    assert passes == [(1, shared[0]), (5, widths[0] - shared[0]), *[(5, 1)] * 11,
+                      (1, shared[1]), (5, widths[1] - shared[1]), *[(5, 1)] * 11]
+    assert decoder.prompt_tokens == sum(map(len, prompts))
+    assert decoder.prefill_tokens == sum(s + 5 * (w - s) for s, w in zip(shared, widths))
+
+
+def test_shared_prefix_leaves_every_prompt_a_token_of_its_own():
+    assert decoding.shared_prefix([[1, 2, 3, 4], [1, 2, 3, 5]]) == 3
+    assert decoding.shared_prefix([[1, 2, 3], [1, 2, 3]]) == 2
+    assert decoding.shared_prefix([[1, 2, 3], [1, 2]]) == 1
+    assert decoding.shared_prefix([[7, 2], [1, 2]]) == 0
+    assert decoding.shared_prefix([[1]]) == 0

@@ -103,7 +103,8 @@ def test_bars_only_on_a_terminal(model_and_tokenizer, capsys):
 def generation_requests(n: int) -> list:
     """Instruction prompts (the trained test model answers them with confidence, so batch sizes
     do not flip near-tied tokens) in two groups of options: a newline stop, and stops that cut
-    inside answers (a space, a letter), so the cut and its whitespace are compared too."""
+    inside answers (a space, a letter), so the cut and its whitespace are compared too. The first
+    five belong to one task, the rest to another."""
     from lm_eval.api.instance import Instance
 
     from sabia_ift.template import build_prompt
@@ -114,7 +115,8 @@ def generation_requests(n: int) -> list:
         options = ({"until": ["\n"], "do_sample": False, "max_gen_toks": 8} if k % 2 else
                    {"until": [" ", "a"], "do_sample": False, "max_gen_toks": 6})
         out.append(Instance(request_type="generate_until", doc={},
-                            arguments=(build_prompt(row["instruction"], row.get("input", "")), options), idx=k))
+                            arguments=(build_prompt(row["instruction"], row.get("input", "")), options), idx=k,
+                            metadata=("first" if k < 5 else "second", k, 1)))
     return out
 
 
@@ -136,6 +138,7 @@ def test_fast_generation_answers_as_lm_evals_hflm(tuned_adapter, tiny_base, max_
     fast = lm(ContinuationHFLM, (plain, tokenizer), max_length)
     fast.fast_generation = True
     ours = fast.generate_until(asked, disable_tqdm=True)
-    assert sorted(calls) == [4, 5]  # one call a group of options, every request through the fast engine
+    # One call a task and group of options, every request through the fast engine.
+    assert sorted(calls) == [2, 2, 2, 3]
     assert ours == stock
     assert len(set(stock)) >= 2  # differing answers, not one constant, were compared

@@ -7,6 +7,11 @@ graph replays them in one launch. transformers can compile its own static cache,
 are recorded again for the next batch (138-204 new tokens/s on an H100, slower than eager:
 BENCHMARKS.md). Here the cache, the step's inputs and the graphs belong to one `GreedyDecoder`
 that answers every batch of an evaluation.
+
+Prompts that begin alike (the leaderboard tasks' few-shot block, thousands of tokens before
+each question, the same for every question) have that common beginning computed once a
+batch, in one row, and its keys and values copied to every row of the cache: the prefill
+then runs over the rest of each prompt only.
 """
 
 from __future__ import annotations
@@ -18,6 +23,20 @@ from typing import Any
 SLOT_STEP = 256
 # Steps between checks whether every row has ended with EOS (each check waits for the card).
 _CHECK_EVERY = 16
+# A shared beginning shorter than this is prefilled with the rest: a pass of its own costs more
+# than it saves (the Alpaca template's first line is about 30 tokens).
+MIN_SHARED = 64
+
+
+def shared_prefix(prompts: list[list[int]]) -> int:
+    """How many leading tokens every prompt has in common, leaving each at least one of its own
+    (the prefill's last position gives a row its first answer token)."""
+    first, shortest = prompts[0], min(map(len, prompts))
+    for i in range(shortest - 1):
+        token = first[i]
+        if any(p[i] != token for p in prompts):
+            return i
+    return max(shortest - 1, 0)
 
 
 def round_slots(tokens: int) -> int:
@@ -27,14 +46,15 @@ def round_slots(tokens: int) -> int:
 class SlotCache:
     """What a transformers decoder layer asks of its cache (`update`): keys and values written
     at `slots`, the same for every row (prompts are left-padded to one width), and read back
-    as the first `length` slots, which the caller's attention mask covers."""
+    as the first `length` slots, which the caller's attention mask covers. A pass of one row
+    (a shared prompt beginning) writes its keys and values into every row and reads its own."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, rows: int) -> None:
         self.keys: dict[int, Any] = {}
         self.values: dict[int, Any] = {}
         self.slots: Any = None
         self.length = 0
-        self.size = size
+        self.size, self.rows = size, rows
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         import torch
@@ -42,15 +62,16 @@ class SlotCache:
         if layer_idx not in self.keys:
             # The first prefill allocates; every later write lands in the same tensors, which
             # the captured graphs read and write.
-            rows, heads, _, dim = key_states.shape
-            self.keys[layer_idx] = torch.zeros((rows, heads, self.size, dim), dtype=key_states.dtype,
+            _, heads, _, dim = key_states.shape
+            self.keys[layer_idx] = torch.zeros((self.rows, heads, self.size, dim), dtype=key_states.dtype,
                                                device=key_states.device)
-            self.values[layer_idx] = torch.zeros((rows, value_states.shape[1], self.size, value_states.shape[3]),
+            self.values[layer_idx] = torch.zeros((self.rows, value_states.shape[1], self.size, value_states.shape[3]),
                                                  dtype=value_states.dtype, device=value_states.device)
         keys, values = self.keys[layer_idx], self.values[layer_idx]
-        keys.index_copy_(2, self.slots, key_states)
-        values.index_copy_(2, self.slots, value_states)
-        return keys[:, :, : self.length], values[:, :, : self.length]
+        rows = key_states.shape[0]
+        keys.index_copy_(2, self.slots, key_states.expand(self.rows, -1, -1, -1))
+        values.index_copy_(2, self.slots, value_states.expand(self.rows, -1, -1, -1))
+        return keys[:rows, :, : self.length], values[:rows, :, : self.length]
 
 
 class GreedyDecoder:
@@ -67,7 +88,7 @@ class GreedyDecoder:
         device = model.get_input_embeddings().weight.device
         self.device = device
         self.graphed = device.type == "cuda"
-        self.cache = SlotCache(self.slots)
+        self.cache = SlotCache(self.slots, rows)
         long = dict(dtype=torch.long, device=device)
         # The decoding step's inputs and outputs: fixed tensors the graphs read and write in place.
         self.tokens = torch.full((rows, 1), pad_token_id, **long)
@@ -77,6 +98,9 @@ class GreedyDecoder:
         self.keymask = torch.zeros((rows, 1, 1, self.slots), dtype=torch.bool, device=device)
         self.answers = torch.full((rows, max_new_tokens), pad_token_id, **long)
         self.graphs: dict[int, Any] = {}
+        # Prompt tokens given, and token positions the prefill computed (padding rows and columns
+        # included, a shared beginning once): what sharing saves, for the log and the benchmarks.
+        self.prompt_tokens = self.prefill_tokens = 0
 
     def _forward(self, input_ids, mask, positions, length: int):
         self.cache.length = length
@@ -125,11 +149,18 @@ class GreedyDecoder:
         if len(prompts) > self.rows or width + max_new_tokens > self.slots or max_new_tokens > self.answers.shape[1]:
             raise ValueError(f"{len(prompts)} prompts of up to {width} tokens and {max_new_tokens} new tokens "
                              f"do not fit a decoder of {self.rows} rows and {self.slots} slots")
+        shared = shared_prefix(prompts) if len(prompts) > 1 else 0
+        shared = shared if shared >= MIN_SHARED else 0
+        # The shared beginning first, then each prompt's own rest, left-padded: every row's
+        # tokens still sit in order, and its positions count them as if it were alone.
+        width = shared + max(len(p) - shared for p in prompts)
         ids = torch.full((self.rows, width), self.pad, dtype=torch.long)
         real = torch.zeros((self.rows, width), dtype=torch.bool)
         for row, prompt in enumerate(prompts):
-            ids[row, width - len(prompt):] = torch.tensor(prompt)
-            real[row, width - len(prompt):] = True
+            ids[row, :shared] = torch.tensor(prompt[:shared])
+            ids[row, width - len(prompt) + shared:] = torch.tensor(prompt[shared:])
+            real[row, :shared] = True
+            real[row, width - len(prompt) + shared:] = True
         ids, real = ids.to(self.device), real.to(self.device)
         # transformers' positions for left padding: each row counts its own tokens from 0.
         positions = (real.long().cumsum(-1) - 1).clamp(min=0)
@@ -137,9 +168,15 @@ class GreedyDecoder:
         itself = torch.eye(width, dtype=torch.bool, device=self.device)
         # A padding query sees only itself: a row with nothing to attend to would give NaN.
         mask = (causal & real[:, None, :]) | itself
+        self.prompt_tokens += sum(map(len, prompts))
+        self.prefill_tokens += shared + self.rows * (width - shared)
         with torch.no_grad():
-            self.cache.slots = torch.arange(width, device=self.device)
-            first = self._forward(ids, mask[:, None], positions, width)
+            if shared:
+                # One row computes the shared beginning; the cache copies it to every row.
+                self.cache.slots = torch.arange(shared, device=self.device)
+                self._forward(ids[:1, :shared], mask[:1, None, :shared, :shared], positions[:1, :shared], shared)
+            self.cache.slots = torch.arange(shared, width, device=self.device)
+            first = self._forward(ids[:, shared:], mask[:, None, shared:], positions[:, shared:], width)
             self.answers[:, 0] = first
             self.tokens[:, 0] = first
             self.positions[:, 0] = real.sum(-1)

@@ -261,14 +261,16 @@ def fast_generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens:
         rows = min(rows, rows_that_fit(plain, longest, slots - longest, free))
         log.info("generation: %d rows a batch, %d cache slots (%.1f GB of the card free)", rows, slots, free / 1e9)
     results: list[Generation | None] = [None] * len(prompts)
-    done, halved, decoder = 0, False, None
+    done, halved, decoder, prefilled = 0, False, None, 0
     while done < len(order):
         idx = [i for i in order[done:done + rows] if budget[i] == budget[order[done]]]
         try:
             if decoder is None:
                 decoder = GreedyDecoder(plain, rows=rows, slots=slots, max_new_tokens=max(budget),
                                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+            before = decoder.prefill_tokens
             answers = decoder.decode([prompts[i] for i in idx], budget[idx[0]])
+            prefilled += decoder.prefill_tokens - before
         except torch.OutOfMemoryError:
             if rows == 1:
                 raise
@@ -284,6 +286,9 @@ def fast_generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens:
         done += len(idx)
         if progress is not None:
             progress(len(idx))
+    # Padding counted; a beginning the prompts of a batch share (few-shot examples) counted once.
+    log.info("generation: the prefill computed %d token positions for %d prompt tokens", prefilled,
+             sum(map(len, prompts)))
     return results  # type: ignore[return-value]
 
 

@@ -15,8 +15,9 @@ same.
 With `fast_generation` (the benchmark stage's fast engine, on a plain bf16 copy
 of the model), greedy generate_until requests are answered by the evaluate
 stage's engine (generation.fast_generate: prompts sorted by length, batches
-sized from free memory) instead of lm-eval's fixed batches; prompts, stop
-strings and the text returned are lm-eval's.
+sized from free memory, one task at a time so that a batch's prompts share the
+task's few-shot block and the decoder prefills it once) instead of lm-eval's
+fixed batches; prompts, stop strings and the text returned are lm-eval's.
 """
 
 from __future__ import annotations
@@ -79,9 +80,11 @@ class ContinuationHFLM(HFLM):
         from .generation import fast_generate
 
         eos = self.tok_decode(self.eot_token_id, skip_special_tokens=False)
-        groups: dict[str, list[int]] = {}
+        groups: dict[tuple[str | None, str], list[int]] = {}
         for i, request in enumerate(requests):
-            groups.setdefault(repr(sorted(request.args[1].items())), []).append(i)
+            # One task's prompts together: they share its few-shot block, which the decoder
+            # then computes once a batch (decoding.shared_prefix).
+            groups.setdefault((request.task_name, repr(sorted(request.args[1].items()))), []).append(i)
         results: list[str] = [""] * len(requests)
         progress = tqdm(total=len(requests), disable=disable or self.rank != 0, desc="Running generate_until requests")
         for indices in groups.values():
