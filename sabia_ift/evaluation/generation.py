@@ -257,6 +257,9 @@ def fast_generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens:
     longest = len(prompts[order[-1]])
     rows = min(batch_size or len(prompts), len(prompts))
     if device.type == "cuda":
+        # An earlier call's cache and graphs (the benchmark calls once a task) are freed but still
+        # held by PyTorch's allocator, where the driver does not count them as free.
+        _release()
         free, _ = torch.cuda.mem_get_info(device)
         rows = min(rows, rows_that_fit(plain, longest, slots - longest, free))
         log.info("generation: %d rows a batch, %d cache slots (%.1f GB of the card free)", rows, slots, free / 1e9)
