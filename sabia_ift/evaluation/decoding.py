@@ -33,8 +33,7 @@ def shared_prefix(prompts: list[list[int]]) -> int:
     (the prefill's last position gives a row its first answer token)."""
     first, shortest = prompts[0], min(map(len, prompts))
     for i in range(shortest - 1):
-        token = first[i]
-        if any(p[i] != token for p in prompts):
+        if any(p[i] != first[i] for p in prompts):
             return i
     return max(shortest - 1, 0)
 
