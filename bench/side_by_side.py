@@ -2,6 +2,7 @@
 
     python bench/side_by_side.py --rows .bench/rows.jsonl --tokenizer .bench/tokenizer --work /tmp/bench \
         --out bench/results [--only NAME,...] [--steps 12] [--caps 6,8,12,16 [--cap-tokens 2048,16384]]
+        [--curve-steps 200]
 
 Same random LLaMA-7B folder (bench/gpu_qlora.py builds it), same LoRA shape
 (r=32, alpha 64, dropout 0 on q/k/v), NF4 + double quantization, bf16:
@@ -12,6 +13,7 @@ Same random LLaMA-7B folder (bench/gpu_qlora.py builds it), same LoRA shape
   unsloth-nockpt-mb8   Unsloth without checkpointing, 8 x 2,048 (recorded as failed if it does not fit)
   ours-fast            this project's train stage, fast: packed, no checkpointing, Liger, 4 x 2,048 x 2 accumulation
   ours-fast16          the same with 8 x 2,048 in one micro-batch
+  ours-fast16-fp8      ours-fast16 with the frozen base's products in FP8 (train.base_matmul: fp8)
   ours-lowmem          the train stage, low memory: packed, checkpointing with offload, Liger, 8 x 2,048
   ours-mb1             the train stage, low-memory settings at 1 x 2,048
   ours-realistic-packed    the fast configuration on real Portuguese rows (FaQuAD/ENEM mix)
@@ -26,6 +28,9 @@ Only when named in --only:
   ours-realistic-unpacked-peft  ours-realistic-unpacked with peft's own LoRA forward
   ours-fast-unfused    ours-fast without Liger and without the fused LoRA: the GPU check that the fast
                        paths train the same model (same first losses within bf16 noise)
+  ours-curve-dense, ours-curve-fp8
+                       ours-fast16 without and with FP8 on the realistic rows for --curve-steps steps,
+                       a train loss logged every 10: `fp8_loss` compares the two curves step by step
   ours-profile         the fast configuration's model (8 x 2,048, bf16 autocast as in the Trainer) in a plain
                        loop under torch.profiler (top kernels); ours-profile-lowmem: the same with offload
 
@@ -76,7 +81,7 @@ PEERS = {
 # Measured when named in --only; the default run is the table.
 OPTIONAL = {"unsloth-nockpt-mb4", "ours-mb1-recompute", "ours-mb1-nockpt",
             "ours-fast16-peft", "ours-fast-unfused", "ours-realistic-unpacked-peft",
-            "ours-profile", "ours-profile-lowmem"}
+            "ours-profile", "ours-profile-lowmem", "ours-curve-dense", "ours-curve-fp8"}
 
 
 def peer_env(name: str) -> dict[str, str]:
@@ -98,6 +103,7 @@ def main() -> None:
     parser.add_argument("--tag", default="side-by-side", help="suffix of the results file name")
     parser.add_argument("--caps", default="", help="simulated card sizes in GiB, e.g. 6,8,12,16 (none by default)")
     parser.add_argument("--cap-tokens", default="2048,16384", help="tokens a step on each simulated card")
+    parser.add_argument("--curve-steps", type=int, default=200, help="steps of the FP8 loss-curve rows")
     args = parser.parse_args()
 
     import torch
@@ -140,6 +146,10 @@ def main() -> None:
     ours = {
         "ours-fast": (fixed, FAST),
         "ours-fast16": (fixed, FAST16),
+        "ours-fast16-fp8": (fixed, {**FAST16, "base_matmul": "fp8"}),
+        "ours-curve-dense": (tokenized, {**FAST16, "max_steps": args.curve_steps, "logging_steps": 10}),
+        "ours-curve-fp8": (tokenized, {**FAST16, "max_steps": args.curve_steps, "logging_steps": 10,
+                                       "base_matmul": "fp8"}),
         "ours-lowmem": (fixed, LOWMEM),
         "ours-mb1": (fixed, {**LOWMEM, "micro_batch_tokens": 2048}),
         # One row: layer inputs kept on the card (0.5 GiB at 7B) instead of offloaded, and no recompute.
@@ -177,7 +187,8 @@ def main() -> None:
             "micro_batch": (overrides["micro_batch_tokens"] // 2048 if overrides["packing"]
                             else overrides.get("micro_batch_size")),
             "checkpointing": overrides["gradient_checkpointing"], "trainable_params": m["trainable_params"],
-            "first_losses": m["first_train_loss"], "final_loss": m["final_train_loss"]}
+            "first_losses": m["first_train_loss"], "final_loss": m["final_train_loss"],
+            "loss_by_step": t.get("train_loss_by_step")}
 
     def run_peer(name: str, peer_args: list[str], cap_gib: float | None = None) -> dict:
         res = work / f"peer-{name}.json"
@@ -282,6 +293,15 @@ def summarise(results: dict) -> None:
     results["ratio_mb1"] = ratio(results["ours_mb1_tokens_per_s"], results["unsloth_mb1_tokens_per_s"])
     results["ratio_all_linear_fast"] = ratio(value("ours-fast16-all"), value("unsloth-nockpt-mb8-all"))
     results["ratio_all_linear_lowmem"] = ratio(value("ours-lowmem-all"), value("unsloth-ckpt-mb8-all"))
+    results["ours_fp8_tokens_per_s"] = value("ours-fast16-fp8")
+    results["ratio_fp8_fast"] = ratio(value("ours-fast16-fp8"), results["unsloth_best_tokens_per_s"])
+    results["fp8_over_dense"] = ratio(value("ours-fast16-fp8"), value("ours-fast16"))
+    dense, fp8 = value("ours-curve-dense", "loss_by_step"), value("ours-curve-fp8", "loss_by_step")
+    if dense and fp8:
+        gaps = {step: round(fp8[step] / loss - 1, 6) for step, loss in dense.items() if step in fp8}
+        worst = max(map(abs, gaps.values()), default=None)
+        results["fp8_loss"] = {"steps_compared": len(gaps), "max_relative_gap": worst,
+                               "within_1_percent": worst is not None and worst <= 0.01, "gap_by_step": gaps}
     results["realistic_packed_share_of_fixed"] = ratio(results["ours_packed_realistic_tokens_per_s"],
                                                        results["ours_fixed_tokens_per_s"])
 

@@ -241,6 +241,10 @@ class TrainConfig(_Section):
     fused_lora: bool = _key("each LoRA projection and its frozen (4-bit) weight in one autograd function: "
                             "projections of one input (q/k/v, gate/up) together, fewer passes over the "
                             "activations, same numbers (any device); false: peft's forward")
+    base_matmul: Literal["dense", "fp8"] = _key(
+        "dense: the frozen base's products in the compute dtype (bf16 on GPUs); fp8: in FP8 with a scale per "
+        "row, the weights kept in FP8 (1 byte a parameter more; Ada/Hopper GPUs or CPU; not with "
+        "gradient_checkpointing: offload or precision fp16)")
     group_by_length: bool = _key("batch rows of similar length so padding wastes little (unpacked only)")
     loss_weighting: Literal["tokens", "rows"] = _key(
         "tokens: every trained token of a step counts alike; rows: every row of the run counts alike, its "
@@ -286,6 +290,19 @@ class TrainConfig(_Section):
     def _warmup(self) -> TrainConfig:
         if self.warmup >= 1 and self.warmup != int(self.warmup):
             raise ValueError(f"warmup is a share below 1 or a whole number of steps, got {self.warmup}")
+        return self
+
+    @model_validator(mode="after")
+    def _fp8(self) -> TrainConfig:
+        if self.base_matmul != "fp8":
+            return self
+        # The offload's recompute multiplies by the 4-bit weights itself, and keeping an FP8
+        # copy (1 byte a parameter) is the opposite of what a small card runs offload for.
+        if self.gradient_checkpointing == "offload":
+            raise ValueError("base_matmul: fp8 is for the fast configurations: gradient_checkpointing must be "
+                             "off or on, not offload")
+        if self.precision == "fp16":
+            raise ValueError("base_matmul: fp8 writes bf16 products: precision must be auto or bf16, not fp16")
         return self
 
 

@@ -119,8 +119,8 @@ def test_siblings_of_one_input_are_projected_in_one_call_and_nothing_stays_pendi
     fuse_lora(model)
     calls = []
     real = fused_lora._project
-    monkeypatch.setattr(fused_lora, "_project", lambda x, layers, names: calls.append(len(layers)) or
-                        real(x, layers, names))
+    monkeypatch.setattr(fused_lora, "_project", lambda products, x, layers, names: calls.append(len(layers)) or
+                        real(products, x, layers, names))
     model(input_ids=torch.tensor([[5, 6, 7, 8]]), labels=torch.tensor([[5, 6, 7, 8]])).loss.backward()
     layers = model.config.num_hidden_layers
     # q/k/v, o, gate/up, down: four calls a layer instead of seven

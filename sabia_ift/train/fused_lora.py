@@ -24,7 +24,7 @@ import logging
 import types
 from typing import Any
 
-from .weights import KEPT, compute_dtype
+from .weights import DENSE, compute_dtype
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +46,11 @@ def _lora_projections():
         """
 
         @staticmethod
-        def forward(ctx, x, members, *adapters):
+        def forward(ctx, x, members, products, *adapters):
             dtype = compute_dtype(x)
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)
             tokens = x2.shape[0]
+            prepared = products.prepare(x2)  # once for every member (FP8: x quantised once)
             a_all = torch.cat([a.to(dtype) for a in adapters[0::2]])
             xa = torch.mm(x2, a_all.t())  # (tokens, sum of ranks)
             outs, col = [], 0
@@ -59,11 +60,11 @@ def _lora_projections():
                 out = torch.mm(xa[:, col:col + rank], (b * scaling).to(dtype).t())
                 if base.bias is not None:
                     out += base.bias.to(dtype)
-                out.addmm_(x2, KEPT.dense(base, dtype, tokens).t())
+                products.add_frozen(out, prepared, base, dtype, tokens)
                 outs.append(out.view(*x.shape[:-1], out.shape[-1]))
                 col += rank
             ctx.save_for_backward(x2, xa, *adapters)
-            ctx.members, ctx.dtype, ctx.x_shape, ctx.x_dtype = members, dtype, x.shape, x.dtype
+            ctx.members, ctx.products, ctx.dtype, ctx.x_shape, ctx.x_dtype = members, products, dtype, x.shape, x.dtype
             ctx.set_materialize_grads(False)
             return tuple(outs)
 
@@ -81,27 +82,27 @@ def _lora_projections():
                     gbs.append(torch.mm(g, b.to(dtype)))  # (tokens, r)
                     a_scaled.append((a * scaling).to(dtype))
                     live.append((i, base, g))
-                    if ctx.needs_input_grad[3 + 2 * i]:
+                    if ctx.needs_input_grad[4 + 2 * i]:
                         grad_b = torch.mm(g.t(), xa[:, col:col + rank]).mul_(scaling)
                         adapter_grads[2 * i + 1] = grad_b.to(b.dtype)
                 col += rank
             if not live:
-                return (None, None, *adapter_grads)
+                return (None, None, None, *adapter_grads)
             gb = torch.cat(gbs, dim=1) if len(gbs) > 1 else gbs[0]
-            grad_a_all = torch.mm(gb.t(), x2) if any(ctx.needs_input_grad[2 + 2 * i] for i, _, _ in live) else None
+            grad_a_all = torch.mm(gb.t(), x2) if any(ctx.needs_input_grad[3 + 2 * i] for i, _, _ in live) else None
             row = 0
             for i, _, _ in live:
                 a, scaling = adapters[2 * i], members[i][1]
-                if grad_a_all is not None and ctx.needs_input_grad[2 + 2 * i]:
+                if grad_a_all is not None and ctx.needs_input_grad[3 + 2 * i]:
                     adapter_grads[2 * i] = grad_a_all[row:row + a.shape[0]].mul(scaling).to(a.dtype)
                 row += a.shape[0]
             dx = None
             if ctx.needs_input_grad[0]:
                 dx = torch.mm(gb, torch.cat(a_scaled) if len(a_scaled) > 1 else a_scaled[0])
                 for _, base, g in live:
-                    dx.addmm_(g, KEPT.dense(base, dtype))
+                    ctx.products.add_input_grad(dx, g, base, dtype)
                 dx = dx.view(ctx.x_shape).to(ctx.x_dtype)
-            return (dx, None, *adapter_grads)
+            return (dx, None, None, *adapter_grads)
 
     return LoraProjections
 
@@ -114,14 +115,14 @@ def _active(layer) -> str | None:
     return name if name in layer.lora_A else None
 
 
-def _project(x, layers, names):
+def _project(products, x, layers, names):
     members = tuple((layer.get_base_layer(), float(layer.scaling[name])) for layer, name in zip(layers, names))
     adapters = [w for layer, name in zip(layers, names)
                 for w in (layer.lora_A[name].weight, layer.lora_B[name].weight)]
-    return _lora_projections().apply(x, members, *adapters)
+    return _lora_projections().apply(x, members, products, *adapters)
 
 
-def _fused_forward(self, x, *args, **kwargs):
+def _fused_forward(products, self, x, *args, **kwargs):
     """A peft LoRA Linear's forward, fused when it is plain LoRA with one active adapter.
 
     In a group of siblings that read the same input (q/k/v, gate/up), the first
@@ -133,7 +134,7 @@ def _fused_forward(self, x, *args, **kwargs):
         return self._peft_forward(x, *args, **kwargs)
     group = getattr(self, "_sabia_group", None)
     if group is None:
-        return _project(x, [self], [name])[0]
+        return _project(products, x, [self], [name])[0]
     pending = group["pending"]
     if pending is not None and pending[0] is x and self in pending[1]:
         out = pending[1].pop(self)
@@ -146,7 +147,7 @@ def _fused_forward(self, x, *args, **kwargs):
         if other_name is not None:
             layers.append(other)
             names.append(other_name)
-    outs = _project(x, layers, names)
+    outs = _project(products, x, layers, names)
     # Held only until the siblings are called, which LLaMA's attention and MLP do at once.
     group["pending"] = (x, dict(zip(layers[1:], outs[1:]))) if len(layers) > 1 else None
     return outs[0]
@@ -175,8 +176,9 @@ def _eligible(module) -> str | None:
     return None
 
 
-def fuse_lora(model) -> int:
-    """Route every eligible LoRA Linear of a peft model through the fused function.
+def fuse_lora(model, products=DENSE) -> int:
+    """Route every eligible LoRA Linear of a peft model through the fused function, whose
+    frozen products `products` computes (weights.DenseProducts, or fp8.Fp8Products).
 
     Layers that cannot be fused (dropout, DoRA, non-Linear bases) keep peft's
     forward; the log says how many and why. Returns the number fused.
@@ -193,7 +195,7 @@ def fuse_lora(model) -> int:
             continue
         layer: Any = module
         layer._peft_forward = layer.forward
-        layer.forward = types.MethodType(_fused_forward, layer)
+        layer.forward = types.MethodType(functools.partial(_fused_forward, products), layer)
         fused += 1
     grouped = 0
     for module in model.modules():

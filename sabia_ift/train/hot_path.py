@@ -1,10 +1,12 @@
 """The train stage's interceptions of transformers and peft, in the one order they work in.
 
-Seven things change how a LLaMA layer runs; each lives in its own module:
+Eight things change how a LLaMA layer runs; each lives in its own module:
   1. kernels.apply_liger      - swaps LLaMA's RMSNorm, RoPE, SwiGLU and loss classes
   2. attention (varlen/sdpa)  - an attention function registered with transformers
   3. offload.ActivationOffload - saved-tensor hooks around the decoder stack
-  4. fused_lora.fuse_lora     - peft LoRA layers' forwards, siblings projected together
+  4. fused_lora.fuse_lora     - peft LoRA layers' forwards, siblings projected together, their
+                                frozen products from weights.DenseProducts or fp8.Fp8Products
+  4b. fp8.route_frozen        - (base_matmul: fp8) the frozen projections without LoRA in FP8
   5. recompute.split_checkpointing - decoder layers in two checkpointed halves, frozen
      output projections (and the SwiGLU feeding one) deferred, 4-bit heads kept dequantised
   6. attention.SavedAttention - the halves' attention output reused in the recompute
@@ -16,6 +18,10 @@ Why this order:
   - The offload (3) hooks the decoder stack before LoRA wraps the model, and must exist
     before the split (5), which hands it to each SavedAttention (6).
   - LoRA is attached between (3) and (4): fused LoRA replaces peft's layers' forwards.
+  - (4b) comes after LoRA is attached: it tells frozen projections by `requires_grad`, and
+    replaces the forward of a LoRA layer's base too, which peft's unfused forward calls. It
+    shares (4)'s Fp8Products, so each weight has one FP8 copy. It never meets (5): the
+    config refuses fp8 with offload.
   - The split (5) comes last: it tells the frozen projections from the LoRA-tuned ones by
     `requires_grad`, which only holds once LoRA is attached, and it wraps the base layers
     under the (fused) LoRA layers, so a recompute runs fused LoRA plus deferred frozen parts.
@@ -23,13 +29,16 @@ Why this order:
 
 from __future__ import annotations
 
-from . import fused_lora, kernels, recompute
+from . import fp8, fused_lora, kernels, recompute
 from .offload import ActivationOffload
+from .weights import DENSE
 
 
 def before_load(cfg, device: str) -> None:
     """(1): before the model is built. (2) is chosen by attention.attention_implementation
     and handed to the loader as attn_implementation."""
+    if cfg.base_matmul == "fp8":
+        fp8.check_device(device)
     if cfg.kernels == "liger":
         kernels.apply_liger(device)
 
@@ -52,8 +61,11 @@ def before_lora(model, cfg) -> ActivationOffload | None:
 
 
 def after_lora(model, cfg, offload: ActivationOffload | None) -> None:
-    """(4), then (5) and (6)."""
+    """(4) and (4b), then (5) and (6)."""
+    products = fp8.Fp8Products() if cfg.base_matmul == "fp8" else DENSE
     if cfg.fused_lora:
-        fused_lora.fuse_lora(model)
+        fused_lora.fuse_lora(model, products)
+    if isinstance(products, fp8.Fp8Products):
+        fp8.route_frozen(model, products)
     if cfg.gradient_checkpointing == "offload":
         recompute.split_checkpointing(model, offload)

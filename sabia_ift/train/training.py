@@ -495,6 +495,8 @@ def train(cfg: TrainConfig, base_dir: str | Path, tokenized_dir: str | Path, ada
         "step_time_s": round(timer.seconds / timer.steps, 4) if timer.steps else None,
         "steady_input_tokens_per_s": round(steady_inputs / timer.seconds, 1) if timer.steps else None,
         "steady_trained_tokens_per_s": round(steady_trained / timer.seconds, 1) if timer.steps else None,
+        # Every logged train loss by step: what bench/fp8_loss.py compares between two runs.
+        "train_loss_by_step": {str(e["step"]): e["loss"] for e in trainer.state.log_history if "loss" in e},
         "checkpoint_saves": len(saves),
         "checkpoint_save_s": round(sum(saves) / len(saves), 3) if saves else None,
         "checkpoint_mb": round(trainer.checkpoint_bytes / 2**20, 3) if trainer.checkpoint_bytes else None,

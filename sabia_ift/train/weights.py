@@ -60,3 +60,28 @@ class KeptWeights:
 
 # The one the train stage's projections share (hot_path.py passes it to both users).
 KEPT = KeptWeights()
+
+
+class DenseProducts:
+    """The frozen base's products in the compute dtype (`train.base_matmul: dense`): the weight
+    dequantised (when 4-bit) and multiplied by cuBLAS / MKL. fp8.Fp8Products has the same methods."""
+
+    def __init__(self, kept: KeptWeights) -> None:
+        self.kept = kept
+
+    def prepare(self, x2):
+        """The input as `add_frozen` reads it; a group of projections of one input prepares it once."""
+        return x2
+
+    def add_frozen(self, out, prepared, base, dtype, tokens: int) -> None:
+        """out += x W^T, where `out` already holds the adapter's share (the large product
+        accumulates onto it: `addmm_` reads `out` behind its arithmetic)."""
+        out.addmm_(prepared, self.kept.dense(base, dtype, tokens).t())
+
+    def add_input_grad(self, dx, g, base, dtype) -> None:
+        """dx += dY W, the only gradient a frozen weight gives."""
+        dx.addmm_(g, self.kept.dense(base, dtype))
+
+
+# What the fused LoRA projections use unless the train stage hands them FP8 products.
+DENSE = DenseProducts(KEPT)

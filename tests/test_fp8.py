@@ -1,0 +1,126 @@
+"""FP8 frozen products (train.base_matmul: fp8): torch's real FP8 kernel on CPU, checked against
+the dense products within e4m3's rounding, through the fused LoRA, the routed frozen layers and
+the train stage."""
+
+import copy
+
+import pytest
+import torch
+
+from conftest import params_for, peft_model, tokenized_split
+from sabia_ift.modeling import load_model
+from sabia_ift.train.fp8 import FP8_TARGET, Fp8Products, quantise_rows, route_frozen
+from sabia_ift.train.fused_lora import fuse_lora
+from sabia_ift.train.training import train
+from sabia_ift.train.weights import DENSE
+
+# e4m3 keeps 3 mantissa bits: a value rounds within 2^-4 of itself. A product of two such
+# operands over a few hundred terms of random sign lands about 3.7% (relative Frobenius) from
+# the exact one; the bound leaves room for that, not for a wrong scale (which is off by x2 or more).
+PRODUCT_BOUND = 0.05
+
+
+def _relative(a, b) -> float:
+    return float((a.detach().float() - b.detach().float()).norm() / b.detach().float().norm())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rows_quantise_within_e4m3_rounding_and_never_overflow(dtype):
+    t = torch.randn(6, 96, generator=torch.Generator().manual_seed(0)).to(dtype)
+    t[1] *= 1e4  # an outlier row keeps its own scale
+    t[2] = 0  # a zero row quantises to zeros, not NaN
+    t[3, 7] = -t[3].abs().max() * 3  # the row's largest magnitude, negative
+    q, scale = quantise_rows(t)
+    assert q.dtype == torch.float8_e4m3fn and scale.shape == (6, 1) and scale.dtype == torch.float32
+    back = q.float() * scale
+    # 440 rounds to e4m3's largest finite value, 448; nothing beyond it (a cast there is NaN).
+    assert torch.isfinite(back).all() and q.float().abs().max() == 448 > FP8_TARGET
+    # Relative rounding 2^-4, plus e4m3's smallest subnormal step (2^-9 of the scale) near zero.
+    assert ((back - t.float()).abs() <= t.float().abs() * 2**-4 + scale * 2**-9).all()
+    assert back[2].abs().sum() == 0
+    assert _relative(back[1], t[1]) < 0.05 and _relative(back[0], t[0]) < 0.05
+
+
+@pytest.mark.parametrize("quantization", ["none", "nf4"])
+def test_frozen_products_match_dense_within_fp8_rounding(tiny_base, quantization):
+    model = load_model(tiny_base, quantization=quantization, double_quant=True, dtype=torch.float32, device="cpu")
+    products = Fp8Products()
+    gen = torch.Generator().manual_seed(1)
+    for base in (model.model.layers[0].self_attn.q_proj, model.model.layers[1].mlp.down_proj):
+        x = torch.randn(40, base.in_features, generator=gen)
+        g = torch.randn(40, base.out_features, generator=gen)
+        dense = torch.zeros(40, base.out_features)
+        DENSE.add_frozen(dense, x, base, torch.float32, 40)
+        fp8 = torch.zeros(40, base.out_features)
+        products.add_frozen(fp8, products.prepare(x), base, torch.float32, 40)
+        assert 0 < _relative(fp8, dense) < PRODUCT_BOUND
+        dense_grad, fp8_grad = torch.zeros_like(x), torch.zeros_like(x)
+        DENSE.add_input_grad(dense_grad, g, base, torch.float32)
+        products.add_input_grad(fp8_grad, g, base, torch.float32)
+        assert 0 < _relative(fp8_grad, dense_grad) < PRODUCT_BOUND
+    # One FP8 copy a weight, one byte a parameter, built once however often it is read.
+    assert products.bytes == sum(b.in_features * b.out_features for b in (model.model.layers[0].self_attn.q_proj,
+                                                                           model.model.layers[1].mlp.down_proj))
+
+
+def _loss_and_grads(model, ids):
+    model.zero_grad()
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_fp8_model_trains_the_same_lora_within_fp8_rounding(tiny_base, fused):
+    base = load_model(tiny_base, quantization="nf4", double_quant=True, dtype=torch.float32, device="cpu")
+    dense = peft_model(base, ["q_proj", "v_proj", "down_proj"], 8, b_std=0.02)
+    fp8 = copy.deepcopy(dense)
+    products = Fp8Products()
+    layers = fp8.config.num_hidden_layers
+    if fused:
+        assert fuse_lora(fp8, products) == 3 * layers
+    # Every frozen projection (7 a layer, the LoRA layers' bases included), never the LM head.
+    assert route_frozen(fp8, products) == 7 * layers
+    assert fp8.get_output_embeddings().forward.__func__ is torch.nn.Linear.forward
+    ids = torch.randint(3, fp8.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(3))
+    loss_d, grads_d = _loss_and_grads(dense, ids)
+    loss_f, grads_f = _loss_and_grads(fp8, ids)
+    assert products.bytes > 0  # the FP8 path ran
+    assert abs(float(loss_f / loss_d) - 1) < 0.01
+    assert grads_f.keys() == grads_d.keys()
+    for name in grads_d:
+        # Gradients pass through two layers of FP8 products each way: looser than one product.
+        assert _relative(grads_f[name], grads_d[name]) < 0.15, name
+    assert loss_f != loss_d  # the products really were FP8
+
+
+def test_fp8_is_refused_where_it_cannot_run():
+    from sabia_ift.errors import ConfigError
+
+    for overrides, message in (({"gradient_checkpointing": "offload"}, "base_matmul: fp8 .* not offload"),
+                               ({"precision": "fp16"}, "base_matmul: fp8 .* not fp16"),
+                               ({}, None)):
+        if message is None:
+            assert params_for("train", base_matmul="fp8").base_matmul == "fp8"
+            continue
+        with pytest.raises(ConfigError, match=message):
+            params_for("train", base_matmul="fp8", **overrides)
+    with pytest.raises(ConfigError, match="train.base_matmul"):
+        params_for("train", base_matmul="fp4")
+
+
+def test_train_stage_in_fp8_follows_the_dense_loss_curve(tiny_base, tokenizer, tmp_path):
+    data = tokenized_split(tmp_path / "data", tokenizer, 96, 64, 16)
+    settings = dict(epochs=2, micro_batch_size=8, lr=3e-3, logging_steps=1, eval_steps=100, save_steps=100,
+                    quantization="nf4", report_to=[],
+                    lora={"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]})
+    curves = {}
+    for mode in ("dense", "fp8"):
+        metrics, timings = train(params_for("train", base_matmul=mode, **settings), tiny_base, data, tmp_path / mode,
+                                 tmp_path / f"ckpt-{mode}", None)
+        curves[mode] = timings["train_loss_by_step"]
+        assert metrics["final_train_loss"] < metrics["first_train_loss"]
+    assert curves["fp8"].keys() == curves["dense"].keys() and len(curves["dense"]) == 16
+    for step, loss in curves["dense"].items():
+        assert abs(curves["fp8"][step] / loss - 1) < 0.02, step
+    assert curves["fp8"] != curves["dense"]
