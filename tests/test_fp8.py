@@ -109,18 +109,33 @@ def test_fp8_is_refused_where_it_cannot_run():
         params_for("train", base_matmul="fp4")
 
 
+def test_a_gpu_without_fp8_is_a_clear_error(monkeypatch):
+    from sabia_ift.errors import ConfigError
+    from sabia_ift.train.fp8 import check_device
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA A100-SXM4-80GB")
+    with pytest.raises(ConfigError, match=r"train.base_matmul: fp8 needs .*A100.* is 8.0"):
+        check_device("cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    check_device("cuda")
+    check_device("cpu")
+
+
 def test_train_stage_in_fp8_follows_the_dense_loss_curve(tiny_base, tokenizer, tmp_path):
     data = tokenized_split(tmp_path / "data", tokenizer, 96, 64, 16)
-    settings = dict(epochs=2, micro_batch_size=8, lr=3e-3, logging_steps=1, eval_steps=100, save_steps=100,
+    settings = dict(epochs=1, micro_batch_size=8, lr=3e-3, logging_steps=1, eval_steps=100, save_steps=100,
                     quantization="nf4", report_to=[],
                     lora={"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]})
     curves = {}
-    for mode in ("dense", "fp8"):
-        metrics, timings = train(params_for("train", base_matmul=mode, **settings), tiny_base, data, tmp_path / mode,
-                                 tmp_path / f"ckpt-{mode}", None)
-        curves[mode] = timings["train_loss_by_step"]
+    for name, mode, checkpointing in (("dense", "dense", "off"), ("fp8", "fp8", "off"), ("fp8-on", "fp8", "on")):
+        cfg = params_for("train", base_matmul=mode, gradient_checkpointing=checkpointing, **settings)
+        metrics, timings = train(cfg, tiny_base, data, tmp_path / name, tmp_path / f"ckpt-{name}", None)
+        curves[name] = timings["train_loss_by_step"]
         assert metrics["final_train_loss"] < metrics["first_train_loss"]
-    assert curves["fp8"].keys() == curves["dense"].keys() and len(curves["dense"]) == 16
+    assert curves["fp8"].keys() == curves["dense"].keys() and len(curves["dense"]) == 8
     for step, loss in curves["dense"].items():
         assert abs(curves["fp8"][step] / loss - 1) < 0.02, step
     assert curves["fp8"] != curves["dense"]
+    # The layer recompute runs the same FP8 products again: the same curve to the bit.
+    assert curves["fp8-on"] == curves["fp8"]

@@ -29,6 +29,7 @@ import logging
 import types
 from typing import Any
 
+from ..errors import ConfigError
 from .weights import KEPT, compute_dtype
 
 log = logging.getLogger(__name__)
@@ -39,14 +40,17 @@ FP8_TARGET = 440.0
 
 
 def check_device(device: str) -> None:
-    """FP8 tensor cores are sm89 (Ada) and sm90 (Hopper) and later; torch's CPU kernel runs anywhere."""
+    """FP8 tensor cores are sm89 (Ada) and sm90 (Hopper) and later; torch's CPU kernel runs anywhere.
+
+    Checked in each training process, not by the launcher: asking for the capability starts
+    a CUDA context, which the launcher must not hold."""
     if device != "cuda":
         return
     import torch
 
     major, minor = torch.cuda.get_device_capability()
     if (major, minor) < (8, 9):
-        raise ValueError(f"train.base_matmul: fp8 needs an FP8 GPU (compute capability 8.9 or later: Ada, "
+        raise ConfigError(f"train.base_matmul: fp8 needs an FP8 GPU (compute capability 8.9 or later: Ada, "
                          f"Hopper); {torch.cuda.get_device_name()} is {major}.{minor}. Use base_matmul: dense")
 
 
