@@ -63,6 +63,26 @@ def test_frozen_products_match_dense_within_fp8_rounding(tiny_base, quantization
                                                                            model.model.layers[1].mlp.down_proj))
 
 
+def _fp8_gpu() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
+
+
+@pytest.mark.skipif(not _fp8_gpu(), reason="needs an FP8 GPU (Ada, Hopper or later)")
+def test_products_on_an_fp8_gpu():
+    """The CUDA kernel's layouts (row-major activations, column-major weights) and bf16 output."""
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    base = torch.nn.Linear(512, 1024, bias=False, device="cuda", dtype=torch.bfloat16).requires_grad_(False)
+    x = torch.randn(300, 512, device="cuda", dtype=torch.bfloat16, generator=gen)
+    g = torch.randn(300, 1024, device="cuda", dtype=torch.bfloat16, generator=gen)
+    products = Fp8Products()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = products.product(products.prepare(x), base, torch.bfloat16)
+        dx = products.input_grad(g, base, torch.bfloat16)
+    assert out.dtype == dx.dtype == torch.bfloat16
+    assert _relative(out, x.float() @ base.weight.float().t()) < PRODUCT_BOUND
+    assert _relative(dx, g.float() @ base.weight.float()) < PRODUCT_BOUND
+
+
 def _loss_and_grads(model, ids):
     model.zero_grad()
     out = model(input_ids=ids, labels=ids)
@@ -92,6 +112,28 @@ def test_fp8_model_trains_the_same_lora_within_fp8_rounding(tiny_base, fused):
         # Gradients pass through two layers of FP8 products each way: looser than one product.
         assert _relative(grads_f[name], grads_d[name]) < 0.15, name
     assert loss_f != loss_d  # the products really were FP8
+
+
+def test_fp8_under_bf16_autocast_as_the_trainer_runs_a_gpu(tiny_base):
+    base = load_model(tiny_base, quantization="nf4", double_quant=True, dtype=torch.bfloat16, device="cpu")
+    dense = peft_model(base, ["q_proj", "v_proj"], 8, b_std=0.02)
+    fp8 = copy.deepcopy(dense)
+    products = Fp8Products()
+    fuse_lora(fp8, products)
+    route_frozen(fp8, products)
+    ids = torch.randint(3, fp8.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(4))
+    results = []
+    for model in (dense, fp8):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        assert all(g.dtype == torch.float32 for g in grads.values())  # the fp32 masters' gradients
+        results.append((out.loss.detach(), grads))
+    (loss_d, grads_d), (loss_f, grads_f) = results
+    assert abs(float(loss_f / loss_d) - 1) < 0.01
+    for name in grads_d:
+        assert _relative(grads_f[name], grads_d[name]) < 0.15, name
 
 
 def test_fp8_is_refused_where_it_cannot_run():

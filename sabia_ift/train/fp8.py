@@ -5,7 +5,7 @@ step: per projection, x W^T forward and dY W backward (a frozen weight has no
 weight gradient). Hopper's FP8 tensor cores run them at twice bf16's rate. Here
 each frozen weight (4-bit or not) is dequantised once, at its first use, to
 float8_e4m3fn with one scale per output row, and kept: one byte a parameter
-(6.7 GB at 7B, beside the 4-bit copy that saving and evaluation still read).
+(6.5 GB at 7B, on top of the 4-bit weights, which stay where they are).
 Every product's other operand (the activations forward, the output gradient
 backward) is quantised per row on the fly, and `torch._scaled_mm` multiplies
 with both row scales applied in its epilogue, writing the compute dtype. LoRA's
@@ -61,10 +61,22 @@ def quantise_rows(t):
     is t up to e4m3's rounding alone. An all-zero row's amax is clamped: it quantises to zeros."""
     import torch
 
-    amax = torch.linalg.vector_norm(t, ord=float("inf"), dim=1, keepdim=True).float().clamp_(min=1e-30)
-    inverse = (FP8_TARGET / amax).to(t.dtype)
-    q = (t * inverse).to(torch.float8_e4m3fn)
-    return q, inverse.float().reciprocal_()
+    # Autocast would run the norm in fp32, over an fp32 copy of the whole tensor.
+    with torch.autocast(t.device.type, enabled=False):
+        amax = torch.linalg.vector_norm(t, ord=float("inf"), dim=1, keepdim=True).float().clamp_(min=1e-30)
+        inverse = (FP8_TARGET / amax).to(t.dtype)
+        q = (t * inverse).to(torch.float8_e4m3fn)
+        return q, inverse.float().reciprocal_()
+
+
+def _scaled_mm(a, b, scale_a, scale_b, dtype):
+    """a @ b as torch._scaled_mm takes it: a row-major, b column-major (the one layout Hopper's
+    FP8 kernels read); scale_a (rows of a, 1) and scale_b (1, columns of b) in fp32, applied to
+    the fp32 accumulator before it is written in `dtype`."""
+    import torch
+
+    with torch.autocast(a.device.type, enabled=False):
+        return torch._scaled_mm(a, b, scale_a=scale_a, scale_b=scale_b, out_dtype=dtype)
 
 
 class Fp8Weight:
@@ -108,24 +120,20 @@ class Fp8Products:
 
     def product(self, prepared, base, dtype):
         """x W^T in `dtype`, from `prepare(x)`."""
-        import torch
-
         q, scale = prepared
         w = self.weight(base)
-        return torch._scaled_mm(q, w.q.t(), scale_a=scale, scale_b=w.scale, out_dtype=dtype)
+        return _scaled_mm(q, w.q.t(), scale, w.scale, dtype)
 
     def add_frozen(self, out, prepared, base, dtype, tokens: int) -> None:
         out.add_(self.product(prepared, base, dtype))
 
     def input_grad(self, g, base, dtype):
         """dY W in `dtype`: (dY diag(s)) Wq, dY's rows quantised after the weight's row scales are folded in."""
-        import torch
-
         w = self.weight(base)
         q, scale = quantise_rows(g * w.scale.to(g.dtype))
         # The kernel reads its second operand column-major: W^T's rows laid out contiguously.
         weight_t = w.q.t().contiguous()
-        return torch._scaled_mm(q, weight_t.t(), scale_a=scale, scale_b=w.ones, out_dtype=dtype)
+        return _scaled_mm(q, weight_t.t(), scale, w.ones, dtype)
 
     def add_input_grad(self, dx, g, base, dtype) -> None:
         dx.add_(self.input_grad(g, base, dtype))
