@@ -63,6 +63,20 @@ def test_frozen_products_match_dense_within_fp8_rounding(tiny_base, quantization
                                                                            model.model.layers[1].mlp.down_proj))
 
 
+def test_one_scale_a_weight_keeps_rows_a_thousand_times_smaller():
+    """e4m3 rounds alike across 2^-6..448: rows 1,000 times below the largest keep their precision."""
+    gen = torch.Generator().manual_seed(2)
+    base = torch.nn.Linear(256, 128, bias=False).requires_grad_(False)
+    with torch.no_grad():
+        base.weight.copy_(torch.randn(128, 256, generator=gen) * torch.logspace(-3, 0, 128).view(-1, 1))
+    x, g = torch.randn(200, 256, generator=gen), torch.randn(200, 128, generator=gen)
+    products = Fp8Products()
+    out = products.product(products.prepare(x), base, torch.float32)
+    for rows in (slice(0, 16), slice(56, 72), slice(112, 128)):  # the smallest rows, middle ones, the largest
+        assert _relative(out[:, rows], x @ base.weight[rows].t()) < PRODUCT_BOUND, rows
+    assert _relative(products.input_grad(g, base, torch.float32), g @ base.weight) < PRODUCT_BOUND
+
+
 def _fp8_gpu() -> bool:
     return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
 

@@ -4,22 +4,25 @@ In the fast configuration at 7B, the frozen weight's products are most of a
 step: per projection, x W^T forward and dY W backward (a frozen weight has no
 weight gradient). Hopper's FP8 tensor cores run them at twice bf16's rate. Here
 each frozen weight (4-bit or not) is dequantised once, at its first use, to
-float8_e4m3fn with one scale per output row, and kept: one byte a parameter
+float8_e4m3fn with one scale for the whole matrix, and kept: one byte a parameter
 (6.5 GB at 7B, on top of the 4-bit weights, which stay where they are).
 Every product's other operand (the activations forward, the output gradient
 backward) is quantised per row on the fly, and `torch._scaled_mm` multiplies
-with both row scales applied in its epilogue, writing the compute dtype. LoRA's
+with the scales applied in its epilogue, writing the compute dtype. LoRA's
 own products, the adapters and their gradients stay in bf16 (fp32 masters).
 
-Per-row scales, not one per tensor: a LLaMA residual stream has a few rows and
-channels of much larger magnitude, and one scale would push the others into
-e4m3's subnormals. e4m3 (3 mantissa bits) for gradients too: with a scale per
-row, range is not what gradients lack, and the rowwise kernel takes e4m3 alone.
-
-The backward product dY W reads the weight's rows along its reduction, where
-the weight's row scales are: they are folded into dY before it is quantised
-(dY diag(s) Wq), and the kept FP8 weight is transposed for the kernel's layout
-(one 4096 x 11008 byte copy is microseconds beside the product).
+Activations and gradients get a scale per row: a LLaMA residual stream has a
+few tokens of much larger magnitude than the rest, and one scale for the
+tensor would push the others into e4m3's subnormals. A weight gets one scale:
+e4m3 rounds every value in its normal range (2^-6 to 448, a span of 28,000)
+to the same relative precision, so only elements 28,000 times below the
+matrix's largest lose any, and one scale serves both products. A scale per
+output row would sit along the backward product's reduction (dY W sums over
+output rows), where the kernel cannot apply it: dY would need an extra pass
+to fold it in. e4m3 (3 mantissa bits) for gradients too: with a scale per row,
+range is not what gradients lack, and the rowwise kernel takes e4m3 alone.
+The backward reads the kept FP8 weight transposed, copied into the kernel's
+layout (a 4096 x 11008 byte copy is microseconds beside the product).
 """
 
 from __future__ import annotations
@@ -80,16 +83,16 @@ def _scaled_mm(a, b, scale_a, scale_b, dtype):
 
 
 class Fp8Weight:
-    """A frozen weight kept in FP8: q (out, in), scale (1, out) fp32, one per output row."""
+    """A frozen weight kept in FP8: q (out, in) and its one scale, laid out as each product's
+    kernel takes it: (1, out) for x W^T, (1, in) for dY W."""
 
-    __slots__ = ("q", "scale", "ones")
+    __slots__ = ("q", "scale_out", "scale_in")
 
     def __init__(self, dense) -> None:
-        import torch
-
-        q, scale = quantise_rows(dense.float())
-        self.q, self.scale = q, scale.t().contiguous()
-        self.ones = torch.ones((1, dense.shape[1]), dtype=torch.float32, device=dense.device)
+        q, scale = quantise_rows(dense.reshape(1, -1))
+        self.q = q.view(dense.shape)
+        self.scale_out = scale.expand(1, dense.shape[0]).contiguous()
+        self.scale_in = scale.expand(1, dense.shape[1]).contiguous()
 
 
 class Fp8Products:
@@ -112,7 +115,7 @@ class Fp8Products:
         self._weights[id(base)] = (base, fp8)
         self.bytes += fp8.q.numel()
         if len(self._weights) == 1:
-            log.info("base_matmul fp8: frozen weights kept in float8_e4m3fn with a scale per output row")
+            log.info("base_matmul fp8: frozen weights kept in float8_e4m3fn, one scale a matrix")
         return fp8
 
     def prepare(self, x2):
@@ -122,18 +125,18 @@ class Fp8Products:
         """x W^T in `dtype`, from `prepare(x)`."""
         q, scale = prepared
         w = self.weight(base)
-        return _scaled_mm(q, w.q.t(), scale, w.scale, dtype)
+        return _scaled_mm(q, w.q.t(), scale, w.scale_out, dtype)
 
     def add_frozen(self, out, prepared, base, dtype, tokens: int) -> None:
         out.add_(self.product(prepared, base, dtype))
 
     def input_grad(self, g, base, dtype):
-        """dY W in `dtype`: (dY diag(s)) Wq, dY's rows quantised after the weight's row scales are folded in."""
+        """dY W in `dtype`."""
         w = self.weight(base)
-        q, scale = quantise_rows(g * w.scale.to(g.dtype))
+        q, scale = quantise_rows(g)
         # The kernel reads its second operand column-major: W^T's rows laid out contiguously.
         weight_t = w.q.t().contiguous()
-        return _scaled_mm(q, weight_t.t(), scale, w.ones, dtype)
+        return _scaled_mm(q, weight_t.t(), scale, w.scale_in, dtype)
 
     def add_input_grad(self, dx, g, base, dtype) -> None:
         dx.add_(self.input_grad(g, base, dtype))
