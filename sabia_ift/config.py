@@ -242,8 +242,8 @@ class TrainConfig(_Section):
                             "projections of one input (q/k/v, gate/up) together, fewer passes over the "
                             "activations, same numbers (any device); false: peft's forward")
     base_matmul: Literal["dense", "fp8"] = _key(
-        "dense: the frozen base's products in the compute dtype (bf16 on GPUs); fp8: in FP8 with a scale per "
-        "row, the weights kept in FP8 (1 byte a parameter more; Ada/Hopper GPUs or CPU; not with "
+        "dense: the frozen base's products in the compute dtype (bf16 on GPUs); fp8: in FP8, activations "
+        "scaled per row, the weights kept in FP8 (1 byte a parameter more; Ada/Hopper GPUs or CPU; not with "
         "gradient_checkpointing: offload or precision fp16)")
     group_by_length: bool = _key("batch rows of similar length so padding wastes little (unpacked only)")
     loss_weighting: Literal["tokens", "rows"] = _key(

@@ -33,7 +33,7 @@ import types
 from typing import Any
 
 from ..errors import ConfigError
-from .weights import KEPT, compute_dtype
+from .weights import KEPT, compute_dtype, forward_dtype
 
 log = logging.getLogger(__name__)
 
@@ -170,10 +170,7 @@ def _frozen_linear():
 def _frozen_forward(products, self, x, *args, **kwargs):
     if args or kwargs:
         return self._dense_forward(x, *args, **kwargs)
-    quantized = getattr(self.weight, "quant_state", None) is not None
-    # As the layer it replaces: bitsandbytes returns its input's dtype, a Linear the autocast dtype.
-    out_dtype = x.dtype if quantized else compute_dtype(x)
-    return _frozen_linear().apply(x, self, products, out_dtype)
+    return _frozen_linear().apply(x, self, products, forward_dtype(self, x))
 
 
 def route_frozen(model, products: Fp8Products) -> int:

@@ -37,7 +37,7 @@ import threading
 from typing import Any
 
 from .attention import SavedAttention, use_saved_sdpa
-from .weights import KEPT, compute_dtype
+from .weights import KEPT, compute_dtype, forward_dtype
 
 log = logging.getLogger(__name__)
 
@@ -206,10 +206,7 @@ def _tail_forward(phase: Phase, self, x, *args, **kwargs):
     """A frozen output projection: skipped while its half is recomputed, itself otherwise."""
     if not phase.recomputing() or args or kwargs:
         return self._sabia_forward(x, *args, **kwargs)
-    quantized = getattr(self.weight, "quant_state", None) is not None
-    # The dtype its real forward returns: bitsandbytes gives the input's, a Linear the autocast one.
-    out_dtype = x.dtype if quantized else compute_dtype(x)
-    return _deferred_linear().apply(x, self, out_dtype)
+    return _deferred_linear().apply(x, self, forward_dtype(self, x))
 
 
 def _split_forward(phase: Phase, self, hidden_states, *args, **kwargs):

@@ -463,7 +463,8 @@ def train(cfg: TrainConfig, base_dir: str | Path, tokenized_dir: str | Path, ada
 
     # From the log history, which a resumed run restores from its checkpoint:
     # the Trainer's own training_loss would only average the steps since resuming.
-    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    logged = [e for e in trainer.state.log_history if "loss" in e]
+    losses = [e["loss"] for e in logged]
     eval_loss = float(final_eval["eval_loss"]) if final_eval else None
     saves = getattr(trainer, "save_seconds", [])
     results = {
@@ -495,8 +496,8 @@ def train(cfg: TrainConfig, base_dir: str | Path, tokenized_dir: str | Path, ada
         "step_time_s": round(timer.seconds / timer.steps, 4) if timer.steps else None,
         "steady_input_tokens_per_s": round(steady_inputs / timer.seconds, 1) if timer.steps else None,
         "steady_trained_tokens_per_s": round(steady_trained / timer.seconds, 1) if timer.steps else None,
-        # Every logged train loss by step: what bench/fp8_loss.py compares between two runs.
-        "train_loss_by_step": {str(e["step"]): e["loss"] for e in trainer.state.log_history if "loss" in e},
+        # Every logged train loss by step: what bench/side_by_side.py's curve rows compare.
+        "train_loss_by_step": {str(e["step"]): e["loss"] for e in logged},
         "checkpoint_saves": len(saves),
         "checkpoint_save_s": round(sum(saves) / len(saves), 3) if saves else None,
         "checkpoint_mb": round(trainer.checkpoint_bytes / 2**20, 3) if trainer.checkpoint_bytes else None,

@@ -21,6 +21,12 @@ def compute_dtype(x):
     return x.dtype
 
 
+def forward_dtype(layer, x):
+    """The dtype a frozen projection's own forward returns for `x`: bitsandbytes' 4-bit layer
+    gives its input's, a Linear the autocast one. What a replacement forward must return too."""
+    return x.dtype if getattr(layer.weight, "quant_state", None) is not None else compute_dtype(x)
+
+
 class KeptWeights:
     """4-bit weights dequantised while a checkpointed half is recomputed, read again by its
     backward. Per thread: autograd runs backward (and so the recompute) in its own."""
