@@ -97,10 +97,14 @@ def test_fast_engine_halves_the_batch_on_out_of_memory(tuned_adapter, tiny_base,
         return real(self, batch, new_tokens)
 
     monkeypatch.setattr(decoding.GreedyDecoder, "decode", tight)
-    with caplog.at_level("WARNING"):
+    with caplog.at_level("INFO"):
         got = fast_generate(model, tokenizer, prompts, max_new_tokens=16, batch_size=8, plain=plain)
     assert got == want and rows[:3] == [8, 4, 2] and set(rows[3:]) == {2} and len(rows) == 2 + len(prompts) // 2
     assert sum("out of memory" in r.getMessage() for r in caplog.records) == 1
+    # The call's summary counts what was answered, the halving included.
+    summary = [r.getMessage() for r in caplog.records if "new tokens in" in r.getMessage()]
+    assert len(summary) == 1
+    assert summary[0].startswith(f"generation: {len(prompts)} prompts, {sum(g.new_tokens for g in got)} new tokens in ")
 
 
 def test_batch_size_follows_free_memory():
