@@ -1,0 +1,113 @@
+"""One frozen projection's two products at LLaMA-7B shapes, bf16 against `train.base_matmul: fp8`.
+
+    python bench/fp8_products.py --out DIR [--tokens 16384] [--repeats 20]
+
+For each projection shape of a LLaMA-7B layer (4,096 -> 4,096, 4,096 -> 11,008,
+11,008 -> 4,096) and a micro-batch of --tokens rows, times with CUDA events:
+the forward product x W^T and the backward's dY W, in bf16 (`torch.mm`) and
+through `fp8.Fp8Products` (the activations or gradients quantised per row, the
+kept FP8 weight, `torch._scaled_mm`), plus the per-row quantisation alone;
+and each FP8 product's relative error against the bf16 one on the same random
+operands. The step-level speed is the side-by-side's `ours-fast16-fp8` row;
+this says what each product gains and what the quantisation costs.
+Writes <out>/<card>-<date>-fp8-products.json and prints it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096))  # (in, out): q/k/v/o, gate/up, down
+
+
+def timed(fn, repeats: int, device) -> float:
+    """Median milliseconds of `fn` over `repeats` calls, after three warm-up calls."""
+    import torch
+
+    for _ in range(3):
+        fn()
+    if device.type != "cuda":
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(1000 * (time.perf_counter() - start))
+        return sorted(times)[len(times) // 2]
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
+    for begin, end in events:
+        begin.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return sorted(b.elapsed_time(e) for b, e in events)[repeats // 2]
+
+
+def measure(products, fan_in: int, fan_out: int, tokens: int, repeats: int, device) -> dict:
+    """One projection shape's row of the results."""
+    import torch
+
+    from sabia_ift.train.fp8 import quantise_rows
+
+    dtype = torch.bfloat16
+    base = torch.nn.Linear(fan_in, fan_out, bias=False, device=device, dtype=dtype).requires_grad_(False)
+    x = torch.randn(tokens, fan_in, device=device, dtype=dtype)
+    g = torch.randn(tokens, fan_out, device=device, dtype=dtype)
+    w = base.weight
+    prepared = products.prepare(x)
+    products.weight(base)  # the FP8 copy is built once, at the first product, as in training
+
+    def error(got, want) -> float:
+        return float((got.float() - want.float()).norm() / want.float().norm())
+
+    row = {"in": fan_in, "out": fan_out, "tokens": tokens,
+           "forward_bf16_ms": timed(lambda: torch.mm(x, w.t()), repeats, device),
+           "forward_fp8_ms": timed(lambda: products.product(products.prepare(x), base, dtype), repeats, device),
+           "forward_fp8_product_only_ms": timed(lambda: products.product(prepared, base, dtype), repeats, device),
+           "backward_bf16_ms": timed(lambda: torch.mm(g, w), repeats, device),
+           "backward_fp8_ms": timed(lambda: products.input_grad(g, base, dtype), repeats, device),
+           "quantise_rows_ms": timed(lambda: quantise_rows(x), repeats, device),
+           "forward_rel_error": error(products.product(prepared, base, dtype), torch.mm(x, w.t())),
+           "backward_rel_error": error(products.input_grad(g, base, dtype), torch.mm(g, w))}
+    flops = 2 * tokens * fan_in * fan_out
+    for key in ("forward_bf16", "forward_fp8", "backward_bf16", "backward_fp8"):
+        row[f"{key}_tflops"] = round(flops / (row[f"{key}_ms"] / 1000) / 1e12, 1)
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--tokens", type=int, default=16384)
+    parser.add_argument("--repeats", type=int, default=20)
+    args = parser.parse_args()
+
+    import torch
+
+    from sabia_ift.train.fp8 import Fp8Products
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    card = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"
+    torch.manual_seed(0)
+    products = Fp8Products()
+    rows = [measure(products, fan_in, fan_out, args.tokens, args.repeats, device) for fan_in, fan_out in SHAPES]
+    total = {k: round(sum(r[f"{k}_ms"] for r in rows), 3)
+             for k in ("forward_bf16", "forward_fp8", "backward_bf16", "backward_fp8")}
+    result = {"card": card, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "tokens": args.tokens,
+              "shapes": rows, "sum_of_shapes_ms": total,
+              "fp8_over_bf16": round((total["forward_bf16"] + total["backward_bf16"])
+                                     / (total["forward_fp8"] + total["backward_fp8"]), 3)}
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = f"{card.replace(' ', '-').lower()}-{time.strftime('%Y-%m-%d')}-fp8-products.json"
+    (args.out / name).write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
