@@ -23,33 +23,13 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+from attention_backends import timed  # noqa: E402  (median ms of CUDA events)
 
 SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096))  # (in, out): q/k/v/o, gate/up, down
 
 
-def timed(fn, repeats: int, device) -> float:
-    """Median milliseconds of `fn` over `repeats` calls, after three warm-up calls."""
-    import torch
-
-    for _ in range(3):
-        fn()
-    if device.type != "cuda":
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(1000 * (time.perf_counter() - start))
-        return sorted(times)[len(times) // 2]
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
-    for begin, end in events:
-        begin.record()
-        fn()
-        end.record()
-    torch.cuda.synchronize()
-    return sorted(b.elapsed_time(e) for b, e in events)[repeats // 2]
-
-
-def measure(products, fan_in: int, fan_out: int, tokens: int, repeats: int, device) -> dict:
+def measure(products, fan_in: int, fan_out: int, tokens: int, repeats: int, device: str = "cuda") -> dict:
     """One projection shape's row of the results."""
     import torch
 
@@ -67,12 +47,12 @@ def measure(products, fan_in: int, fan_out: int, tokens: int, repeats: int, devi
         return float((got.float() - want.float()).norm() / want.float().norm())
 
     row = {"in": fan_in, "out": fan_out, "tokens": tokens,
-           "forward_bf16_ms": timed(lambda: torch.mm(x, w.t()), repeats, device),
-           "forward_fp8_ms": timed(lambda: products.product(products.prepare(x), base, dtype), repeats, device),
-           "forward_fp8_product_only_ms": timed(lambda: products.product(prepared, base, dtype), repeats, device),
-           "backward_bf16_ms": timed(lambda: torch.mm(g, w), repeats, device),
-           "backward_fp8_ms": timed(lambda: products.input_grad(g, base, dtype), repeats, device),
-           "quantise_rows_ms": timed(lambda: quantise_rows(x), repeats, device),
+           "forward_bf16_ms": timed(lambda: torch.mm(x, w.t()), repeats),
+           "forward_fp8_ms": timed(lambda: products.product(products.prepare(x), base, dtype), repeats),
+           "forward_fp8_product_only_ms": timed(lambda: products.product(prepared, base, dtype), repeats),
+           "backward_bf16_ms": timed(lambda: torch.mm(g, w), repeats),
+           "backward_fp8_ms": timed(lambda: products.input_grad(g, base, dtype), repeats),
+           "quantise_rows_ms": timed(lambda: quantise_rows(x), repeats),
            "forward_rel_error": error(products.product(prepared, base, dtype), torch.mm(x, w.t())),
            "backward_rel_error": error(products.input_grad(g, base, dtype), torch.mm(g, w))}
     flops = 2 * tokens * fan_in * fan_out
@@ -92,11 +72,12 @@ def main() -> None:
 
     from sabia_ift.train.fp8 import Fp8Products
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    card = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"
+    if not torch.cuda.is_available():
+        raise SystemExit("bench/fp8_products.py times FP8 tensor-core products: it needs a CUDA card")
+    card = torch.cuda.get_device_name(0)
     torch.manual_seed(0)
     products = Fp8Products()
-    rows = [measure(products, fan_in, fan_out, args.tokens, args.repeats, device) for fan_in, fan_out in SHAPES]
+    rows = [measure(products, fan_in, fan_out, args.tokens, args.repeats) for fan_in, fan_out in SHAPES]
     total = {k: round(sum(r[f"{k}_ms"] for r in rows), 3)
              for k in ("forward_bf16", "forward_fp8", "backward_bf16", "backward_fp8")}
     result = {"card": card, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "tokens": args.tokens,
