@@ -70,7 +70,7 @@ def ours(folder: str, checkpointing: str, kernels: str, micro_batch: int, lora: 
 
     cfg = section_from_params("train", {
         "quantization": "nf4", "gradient_checkpointing": checkpointing, "kernels": kernels, "packing": True,
-        "micro_batch_tokens": micro_batch * SEQ,
+        "micro_batch_tokens": micro_batch * SEQ, "report_to": [],  # this loop logs nothing
         "lora": {**lora, "dropout": 0.0}}, REPO / "params.yaml")
     attn = attention_implementation("auto", True, "cuda")
     return build_model(cfg, Path(folder), "cuda", torch.bfloat16, attn)
