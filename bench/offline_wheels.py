@@ -29,6 +29,8 @@ REPO = Path(__file__).resolve().parents[1]
 # The train, evaluate and benchmark stages' imports beyond torch, and lm-eval's.
 PACKAGES = (
     "transformers", "tokenizers", "huggingface-hub", "peft", "bitsandbytes", "liger-kernel",
+    # huggingface-hub 2's HTTP client, which a CUDA image with an older hub lacks.
+    "httpx2", "httpcore2", "h11", "anyio", "truststore",
     "datasets", "dill", "multiprocess", "fsspec", "evaluate",
     "pydantic", "pydantic-core", "annotated-types", "typing-inspection",
     "lm-eval", "sqlitedict", "word2number", "more-itertools", "rouge-score", "nltk", "regex",
