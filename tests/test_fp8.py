@@ -195,3 +195,15 @@ def test_train_stage_in_fp8_follows_the_dense_loss_curve(tiny_base, tokenizer, t
     assert curves["fp8"] != curves["dense"]
     # The layer recompute runs the same FP8 products again: the same curve to the bit.
     assert curves["fp8-on"] == curves["fp8"]
+
+
+def test_choosing_fp8_warns_that_it_is_experimental(caplog):
+    from sabia_ift.train.hot_path import before_load
+
+    with caplog.at_level("WARNING", logger="sabia_ift.train.hot_path"):
+        before_load(params_for("train", base_matmul="fp8", kernels="none"), "cpu")
+    assert "base_matmul: fp8 is experimental" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="sabia_ift.train.hot_path"):
+        before_load(params_for("train", kernels="none"), "cpu")
+    assert "experimental" not in caplog.text
