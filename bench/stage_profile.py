@@ -40,8 +40,16 @@ def main() -> None:
 
     from sabia_ift.train import callbacks
 
-    prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
-                   schedule=schedule(wait=args.wait, warmup=1, active=args.active))
+    tables: list[str] = []
+
+    def keep_tables(done) -> None:
+        # A scheduled profile hands its steps over here once; key_averages() after the run is empty.
+        averages = done.key_averages()
+        tables.extend(["by host (self CPU) time:", averages.table(sort_by="self_cpu_time_total", row_limit=45), "",
+                       "by card (self CUDA) time:", averages.table(sort_by="self_cuda_time_total", row_limit=30)])
+
+    prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], on_trace_ready=keep_tables,
+                   schedule=schedule(wait=args.wait, warmup=1, active=args.active, repeat=1))
     ends: list[float] = []
     timer_end = callbacks.StepTimer.on_step_end
 
@@ -60,15 +68,13 @@ def main() -> None:
             if exc.code not in (0, None):
                 raise
     steps = [round(b - a, 4) for a, b in zip(ends, ends[1:])]
-    averages = prof.key_averages()
+    if not tables:
+        raise SystemExit(f"the stage ran {len(ends)} steps: --wait {args.wait} --active {args.active} needs "
+                         f"{args.wait + args.active + 1}")
     lines = [f"card: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}",
              f"stage args: {' '.join(stage_args)}",
              f"step wall times (s, step end to step end, from step 2): {steps}",
-             f"profiled steps: {args.wait + 2} to {args.wait + 1 + args.active}", "",
-             "by host (self CPU) time:",
-             averages.table(sort_by="self_cpu_time_total", row_limit=45), "",
-             "by card (self CUDA) time:",
-             averages.table(sort_by="self_cuda_time_total", row_limit=30)]
+             f"profiled steps: {args.wait + 2} to {args.wait + 1 + args.active}", "", *tables]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
     print(f"step wall times: {steps}\nwrote {args.out}")
