@@ -5,8 +5,8 @@
 STAGE-ARGS are those `python -m stages.train` takes (`--params P --base B --data D --out A
 --checkpoints C --metrics M --timings T`); bench/side_by_side.py writes a params file per
 row to its work folder (`params-ours-mb1.yaml`). The stage runs unchanged in this process;
-the profiler records `--active` optimizer steps after `--wait` + 1 skipped ones, so the run
-needs at least wait + active + 2 steps (train.max_steps). FILE gets every step's wall time
+the profiler records `--active` optimizer steps after `--wait` skipped ones and one warm-up, so the run
+needs at least wait + active + 1 steps (train.max_steps). FILE gets every step's wall time
 (step end to step end, as the stage's own timer counts) and the profiler's tables by host
 time and by card time: a step whose host time exceeds its card time is host-bound.
 """
