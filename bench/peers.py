@@ -111,8 +111,11 @@ def main() -> None:
 
     import torch
 
+    sys.path.insert(0, str(REPO / "bench"))
+    from repro_check import cpu_summary
+
     result = {"tool": args.tool, "micro_batch": args.micro_batch, "accum": args.accum,
-              "checkpointing": args.checkpointing, "lora": args.lora}
+              "checkpointing": args.checkpointing, "lora": args.lora, "host_cpu": cpu_summary()}
     lora = LORAS[args.lora]
     if args.tool == "hf":
         model = hf_recipe(args.model, args.checkpointing, lora)

@@ -55,6 +55,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 from gpu_qlora import build_model, fixed_length_data, prepare_data, stage, write_params  # noqa: E402
+from repro_check import cpu_summary  # noqa: E402
 
 LORA = {"r": 32, "alpha": 64, "dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj"]}
 LORA_ALL = {"r": 16, "alpha": 32, "dropout": 0.0,
@@ -118,7 +119,9 @@ def main() -> None:
     import peft
     import transformers
     results.update({"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
-                    "date": time.strftime("%Y-%m-%d"), "steps_timed": args.steps})
+                    "date": time.strftime("%Y-%m-%d"), "steps_timed": args.steps,
+                    # A step of one row is bound by the host CPU (BENCHMARKS.md): name it beside the card.
+                    "host_cpu": cpu_summary()})
     only = set(filter(None, args.only.split(",")))
     log = out / "side-by-side.log"
 
