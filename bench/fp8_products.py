@@ -8,7 +8,8 @@ the forward product x W^T and the backward's dY W, in bf16 (`torch.mm`) and
 through `fp8.Fp8Products` (the activations or gradients quantised per row, the
 kept FP8 weight, `torch._scaled_mm`), plus the per-row quantisation alone;
 and each FP8 product's relative error against the bf16 one on the same random
-operands. The step-level speed is the side-by-side's `ours-fast16-fp8` row;
+operands. The quantisation is timed again compiled by torch.compile (one fused
+pass), with how far its result is from the eager one. The step-level speed is the side-by-side's `ours-fast16-fp8` row;
 this says what each product gains and what the quantisation costs.
 Writes <out>/<card>-<date>-fp8-products.json and prints it.
 """
@@ -16,6 +17,7 @@ Writes <out>/<card>-<date>-fp8-products.json and prints it.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -27,6 +29,16 @@ sys.path.insert(0, str(REPO / "bench"))
 from attention_backends import timed  # noqa: E402  (median ms of CUDA events)
 
 SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096))  # (in, out): q/k/v/o, gate/up, down
+
+
+@functools.cache
+def _compiled_quantise():
+    """quantise_rows compiled once for every shape (each shape compiles on its first call)."""
+    import torch
+
+    from sabia_ift.train.fp8 import quantise_rows
+
+    return torch.compile(quantise_rows, dynamic=False)
 
 
 def measure(products, fan_in: int, fan_out: int, tokens: int, repeats: int, device: str = "cuda") -> dict:
@@ -43,6 +55,10 @@ def measure(products, fan_in: int, fan_out: int, tokens: int, repeats: int, devi
     prepared = products.prepare(x)
     products.weight(base)  # the FP8 copy is built once, at the first product, as in training
 
+    compiled = _compiled_quantise()
+    q, scale = quantise_rows(x)
+    cq, cscale = compiled(x)
+
     def error(got, want) -> float:
         return float((got.float() - want.float()).norm() / want.float().norm())
 
@@ -53,8 +69,14 @@ def measure(products, fan_in: int, fan_out: int, tokens: int, repeats: int, devi
            "backward_bf16_ms": timed(lambda: torch.mm(g, w), repeats),
            "backward_fp8_ms": timed(lambda: products.input_grad(g, base, dtype), repeats),
            "quantise_rows_ms": timed(lambda: quantise_rows(x), repeats),
+           # The same function fused by torch.compile into one pass over each row: what a
+           # quantisation at the card's bandwidth would cost (none is used in training yet).
+           "quantise_rows_compiled_ms": timed(lambda: compiled(x), repeats),
            "forward_rel_error": error(products.product(prepared, base, dtype), torch.mm(x, w.t())),
-           "backward_rel_error": error(products.input_grad(g, base, dtype), torch.mm(g, w))}
+           "backward_rel_error": error(products.input_grad(g, base, dtype), torch.mm(g, w)),
+           # Inductor keeps the row scale in fp32 where the eager code rounds it to bf16 first,
+           # so the bits may differ; how far apart the two dequantised tensors are:
+           "quantise_compiled_rel_diff": error(cq.float() * cscale, q.float() * scale)}
     flops = 2 * tokens * fan_in * fan_out
     for key in ("forward_bf16", "forward_fp8", "backward_bf16", "backward_fp8"):
         row[f"{key}_tflops"] = round(flops / (row[f"{key}_ms"] / 1000) / 1e12, 1)
