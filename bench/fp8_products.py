@@ -9,8 +9,9 @@ through `fp8.Fp8Products` (the activations or gradients quantised per row, the
 kept FP8 weight, `torch._scaled_mm`), plus the per-row quantisation alone;
 and each FP8 product's relative error against the bf16 one on the same random
 operands. The quantisation is timed again compiled by torch.compile (one fused
-pass), with how far its result is from the eager one. The step-level speed is the side-by-side's `ours-fast16-fp8` row;
-this says what each product gains and what the quantisation costs.
+pass), with how far its result is from the eager one. The step-level speed is
+the side-by-side's `ours-fast16-fp8` row; this says what each product gains
+and what the quantisation costs.
 Writes <out>/<card>-<date>-fp8-products.json and prints it.
 """
 

@@ -110,9 +110,7 @@ def main() -> None:
     args = p.parse_args()
 
     import torch
-
-    sys.path.insert(0, str(REPO / "bench"))
-    from repro_check import cpu_summary
+    from repro_check import cpu_summary  # bench/, this script's folder, is on the path
 
     result = {"tool": args.tool, "micro_batch": args.micro_batch, "accum": args.accum,
               "checkpointing": args.checkpointing, "lora": args.lora, "host_cpu": cpu_summary()}
