@@ -1,6 +1,7 @@
 """Wheels for the GPU benchmarks on a CUDA machine that cannot reach a package index.
 
     python bench/offline_wheels.py DIR [--python 3.12] [--cuda 130] [NAME ...]
+    python bench/offline_wheels.py DIR --peer unsloth
 
 Downloads, at the versions constraints.txt pins, the packages the benchmarks
 import that a CUDA image with torch and transformers often lacks (or holds at
@@ -11,8 +12,16 @@ version (43 MB in all): only --cuda's is kept. On the CUDA machine:
 
     pip install --no-index --no-deps --target /tmp/site DIR/*.whl && export PYTHONPATH=/tmp/site:$PWD
 
-Unsloth, for the side-by-side's peer rows, is not pinned here: add it and its
-own dependencies by name.
+--peer unsloth fetches, into another folder PEERDIR, the set the side-by-side's
+Unsloth rows run on: Unsloth at the version those rows were measured with and
+its dependencies that a CUDA image lacks (19 MB, with Unsloth's web UI left out
+of its wheel). Unsloth supports transformers only up to 5.17, so it runs on the
+image's own transformers, from a folder of its own, with bitsandbytes, pydantic
+and datasets' helpers taken from DIR (SHARED_WITH_PEER below):
+
+    pip install --no-index --no-deps --target /tmp/peer PEERDIR/*.whl \
+        DIR/{bitsandbytes,pydantic,pydantic_core,annotated_types,typing_inspection,dill,multiprocess,fsspec}-*.whl
+    PEER_PYTHONPATH=/tmp/peer python bench/side_by_side.py ...
 """
 
 from __future__ import annotations
@@ -36,6 +45,25 @@ PACKAGES = (
     "lm-eval", "sqlitedict", "word2number", "more-itertools", "rouge-score", "nltk", "regex",
     "pytablewriter", "dataproperty", "mbstrdecoder", "pathvalidate", "tabledata", "tcolorpy", "typepy", "chardet",
 )
+# Not this project's dependencies, so pinned here rather than in constraints.txt: the versions the
+# side-by-side's Unsloth rows ran on since 2026-11-27 (trl and datasets within Unsloth's bounds).
+PEERS = {
+    "unsloth": {
+        "unsloth": "2026.10.9", "unsloth-zoo": "2026.10.9", "trl": "1.15.0", "datasets": "4.8.5",
+        "torchao": "0.18.0", "cut-cross-entropy": "25.1.1", "tyro": "1.0.17", "docstring-parser": "0.18.0",
+        "typeguard": "4.6.1", "shtab": "1.13.0", "msgspec": "0.23.0", "hf-transfer": "0.1.9",
+        "sentencepiece": "0.2.3", "einops": "0.8.2", "typer": "0.29.2", "click": "8.5.1", "shellingham": "1.5.4",
+        "rich": "15.0.0", "markdown-it-py": "4.3.0", "mdurl": "0.1.2", "pygments": "2.21.0",
+        "structlog": "26.1.0", "json5": "0.17.3", "nest-asyncio": "1.6.0", "certifi": "2026.10.19.post1",
+        "psutil": "7.2.2", "protobuf": "7.36.2", "xxhash": "4.1.0",
+    },
+}
+# What a peer also needs from the project's own set (its pins, the same wheels): installed from
+# that folder into the peer's, so the two sets fit one 64 MiB transfer together.
+SHARED_WITH_PEER = ("bitsandbytes", "pydantic", "pydantic_core", "annotated_types", "typing_inspection",
+                    "dill", "multiprocess", "fsspec")
+# Files a peer's wheel carries that its training loop never imports (Unsloth's web UI: 26 MB).
+PEER_DROP = {"unsloth": re.compile(r"^studio/")}
 PLATFORMS = ("manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux_2_24_x86_64", "manylinux_2_27_x86_64",
              "manylinux_2_28_x86_64", "manylinux_2_31_x86_64", "manylinux_2_34_x86_64", "manylinux_2_35_x86_64")
 
@@ -56,7 +84,11 @@ def pins(constraints: Path) -> dict[str, str]:
 
 def keep_one_cuda_library(wheel: Path, cuda: str) -> int:
     """Drop every libbitsandbytes_cuda*.so but `cuda`'s from the wheel (and its RECORD); bytes saved."""
-    other = re.compile(rf"libbitsandbytes_cuda(?!{cuda}\.)\d+\.so$")
+    return drop_from_wheel(wheel, re.compile(rf"libbitsandbytes_cuda(?!{cuda}\.)\d+\.so$"))
+
+
+def drop_from_wheel(wheel: Path, other: re.Pattern) -> int:
+    """Drop the files whose path `other` matches from the wheel and from its RECORD; bytes saved."""
     before = wheel.stat().st_size
     trimmed = wheel.with_suffix(".tmp")
     with zipfile.ZipFile(wheel) as src, zipfile.ZipFile(trimmed, "w", zipfile.ZIP_DEFLATED) as dst:
@@ -78,12 +110,16 @@ def main() -> None:
     parser.add_argument("names", nargs="*", help="packages to fetch (default: the benchmarks' list above)")
     parser.add_argument("--python", default="3.12", help="the CUDA machine's Python version")
     parser.add_argument("--cuda", default="130", help="the bitsandbytes CUDA library to keep (130 = CUDA 13.0)")
+    parser.add_argument("--peer", choices=sorted(PEERS), help="fetch this peer's set instead of the project's")
     args = parser.parse_args()
 
     pinned = pins(REPO / "constraints.txt")
+    if args.peer:
+        pinned |= {name: version for name, version in PEERS[args.peer].items() if version}
+    names = args.names or (list(PEERS[args.peer]) if args.peer else PACKAGES)
     args.out.mkdir(parents=True, exist_ok=True)
     pip = [sys.executable, "-m", "pip", "-q"]
-    for name in args.names or PACKAGES:
+    for name in names:
         version = pinned.get(normalise(name))
         if version is None:
             raise SystemExit(f"{name}: not pinned in constraints.txt")
@@ -101,6 +137,14 @@ def main() -> None:
     for wheel in args.out.glob("bitsandbytes-*.whl"):
         saved = keep_one_cuda_library(wheel, args.cuda)
         print(f"{wheel.name}: kept libbitsandbytes_cuda{args.cuda}.so, {saved / 1e6:.0f} MB smaller")
+    if args.peer in PEER_DROP:
+        for wheel in args.out.glob(f"{args.peer}-*.whl"):
+            saved = drop_from_wheel(wheel, PEER_DROP[args.peer])
+            print(f"{wheel.name}: {PEER_DROP[args.peer].pattern} left out, {saved / 1e6:.0f} MB smaller")
+    if args.peer:
+        shared = " ".join(f"DIR/{name}-*.whl" for name in SHARED_WITH_PEER)
+        print(f"install with the project's set DIR: pip install --no-index --no-deps --target /tmp/peer "
+              f"{args.out}/*.whl {shared}")
     total = sum(p.stat().st_size for p in args.out.glob("*.whl"))
     print(f"{len(list(args.out.glob('*.whl')))} wheels, {total / 1e6:.0f} MB in {args.out}")
 
