@@ -123,8 +123,8 @@ def test_siblings_of_one_input_are_projected_in_one_call_and_nothing_stays_pendi
                         real(products, x, layers, names))
     model(input_ids=torch.tensor([[5, 6, 7, 8]]), labels=torch.tensor([[5, 6, 7, 8]])).loss.backward()
     layers = model.config.num_hidden_layers
-    # q/k/v, o, gate/up, down: four calls a layer instead of seven
-    assert sorted(calls) == sorted([3, 1, 2, 1] * layers)
+    # q/k/v, o, gate/up: three calls a layer; down runs with the SwiGLU (test below)
+    assert sorted(calls) == sorted([3, 1, 2] * layers)
     groups = {id(m._sabia_group): m._sabia_group for m in model.modules() if hasattr(m, "_sabia_group")}
     assert len(groups) == 2 * layers and all(g["pending"] is None for g in groups.values())
 
@@ -154,3 +154,51 @@ def test_siblings_called_on_different_inputs_or_partly_used_match_peft(tiny_base
             assert lora_f[name] is None or not lora_f[name].any(), name
         else:
             torch.testing.assert_close(lora_f[name], want, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def _saved_widths(model, ids):
+    """Activations autograd keeps for backward (weights aside), by their last dimension's size
+    (elements summed, each storage once)."""
+    seen, widths = set(), {}
+
+    def pack(t):
+        if isinstance(t, torch.nn.Parameter):
+            return t
+        key = (t.untyped_storage().data_ptr(), t.shape[-1] if t.dim() else 0)
+        if key not in seen:
+            seen.add(key)
+            widths[key[1]] = widths.get(key[1], 0) + t.numel()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(input_ids=ids, labels=ids).loss
+    return loss, widths
+
+
+def test_a_lora_down_projection_keeps_no_copy_of_the_swiglu_and_gives_the_same_gradients(tiny_base):
+    from sabia_ift.train import fused_lora
+
+    base = load_model(tiny_base, quantization="none", double_quant=False, dtype=torch.float32, device="cpu")
+    together = _peft_model(base)
+    fuse_lora(together)
+    apart = copy.deepcopy(together)
+    for mlp in (m for m in apart.modules() if hasattr(m, "_unfused_forward")):
+        mlp.forward = mlp._unfused_forward  # down projection fused alone, the SwiGLU left to autograd
+    ids = torch.randint(3, base.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(4))
+    width = base.config.intermediate_size
+    results = []
+    for model in (apart, together):
+        model.train()
+        loss, widths = _saved_widths(model, ids)
+        loss.backward()
+        results.append((loss.detach(), widths.get(width, 0), _lora_grads(model)))
+    (loss_a, wide_a, grads_a), (loss_t, wide_t, grads_t) = results
+    tokens, layers = ids.numel(), base.config.num_hidden_layers
+    # gate's and up's outputs, a layer; without the function also silu(gate) and the product.
+    assert wide_t == 2 * tokens * width * layers
+    assert wide_a == 4 * tokens * width * layers
+    assert torch.equal(loss_t, loss_a)
+    for name in grads_a:
+        assert torch.equal(grads_t[name], grads_a[name]), name
+    assert sum(hasattr(m, "_unfused_forward") for m in together.modules()) == layers
+    assert fused_lora._swiglu_down.cache_info().currsize == 1

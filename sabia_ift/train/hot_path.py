@@ -5,7 +5,8 @@ Eight things change how a LLaMA layer runs; each lives in its own module:
   2. attention (varlen/sdpa)  - an attention function registered with transformers
   3. offload.ActivationOffload - saved-tensor hooks around the decoder stack
   4. fused_lora.fuse_lora     - peft LoRA layers' forwards, siblings projected together, their
-                                frozen products from weights.DenseProducts or fp8.Fp8Products
+                                frozen products from weights.DenseProducts or fp8.Fp8Products;
+                                a SwiGLU MLP's forward where its down projection has LoRA
   4b. fp8.route_frozen        - (base_matmul: fp8) the frozen projections without LoRA in FP8
   5. recompute.split_checkpointing - decoder layers in two checkpointed halves, frozen
      output projections (and the SwiGLU feeding one) deferred, 4-bit heads kept dequantised
@@ -22,6 +23,8 @@ Why this order:
     replaces the forward of a LoRA layer's base too, which peft's unfused forward calls. It
     shares (4)'s Fp8Products, so each weight has one FP8 copy. It never meets (5): the
     config refuses fp8 with offload.
+  - (4) and (5) both may replace an MLP's forward, never the same one: (4) where down_proj
+    has LoRA, (5) where down_proj is frozen.
   - The split (5) comes last: it tells the frozen projections from the LoRA-tuned ones by
     `requires_grad`, which only holds once LoRA is attached, and it wraps the base layers
     under the (fused) LoRA layers, so a recompute runs fused LoRA plus deferred frozen parts.

@@ -37,6 +37,7 @@ import threading
 from typing import Any
 
 from .attention import SavedAttention, use_saved_sdpa
+from .kernels import swiglu_grads, swiglu_kind
 from .weights import KEPT, compute_dtype, forward_dtype
 
 log = logging.getLogger(__name__)
@@ -137,15 +138,8 @@ def _deferred_swiglu():
         def backward(ctx, grad):
             a, b = ctx.saved_tensors
             dh = _frozen_input_grad(grad, ctx.down, ctx.dtype, a.shape, a.dtype)
-            if ctx.liger:
-                # The kernel the first pass used; it writes the gradients over a and b, read by nothing else.
-                from liger_kernel.ops.swiglu import swiglu_backward
-
-                da, db = swiglu_backward(a, b, dh)
-            else:
-                # The ops autograd runs for act_fn(a) * b, so the numbers are those of the plain layer.
-                db = dh * torch.nn.functional.silu(a)
-                da = torch.ops.aten.silu_backward(dh * b, a)
+            # The kernel the first pass used, so the numbers are those of the plain layer.
+            da, db = swiglu_grads(a, b, dh, ctx.liger)
             return da, db, None, None
 
     return DeferredSwiGLU
@@ -177,17 +171,6 @@ def _head_forward(phase: Phase, self, x, *args, **kwargs):
             or not x.dtype == compute_dtype(x) == (self.compute_dtype or x.dtype)):
         return self._sabia_forward(x, *args, **kwargs)
     return _kept_linear().apply(x, self)
-
-
-def _swiglu_kind(mlp) -> str | None:
-    """'liger' or 'torch' for an MLP computing down(silu(gate(x)) * up(x)); None for any other."""
-    kind = type(mlp).__name__
-    silu = getattr(getattr(mlp, "config", None), "hidden_act", None) in ("silu", "swish")
-    if kind == "LigerSwiGLUMLP" and type(mlp).__module__.startswith("liger_kernel"):
-        return "liger"
-    if kind == "LlamaMLP" and type(mlp).__module__.startswith("transformers") and silu:
-        return "torch"
-    return None
 
 
 def _mlp_forward(phase: Phase, liger: bool, self, x):
@@ -286,7 +269,7 @@ def split_checkpointing(model, offload=None) -> tuple[int, int]:
             if (head is not None and _is_frozen_linear(head) and id(head) not in intercepted
                     and getattr(head.weight, "quant_state", None) is not None):
                 intercept(head, _head_forward, phase)
-        kind = _swiglu_kind(layer.mlp)
+        kind = swiglu_kind(layer.mlp)
         if kind is not None and id(layer.mlp.down_proj) in intercepted:
             intercept(layer.mlp, _mlp_forward, phase, kind == "liger")
     log.info("split checkpointing: %d layers in two halves, %d frozen output projections not recomputed",
