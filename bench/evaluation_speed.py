@@ -14,6 +14,9 @@ template over real Portuguese rows.
   fast   fast_generate: a bf16 copy (adapter merged for "tuned"), a fixed KV cache and one CUDA
          graph replay a decoding step (sabia_ift/evaluation/decoding.py); its first call
          captures the graphs, and that time is in the rate
+  fast_rows   fast without Liger's norm and rotary kernels (transformers' own)
+  fast_mask   fast_rows with its decoding steps reading the batch's longest row through an
+         attention mask (the engine before row reads and fused kernels)
   plain  HF generate (eager) on the same bf16 copy: what `fast` must answer, and its speed
   fast_continuous   transformers' continuous batching on the same copy (only when named in --plan)
 
@@ -103,7 +106,9 @@ def main() -> None:
             return generate(plain, tokenizer, few, max_new_tokens=tokens, batch_size=batch, device="cuda")
         if engine == "fast_continuous":
             return continuous(plain, batch, few, tokens)
-        return fast_generate(model, tokenizer, few, max_new_tokens=tokens, batch_size=batch, plain=plain)
+        return fast_generate(model, tokenizer, few, max_new_tokens=tokens, batch_size=batch, plain=plain,
+                             attention="mask" if engine == "fast_mask" else "auto",
+                             fused=False if engine in ("fast_mask", "fast_rows") else None)
 
     def save(result: dict) -> None:
         args.out.mkdir(parents=True, exist_ok=True)
@@ -147,13 +152,13 @@ def main() -> None:
                     result["gen_tokens_per_s"].setdefault(engine, {}).setdefault(which, {})[f"batch{batch}"] = rate
                     print(engine, which, batch, rate, flush=True)
                     save(result)
-                    if batch == 64 and engine in ("4bit", "fast", "plain"):
+                    if batch == 64 and engine in ("4bit", "fast", "fast_rows", "fast_mask", "plain"):
                         answers[(engine, which)] = [g.token_ids for g in gens]
         del plain
         torch.cuda.empty_cache()
     # Greedy answers of batch 64 that are the same string: the fast engine against HF generate on the
     # same bf16 weights, and against the 4-bit model (the same numbers through other kernels).
-    for other in ("plain", "4bit"):
+    for other in ("plain", "4bit", "fast_mask", "fast_rows"):
         for which in ("base", "tuned"):
             a, b = answers.get((other, which)), answers.get(("fast", which))
             if a and b:

@@ -231,17 +231,19 @@ def rows_that_fit(plain, longest: int, new_tokens: int, free_bytes: int) -> int:
 def fast_generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
                   context_length: int | None = None, batch_size: int | None = None,
                   progress: Callable[[int], None] | None = None, merge: bool | None = None,
-                  plain=None) -> list[Generation]:
+                  plain=None, attention: str = "auto", fused: bool | None = None) -> list[Generation]:
     """What `generate` answers, from a plain copy of `model` (`inference_copy`; `plain` to
     give one) through a `decoding.GreedyDecoder` (on CUDA, one graph replay a step).
     `merge` defaults to whether the adapter is on. `batch_size` caps the rows decoded
     together; on CUDA every batch has as many rows as the card's free memory holds for the
     longest prompt and answer (`rows_that_fit`), one row count so that every batch replays
     the same graphs. A CUDA out-of-memory halves the rows and answers the rest of the
-    prompts at that size; no answer is cut short for it."""
+    prompts at that size; no answer is cut short for it. `attention` and `fused` are the
+    decoder's (`decoding.GreedyDecoder`): each row's own cache length and Liger's norm and
+    rotary kernels where the card allows them."""
     import torch
 
-    from .decoding import GreedyDecoder, round_slots
+    from .decoding import GreedyDecoder, pick_attention, pick_fused, round_slots
 
     if not prompts:
         return []
@@ -263,7 +265,11 @@ def fast_generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens:
         _release()
         free, _ = torch.cuda.mem_get_info(device)
         rows = min(rows, rows_that_fit(plain, longest, slots - longest, free))
-        log.info("generation: %d rows a batch, %d cache slots (%.1f GB of the card free)", rows, slots, free / 1e9)
+        attention = pick_attention(plain) if attention == "auto" else attention
+        fused = pick_fused(plain) if fused is None else fused
+        log.info("generation: %d rows a batch, %d cache slots (%.1f GB of the card free); decoding steps read %s%s",
+                 rows, slots, free / 1e9, "each row's own cache length" if attention == "rows"
+                 else "the batch's longest row through a mask", ", norms and rotary fused" if fused else "")
     results: list[Generation | None] = [None] * len(prompts)
     done, halved, decoder, prefilled = 0, False, None, 0
     start = time.perf_counter()
@@ -271,7 +277,8 @@ def fast_generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens:
         idx = [i for i in order[done:done + rows] if budget[i] == budget[order[done]]]
         try:
             if decoder is None:
-                decoder = GreedyDecoder(plain, rows=rows, slots=slots, max_new_tokens=max(budget),
+                decoder = GreedyDecoder(plain, rows=rows, slots=slots, max_new_tokens=max(budget), attention=attention,
+                                        fused=fused,
                                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
             before = decoder.prefill_tokens
             answers = decoder.decode([prompts[i] for i in idx], budget[idx[0]])
