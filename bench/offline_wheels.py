@@ -44,6 +44,9 @@ PACKAGES = (
     "pydantic", "pydantic-core", "annotated-types", "typing-inspection",
     "lm-eval", "sqlitedict", "word2number", "more-itertools", "rouge-score", "nltk", "regex",
     "pytablewriter", "dataproperty", "mbstrdecoder", "pathvalidate", "tabledata", "tcolorpy", "typepy", "chardet",
+    # The CUDA tests (pytest tests/test_decoding.py there): the test model's tokenizer file comes
+    # with mistral-common, whose import needs nothing else.
+    "mistral-common", "pytest", "pluggy", "iniconfig",
 )
 # Not this project's dependencies, so pinned here rather than in constraints.txt: the versions the
 # side-by-side's Unsloth rows ran on since 2026-11-27 (trl and datasets within Unsloth's bounds).
@@ -62,8 +65,10 @@ PEERS = {
 # that folder into the peer's, so the two sets fit one 64 MiB transfer together.
 SHARED_WITH_PEER = ("bitsandbytes", "pydantic", "pydantic_core", "annotated_types", "typing_inspection",
                     "dill", "multiprocess", "fsspec")
-# Files a peer's wheel carries that its training loop never imports (Unsloth's web UI: 26 MB).
-PEER_DROP = {"unsloth": re.compile(r"^studio/")}
+# Files a wheel carries that nothing here reads: Unsloth's web UI (26 MB), mistral-common's
+# tokenizers but the one the test model uses (33 MB unpacked).
+DROP = {"unsloth": re.compile(r"^studio/"),
+        "mistral_common": re.compile(r"^mistral_common/data/(?!tokenizer\.model\.v1$)")}
 PLATFORMS = ("manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux_2_24_x86_64", "manylinux_2_27_x86_64",
              "manylinux_2_28_x86_64", "manylinux_2_31_x86_64", "manylinux_2_34_x86_64", "manylinux_2_35_x86_64")
 
@@ -137,10 +142,10 @@ def main() -> None:
     for wheel in args.out.glob("bitsandbytes-*.whl"):
         saved = keep_one_cuda_library(wheel, args.cuda)
         print(f"{wheel.name}: kept libbitsandbytes_cuda{args.cuda}.so, {saved / 1e6:.0f} MB smaller")
-    if args.peer in PEER_DROP:
-        for wheel in args.out.glob(f"{args.peer}-*.whl"):
-            saved = drop_from_wheel(wheel, PEER_DROP[args.peer])
-            print(f"{wheel.name}: {PEER_DROP[args.peer].pattern} left out, {saved / 1e6:.0f} MB smaller")
+    for prefix, pattern in DROP.items():
+        for wheel in args.out.glob(f"{prefix}-*.whl"):
+            saved = drop_from_wheel(wheel, pattern)
+            print(f"{wheel.name}: {pattern.pattern} left out, {saved / 1e6:.0f} MB smaller")
     if args.peer:
         shared = " ".join(f"DIR/{name}-*.whl" for name in SHARED_WITH_PEER)
         print(f"install with the project's set DIR: pip install --no-index --no-deps --target /tmp/peer "
