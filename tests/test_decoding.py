@@ -182,7 +182,8 @@ def test_row_reads_in_bf16_on_the_card_answer_as_the_masked_read(tiny_base, toke
     for attention in ("rows", "mask"):
         decoder = _decoder(model, tokenizer, rows=5, slots=max(map(len, prompts)) + 48, new=48, attention=attention)
         answers[attention] = decoder.decode(prompts[:5], 48) + decoder.decode(prompts[5:], 48)
-        assert len(decoder.graphs) == (1 if attention == "rows" else len(decoder.graphs)) and decoder.graphs
+        # Row reads replay one graph for every step; the mask read one a cache length.
+        assert decoder.graphs and (attention == "mask" or len(decoder.graphs) == 1)
     # bf16 kernels of other shapes can part near-tied logits; the first tokens agree.
     assert [a[:4] for a in answers["rows"]] == [a[:4] for a in answers["mask"]]
 
