@@ -20,7 +20,7 @@ rate, through DVC"; tests/test_dvc_yaml.py checks the dependency graph):
 Random weights never emit EOS, so every answer runs to 512 tokens (the base
 model's case at 7B; a tuned model stops earlier). The two phases may run in
 separate invocations on one machine (--work keeps the first phase's outputs);
-both write into <out>/<card>-<date>-experiment-stages.json:
+both write into <out>/<card>-<date>-<tag>.json (--tag, experiment-stages by default):
 `exp_wall_s_by_stage` ({"first": {stage: s}, "lr_only": {stage: s}}),
 `lr_only_eval_share` (evaluate + benchmark over train, lr_only), and
 `exp_wall_s_by_stage_before`: the same experiments as the pipeline ran them
@@ -47,29 +47,9 @@ from gpu_qlora import build_model, stage, write_params  # noqa: E402
 PAIRS = (("evaluate_base", "evaluate"), ("benchmark_base", "benchmark"))
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rows", type=Path, required=True)
-    p.add_argument("--tokenizer", type=Path, required=True)
-    p.add_argument("--pt-eval", type=Path, required=True)
-    p.add_argument("--work", type=Path, required=True)
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--phase", choices=["first", "lr_only"], required=True)
-    p.add_argument("--lr", type=float, default=3e-4, help="train.lr of the lr_only experiment")
-    p.add_argument("--limit", type=int, default=40, help="benchmark examples a task")
-    args = p.parse_args()
-
-    import torch
-
-    work = args.work / "experiment"
-    work.mkdir(parents=True, exist_ok=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    card = torch.cuda.get_device_name(0)
-    path = args.out / f"{card.replace(' ', '-').lower()}-{time.strftime('%Y-%m-%d')}-experiment-stages.json"
-    result = json.loads(path.read_text()) if path.is_file() else {
-        "card": card, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "limit": args.limit,
-        "exp_wall_s_by_stage": {}}
-    log = args.out / "experiment-stages.log"
+def experiment_params(args: argparse.Namespace, work: Path, phase: str) -> Path:
+    """The phase's params file: the preset, the random 7B as the base, the realistic rows, the local
+    leaderboard files (args: rows, tokenizer, pt_eval, work, limit, lr)."""
     model_dir = args.work / "llama-7b-random"
     build_model(model_dir, args.tokenizer)
     overrides = {
@@ -79,10 +59,47 @@ def main() -> None:
         "train": {"report_to": [], "devices": 1},
         "benchmark": {"tasks": leaderboard_tasks(args.pt_eval.resolve()), "limit": args.limit},
     }
-    if args.phase == "lr_only":
+    if phase == "lr_only":
         overrides["train"]["lr"] = args.lr
-    params = write_params(work / f"params-{args.phase}.yaml", overrides)
-    paths = {n: work / n for n in ("base", "raw", "formatted", "tokenized", "eval-base", "benchmark-base.json")}
+    return write_params(work / f"params-{phase}.yaml", overrides)
+
+
+def experiment_paths(work: Path) -> dict[str, Path]:
+    return {n: work / n for n in ("base", "raw", "formatted", "tokenized", "eval-base", "benchmark-base.json")}
+
+
+def experiment_arguments(doc: str | None) -> argparse.ArgumentParser:
+    """The options experiment_params reads."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", type=Path, required=True)
+    p.add_argument("--tokenizer", type=Path, required=True)
+    p.add_argument("--pt-eval", type=Path, required=True)
+    p.add_argument("--work", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--lr", type=float, default=3e-4, help="train.lr of the lr_only experiment")
+    p.add_argument("--limit", type=int, default=40, help="benchmark examples a task")
+    return p
+
+
+def main() -> None:
+    p = experiment_arguments(__doc__)
+    p.add_argument("--phase", choices=["first", "lr_only"], required=True)
+    p.add_argument("--tag", default="experiment-stages", help="suffix of the results file name")
+    args = p.parse_args()
+
+    import torch
+
+    work = args.work / "experiment"
+    work.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    card = torch.cuda.get_device_name(0)
+    path = args.out / f"{card.replace(' ', '-').lower()}-{time.strftime('%Y-%m-%d')}-{args.tag}.json"
+    result = json.loads(path.read_text()) if path.is_file() else {
+        "card": card, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "limit": args.limit,
+        "exp_wall_s_by_stage": {}}
+    log = args.out / f"{args.tag}.log"
+    params = experiment_params(args, work, args.phase)
+    paths = experiment_paths(work)
     adapter = work / f"adapter-{args.phase}"
     walls: dict[str, float] = {}
 

@@ -66,9 +66,11 @@ PEERS = {
 SHARED_WITH_PEER = ("bitsandbytes", "pydantic", "pydantic_core", "annotated_types", "typing_inspection",
                     "dill", "multiprocess", "fsspec")
 # Files a wheel carries that nothing here reads: Unsloth's web UI (26 MB), mistral-common's
-# tokenizers but the one the test model uses (33 MB unpacked).
+# tokenizers but the one the test model uses (33 MB unpacked), lm-eval's own task folders (9 MB;
+# the benchmark stage reads only the project's task files).
 DROP = {"unsloth": re.compile(r"^studio/"),
-        "mistral_common": re.compile(r"^mistral_common/data/(?!tokenizer\.model\.v1$)")}
+        "mistral_common": re.compile(r"^mistral_common/data/(?!tokenizer\.model\.v1$)"),
+        "lm_eval": re.compile(r"^lm_eval/tasks/[^/]+/")}
 PLATFORMS = ("manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux_2_24_x86_64", "manylinux_2_27_x86_64",
              "manylinux_2_28_x86_64", "manylinux_2_31_x86_64", "manylinux_2_34_x86_64", "manylinux_2_35_x86_64")
 

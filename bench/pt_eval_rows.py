@@ -7,14 +7,20 @@ FaQuAD questions with their paragraph as input (short answers), FaQuAD
 paragraph continuations (long answers), and ENEM questions with their
 alternatives (long prompts). The rows stay outside the repository.
 
-    python bench/pt_eval_rows.py ../shared/pt-eval .bench/rows.jsonl
+    python bench/pt_eval_rows.py ../shared/pt-eval .bench/rows.jsonl [--paraphrases N]
+
+With --paraphrases N, also the first N ASSIN 2 training pairs that entail each
+other with a similarity of at least 4.5, as paraphrase requests (short prompts
+and answers): 1,250 of them bring the set to about the 2,000 trained rows of a
+preset-shaped experiment (bench/experiment_stages.py).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
-import sys
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 
@@ -51,9 +57,27 @@ def enem_rows(path: Path) -> list[dict[str, str]]:
     return rows
 
 
-def main(argv: list[str]) -> None:
-    source, out = Path(argv[0]), Path(argv[1])
+def paraphrase_rows(path: Path, count: int) -> list[dict[str, str]]:
+    rows = []
+    for pair in ET.parse(path).getroot():
+        if pair.get("entailment") == "Entailment" and float(pair.get("similarity", 0)) >= 4.5:
+            rows.append({"instruction": "Reescreva a frase a seguir com outras palavras, sem mudar o sentido.",
+                         "input": pair.findtext("t").strip(), "output": pair.findtext("h").strip()})
+    if len(rows) < count:
+        raise SystemExit(f"{path}: {len(rows)} paraphrase pairs, fewer than the {count} asked for")
+    return rows[:count]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("source", type=Path, help="the pt-eval folder")
+    p.add_argument("out", type=Path)
+    p.add_argument("--paraphrases", type=int, default=0)
+    args = p.parse_args()
+    source, out = args.source, args.out
     rows = faquad_rows(source / "faquad_train.json") + enem_rows(source / "enem2022.json")
+    if args.paraphrases:
+        rows += paraphrase_rows(source / "assin2-train-only.xml", args.paraphrases)
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w", encoding="utf-8") as fh:
         for row in rows:
@@ -62,4 +86,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

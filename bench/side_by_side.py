@@ -1,7 +1,7 @@
 """QLoRA of a LLaMA-7B-architecture model, this project beside its peers, in one run on one CUDA card.
 
     python bench/side_by_side.py --rows .bench/rows.jsonl --tokenizer .bench/tokenizer --work /tmp/bench \
-        --out bench/results [--only NAME,...] [--steps 12] [--caps 6,8,12,16 [--cap-tokens 2048,16384]]
+        --out bench/results [--only NAME,...] [--steps 12] [--caps 6,8,12,16 [--cap-tokens 2048,16384] [--cap-lora all]]
         [--curve-steps 200]
 
 Same random LLaMA-7B folder (bench/gpu_qlora.py builds it), same LoRA shape
@@ -38,7 +38,8 @@ Peers run in bench/peers.py (a fresh process each, same plain loop); this
 project's rows run the real stage scripts (as dvc.yaml does). With --caps, each
 simulated card (bench/memory_cap.py: one per-process CUDA memory cap for both
 tools) trains the low-memory settings and Unsloth's checkpointed mode at each
---cap-tokens; the rows land in `sim_card_results`. Writes
+--cap-tokens (with --cap-lora all, LoRA r=16 on all seven projections for both); the rows land
+in `sim_card_results`. Writes
 <out>/<card>-<date>-side-by-side.json and prints the table.
 """
 
@@ -104,6 +105,8 @@ def main() -> None:
     parser.add_argument("--tag", default="side-by-side", help="suffix of the results file name")
     parser.add_argument("--caps", default="", help="simulated card sizes in GiB, e.g. 6,8,12,16 (none by default)")
     parser.add_argument("--cap-tokens", default="2048,16384", help="tokens a step on each simulated card")
+    parser.add_argument("--cap-lora", choices=["qkv", "all"], default="qkv",
+                        help="LoRA of the simulated-card rows: r=32 on q/k/v, or r=16 on all seven projections")
     parser.add_argument("--curve-steps", type=int, default=200, help="steps of the FP8 loss-curve rows")
     args = parser.parse_args()
 
@@ -221,16 +224,21 @@ def main() -> None:
     sim = results.setdefault("sim_card_results", [])
     for cap_gib in (float(c) for c in filter(None, args.caps.split(","))):
         for tokens in (int(t) for t in args.cap_tokens.split(",")):
-            rows = tokens // 2048
+            rows, lora = tokens // 2048, args.cap_lora
+            suffix = "-all" if lora == "all" else ""
             for tool in ("ours", "unsloth"):
                 if tool == "ours":
-                    r = run_ours(f"ours-cap{cap_gib:g}-{tokens}", fixed, {**LOWMEM, "micro_batch_tokens": tokens},
+                    r = run_ours(f"ours-cap{cap_gib:g}-{tokens}{suffix}", fixed,
+                                 {**LOWMEM, "micro_batch_tokens": tokens, **({"lora": LORA_ALL} if suffix else {})},
                                  cap_gib)
                 else:
-                    r = run_peer(f"unsloth-cap{cap_gib:g}-{tokens}", ["--tool", "unsloth", "--micro-batch", str(rows),
-                                 "--accum", "1", "--checkpointing", "unsloth"], cap_gib)
-                sim[:] = [s for s in sim if (s["cap_gib"], s["tokens_per_step"], s["tool"]) != (cap_gib, tokens, tool)]
-                sim.append({"cap_gib": cap_gib, "tokens_per_step": tokens, "tool": tool,
+                    r = run_peer(f"unsloth-cap{cap_gib:g}-{tokens}{suffix}",
+                                 ["--tool", "unsloth", "--micro-batch", str(rows), "--accum", "1", "--checkpointing",
+                                  "unsloth", *(["--lora", "all"] if suffix else [])], cap_gib)
+                key = (cap_gib, tokens, tool, lora)
+                sim[:] = [s for s in sim
+                          if (s["cap_gib"], s["tokens_per_step"], s["tool"], s.get("lora", "qkv")) != key]
+                sim.append({"cap_gib": cap_gib, "tokens_per_step": tokens, "tool": tool, "lora": lora,
                             "trained": "tokens_per_s" in r, "tokens_per_s": r.get("tokens_per_s"),
                             "step_peak_allocated_gib": r.get("peak_allocated_gib"),
                             "stage_peak_allocated_gib": r.get("stage_peak_allocated_gib",
