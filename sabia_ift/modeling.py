@@ -9,13 +9,17 @@ cache first, so an offline machine with a warm cache works).
 from __future__ import annotations
 
 import json
+import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .artifacts import BASE_FILE, BaseInfo, TrainMeta
 from .errors import ConfigError, ModelError, hub_errors
+
+log = logging.getLogger(__name__)
 
 # Weights are loaded from safetensors only: pickle-based .bin files can run code.
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.txt"]
@@ -188,10 +192,13 @@ def load_model(folder: str | Path, *, quantization: str, double_quant: bool, dty
         kwargs["dtype"] = compute
     if device == "cuda":
         kwargs["device_map"] = {"": torch.cuda.current_device()}
+    start = time.perf_counter()
     try:
         model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
     except hub_errors(RuntimeError, SafetensorError) as exc:  # RuntimeError: shapes that do not fit
         raise ModelError(f"{folder}: base model could not be loaded: {type(exc).__name__}: {exc}") from None
+    log.info("base model loaded (%s) on %s in %.1f s", "4-bit NF4" if quantization == "nf4" else kwargs["dtype"],
+             device, time.perf_counter() - start)
     if quantization == "nf4" and device == "cpu":
         disable_cpu_repack(model)
     return model

@@ -50,8 +50,18 @@ quiet_bars()
 pin_cpu_numerics()
 
 
+def _elapsed(record: logging.LogRecord) -> bool:
+    record.elapsed = record.relativeCreated / 1000
+    return True
+
+
 def setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # Each line says how far into the stage it came (seconds since the process started logging,
+    # which stage scripts do first): where a stage's time goes reads off its log.
+    handler = logging.StreamHandler()
+    handler.addFilter(_elapsed)
+    handler.setFormatter(logging.Formatter("%(elapsed)6.1fs %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
     # The pipeline runs offline by default; a telemetry ping or Hub check would only time out.
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -137,8 +138,14 @@ def _measure(cfg: EvaluateConfig, name: str, model, tokenizer, device: str, rows
             gens, engine = generate_with(cfg.engine, model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens,
                                          batch_size=cfg.batch_size, device=device, context_length=context,
                                          progress=progress) if rows else ([], None)
+        start = time.perf_counter()
         loss = token_loss(model, tokenizer, validation, cfg.batch_size, device) if validation else math.nan
+        if validation:
+            log.info("%s: validation loss over %d rows in %.1f s", name, len(validation), time.perf_counter() - start)
+    start = time.perf_counter()
     summary, per_prompt = score(gens, references, cfg.repetition_ngram) if rows else ({}, [])
+    if rows:
+        log.info("%s: %d answers scored in %.1f s", name, len(rows), time.perf_counter() - start)
     return ({**summary, "val_loss": round(loss, 6) if math.isfinite(loss) else None,
              "val_perplexity": round(math.exp(loss), 4) if math.isfinite(loss) else None,
              **({"engine": engine} if engine else {})}, gens, per_prompt)
