@@ -247,6 +247,21 @@ def test_a_hub_task_reads_the_leaderboards_copy_at_its_revision(monkeypatch, cap
     assert data.source == {"dataset": "org/enem", "revision": "main"}
 
 
+# Prompts ------------------------------------------------------------------------
+
+def test_leaderboard_prompts_read_each_field_in_the_leaderboards_words():
+    utils = _utils()
+    pair = {"premise": "Um homem {corre}", "hypothesis": "Alguém 'corre'\nrápido"}
+    assert utils.rte_text(pair) == ("Premissa: Um homem {corre}\nHipótese: Alguém 'corre'\nrápido\n"
+                                    "Pergunta: A hipótese pode ser inferida pela premissa? Sim ou Não?\nResposta:")
+    assert utils.sts_text(pair) == ("Frase 1: Um homem {corre}\nFrase 2: Alguém 'corre'\nrápido\nPergunta: Quão "
+                                    "similares são as duas frases? Dê uma pontuação entre 1,0 a 5,0.\nResposta:")
+    assert utils.faquad_text({"question": "Onde?", "answer": "Em Natal."}) == (
+        "Pergunta: Onde?\nResposta: Em Natal.\nA resposta dada satisfaz à pergunta? Sim ou Não?")
+    assert utils.tweet_text({"text": "bom dia"}) == (
+        "Texto: bom dia\nPergunta: O sentimento do texto é Positivo, Neutro ou Negativo?\nResposta:")
+
+
 # Reading answers ----------------------------------------------------------------
 
 def test_answer_readers():

@@ -36,6 +36,28 @@ def mc_text(doc):
     return f"Pergunta:\n{doc['question']}\nAlternativas:\n{options}\nResposta correta:"
 
 
+# The leaderboard's sentence-pair and tweet prompts. Python, not Jinja templates in the YAML
+# files: lm-eval compiles a template again for every rendering, and with 15 to 25 few-shot
+# examples a prompt that was seconds of a benchmark stage's host time.
+def rte_text(doc):
+    return (f"Premissa: {doc['premise']}\nHipótese: {doc['hypothesis']}\n"
+            "Pergunta: A hipótese pode ser inferida pela premissa? Sim ou Não?\nResposta:")
+
+
+def sts_text(doc):
+    return (f"Frase 1: {doc['premise']}\nFrase 2: {doc['hypothesis']}\n"
+            "Pergunta: Quão similares são as duas frases? Dê uma pontuação entre 1,0 a 5,0.\nResposta:")
+
+
+def faquad_text(doc):
+    return (f"Pergunta: {doc['question']}\nResposta: {doc['answer']}\n"
+            "A resposta dada satisfaz à pergunta? Sim ou Não?")
+
+
+def tweet_text(doc):
+    return f"Texto: {doc['text']}\nPergunta: O sentimento do texto é Positivo, Neutro ou Negativo?\nResposta:"
+
+
 def mc_letters(doc):
     return list(LETTERS[: len(doc["choices"])])
 
