@@ -3,7 +3,7 @@ CUDA card, and what loading the base from a saved 4-bit copy would save.
 
     python bench/stage_overhead.py --rows .bench/rows.jsonl --tokenizer .bench/tokenizer \
         --pt-eval ../shared/pt-eval --work /tmp/bench --out bench/results [--limit 40] [--samples 64] \
-        [--compare OTHER_CHECKOUT] [--profile]
+        [--compare OTHER_CHECKOUT] [--profile] [--no-saved-copy]
 
 The experiment of bench/experiment_stages.py (random LLaMA-7B, Sabiá-7B preset,
 realistic rows, local leaderboard files) up to tokenize, then evaluate_base (on
@@ -13,9 +13,11 @@ lines say how far into the process they came, so the log (kept in the .txt
 results file) shows where the time went; the JSON has each stage's wall time.
 With --compare, the same two stages run again from another checkout of the
 project (its `stages` and `sabia_ift`), in the same invocation, for a before
-and after. With --profile, each stage runs under cProfile instead (its table
-in the .txt file; cProfile's hook is lost once CUDA work starts in some stages,
-so the outer functions' times are missing there). Then, in this process: the
+and after; an untimed evaluate_base runs first, so that the first timed stage
+does not pay alone for compiling kernels and filling caches. With --profile,
+each stage runs under cProfile instead (its table in the .txt file;
+cProfile's hook is lost once CUDA work starts in some stages, so the outer
+functions' times are missing there). Then, in this process: the
 base loaded in 4-bit from its bf16 files, that model saved with
 save_pretrained, the saved copy loaded back, and a check that it holds the same
 4-bit weights.
@@ -60,8 +62,10 @@ def run_stage(name: str, params: Path, work: Path, code: Path, profile: bool, *c
         raise SystemExit(f"stage {name} from {code} failed ({done.returncode}):\n{done.stderr[-3000:]}")
     if profile:
         return wall, profile_table(prof)
+    # Stage log lines start with their time into the stage, right-aligned: keep every line but
+    # the libraries' Python warnings and the source lines they quote.
     lines = [line for line in (done.stdout + done.stderr).splitlines()
-             if line and "Warning" not in line and not line.startswith(" ")]
+             if line.strip() and "Warning" not in line and not line.startswith("    ")]
     return wall, "\n".join(lines)
 
 
@@ -141,6 +145,10 @@ def main() -> None:
                     "limit": args.limit, "samples": args.samples, "stages": {}}
     path = args.out / f"{stem}.json"
     tables = []
+    # The first stage on a fresh machine also compiles the Triton kernels and fills the page
+    # cache and evaluate's module cache; untimed, so that neither checkout's rows pay for it.
+    run_stage("evaluate_base", params, work, REPO, False, "--base", str(paths["base"]), "--formatted",
+              str(paths["formatted"]), "--tokenized", str(paths["tokenized"]), "--out", str(work / "eval-base-warm"))
     checkouts = {"this": REPO, **({"compared": args.compare.resolve()} if args.compare else {})}
     for label, code in checkouts.items():
         for name, cli in (
