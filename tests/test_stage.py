@@ -2,6 +2,7 @@
 
 import errno
 import os
+import re
 import subprocess
 import sys
 
@@ -40,6 +41,19 @@ def test_other_os_errors_keep_their_traceback():
     """A missing file at this point is a bug to see, not a message to read."""
     with pytest.raises(FileNotFoundError):
         stage.run(fails_with(FileNotFoundError(errno.ENOENT, "No such file or directory", "x")), None, argv=[])
+
+
+def test_each_log_line_says_how_far_into_the_stage_it_came():
+    from conftest import REPO
+
+    script = ("import logging, time\nfrom sabia_ift import stage\nstage.setup_logging()\n"
+              "logging.getLogger('sabia_ift.x').info('loaded')\ntime.sleep(0.5)\n"
+              "logging.getLogger('sabia_ift.x').warning('done')\n")
+    lines = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True,
+                           timeout=120, check=True).stderr.splitlines()
+    first, second = (re.fullmatch(r" *(\d+\.\d)s (INFO|WARNING) sabia_ift\.x: (loaded|done)", line) for line in lines)
+    assert (first[2], first[3], second[2], second[3]) == ("INFO", "loaded", "WARNING", "done")
+    assert float(second[1]) - float(first[1]) >= 0.4
 
 
 BAR_SCRIPT = ("import sys\n"
