@@ -44,12 +44,14 @@ sys.path.insert(0, str(REPO / "bench"))
 from benchmark_stage import leaderboard_tasks  # noqa: E402
 from gpu_qlora import build_model, stage, write_params  # noqa: E402
 
+from sabia_ift.config import merge  # noqa: E402
+
 PAIRS = (("evaluate_base", "evaluate"), ("benchmark_base", "benchmark"))
 
 
-def experiment_params(args: argparse.Namespace, work: Path, phase: str) -> Path:
+def experiment_params(args: argparse.Namespace, work: Path, phase: str, extra: dict | None = None) -> Path:
     """The phase's params file: the preset, the random 7B as the base, the realistic rows, the local
-    leaderboard files (args: rows, tokenizer, pt_eval, work, limit, lr)."""
+    leaderboard files (args: rows, tokenizer, pt_eval, work, limit, lr), then `extra`'s overrides."""
     model_dir = args.work / "llama-7b-random"
     build_model(model_dir, args.tokenizer)
     overrides = {
@@ -61,11 +63,26 @@ def experiment_params(args: argparse.Namespace, work: Path, phase: str) -> Path:
     }
     if phase == "lr_only":
         overrides["train"]["lr"] = args.lr
-    return write_params(work / f"params-{phase}.yaml", overrides)
+    return write_params(work / f"params-{phase}.yaml", merge(overrides, extra or {}))
 
 
 def experiment_paths(work: Path) -> dict[str, Path]:
     return {n: work / n for n in ("base", "raw", "formatted", "tokenized", "eval-base", "benchmark-base.json")}
+
+
+def data_stages(paths: dict[str, Path], work: Path) -> list[tuple[str, ...]]:
+    """base, fetch, format and tokenize with their paths (experiment_paths), as dvc.yaml runs them."""
+    return [("base", "--out", str(paths["base"])),
+            ("fetch", "--out", str(paths["raw"])),
+            ("format", "--raw", str(paths["raw"]), "--out", str(paths["formatted"]), "--metrics",
+             str(work / "format.json")),
+            ("tokenize", "--base", str(paths["base"]), "--formatted", str(paths["formatted"]), "--out",
+             str(paths["tokenized"]), "--metrics", str(work / "tokenize.json"))]
+
+
+def evaluate_base_cli(paths: dict[str, Path], out: Path) -> tuple[str, ...]:
+    return ("--base", str(paths["base"]), "--formatted", str(paths["formatted"]), "--tokenized",
+            str(paths["tokenized"]), "--out", str(out))
 
 
 def experiment_arguments(doc: str | None) -> argparse.ArgumentParser:
@@ -110,18 +127,13 @@ def main() -> None:
         print(name, walls[name], flush=True)
 
     if args.phase == "first":
-        run("base", "--out", str(paths["base"]))
-        run("fetch", "--out", str(paths["raw"]))
-        run("format", "--raw", str(paths["raw"]), "--out", str(paths["formatted"]), "--metrics",
-            str(work / "format.json"))
-        run("tokenize", "--base", str(paths["base"]), "--formatted", str(paths["formatted"]), "--out",
-            str(paths["tokenized"]), "--metrics", str(work / "tokenize.json"))
+        for name, *cli in data_stages(paths, work):
+            run(name, *cli)
     run("train", "--base", str(paths["base"]), "--data", str(paths["tokenized"]), "--out", str(adapter),
         "--checkpoints", str(work / f"ckpt-{args.phase}"), "--metrics", str(work / f"train-{args.phase}.json"),
         "--timings", str(work / f"timings-{args.phase}.json"))
     if args.phase == "first":
-        run("evaluate_base", "--base", str(paths["base"]), "--formatted", str(paths["formatted"]), "--tokenized",
-            str(paths["tokenized"]), "--out", str(paths["eval-base"]))
+        run("evaluate_base", *evaluate_base_cli(paths, paths["eval-base"]))
     run("evaluate", "--base", str(paths["base"]), "--adapter", str(adapter), "--formatted", str(paths["formatted"]),
         "--tokenized", str(paths["tokenized"]), "--base_results", str(paths["eval-base"]), "--samples",
         str(work / f"samples-{args.phase}.jsonl"), "--prompts", str(work / f"prompts-{args.phase}.jsonl"),

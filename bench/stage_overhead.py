@@ -39,7 +39,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 sys.path.insert(0, str(REPO))
-from experiment_stages import experiment_arguments, experiment_params, experiment_paths  # noqa: E402
+from experiment_stages import (  # noqa: E402
+    data_stages,
+    evaluate_base_cli,
+    experiment_arguments,
+    experiment_params,
+    experiment_paths,
+)
 from gpu_qlora import stage  # noqa: E402
 
 
@@ -104,9 +110,10 @@ def saved_4bit(model_dir: Path, copy_dir: Path, train: dict) -> dict:
             same &= torch.equal(module.weight.data, other.weight.data)
             same &= torch.equal(bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state),
                                 bnb.functional.dequantize_4bit(other.weight.data, other.weight.quant_state))
+    reloaded_params = dict(reloaded.named_parameters())
     for name, param in model.named_parameters():
         if param.dtype.is_floating_point:
-            same &= torch.equal(param, dict(reloaded.named_parameters())[name])
+            same &= torch.equal(param, reloaded_params[name])
     return {"load_4bit_from_bf16_files_s": from_bf16, "save_4bit_s": save_s, "saved_4bit_gb": round(size / 1e9, 2),
             "load_saved_4bit_s": from_copy, "linear4bit_layers_compared": layers, "same_weights": bool(same)}
 
@@ -128,18 +135,11 @@ def main() -> None:
     card = torch.cuda.get_device_name(0)
     stem = f"{card.replace(' ', '-').lower()}-{time.strftime('%Y-%m-%d')}-stage-overhead"
     log = args.out / "stage-overhead.log"
-    params = experiment_params(args, work, "first")
-    settings = yaml.safe_load(params.read_text())
-    settings["evaluate"]["max_samples"] = args.samples
-    params.write_text(yaml.safe_dump(settings, sort_keys=False))
+    params = experiment_params(args, work, "first", {"evaluate": {"max_samples": args.samples}})
     paths = experiment_paths(work)
     if not (paths["tokenized"] / "dataset_dict.json").is_file():
-        stage("base", params, work, "--out", str(paths["base"]), log=log)
-        stage("fetch", params, work, "--out", str(paths["raw"]), log=log)
-        stage("format", params, work, "--raw", str(paths["raw"]), "--out", str(paths["formatted"]), "--metrics",
-              str(work / "format.json"), log=log)
-        stage("tokenize", params, work, "--base", str(paths["base"]), "--formatted", str(paths["formatted"]),
-              "--out", str(paths["tokenized"]), "--metrics", str(work / "tokenize.json"), log=log)
+        for name, *cli in data_stages(paths, work):
+            stage(name, params, work, *cli, log=log)
 
     result: dict = {"card": card, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
                     "limit": args.limit, "samples": args.samples, "stages": {}}
@@ -147,13 +147,11 @@ def main() -> None:
     tables = []
     # The first stage on a fresh machine also compiles the Triton kernels and fills the page
     # cache and evaluate's module cache; untimed, so that neither checkout's rows pay for it.
-    run_stage("evaluate_base", params, work, REPO, False, "--base", str(paths["base"]), "--formatted",
-              str(paths["formatted"]), "--tokenized", str(paths["tokenized"]), "--out", str(work / "eval-base-warm"))
+    run_stage("evaluate_base", params, work, REPO, False, *evaluate_base_cli(paths, work / "eval-base-warm"))
     checkouts = {"this": REPO, **({"compared": args.compare.resolve()} if args.compare else {})}
     for label, code in checkouts.items():
         for name, cli in (
-            ("evaluate_base", ("--base", str(paths["base"]), "--formatted", str(paths["formatted"]), "--tokenized",
-                               str(paths["tokenized"]), "--out", str(work / f"eval-base-{label}"))),
+            ("evaluate_base", evaluate_base_cli(paths, work / f"eval-base-{label}")),
             ("benchmark_base", ("--base", str(paths["base"]), "--out", str(work / f"benchmark-base-{label}.json"))),
         ):
             wall, text = run_stage(name, params, work, code, args.profile, *cli)
@@ -163,7 +161,8 @@ def main() -> None:
             print(label, name, wall, flush=True)
 
     if not args.no_saved_copy:
-        result["saved_4bit"] = saved_4bit(args.work / "llama-7b-random", work / "base-4bit", settings["train"])
+        train = yaml.safe_load(params.read_text())["train"]
+        result["saved_4bit"] = saved_4bit(args.work / "llama-7b-random", work / "base-4bit", train)
         print(json.dumps(result["saved_4bit"]), flush=True)
     path.write_text(json.dumps(result, indent=2))
     (args.out / f"{stem}.txt").write_text("\n".join(tables))
