@@ -14,7 +14,7 @@ from conftest import REPO, SHARED, default_params, save_lora_adapter
 from sabia_ift.config import BenchmarkConfig, parse_section
 from sabia_ift.errors import ConfigError, DataError
 from sabia_ift.evaluation import benchmark_data
-from sabia_ift.evaluation.benchmark import evaluate_tasks, prepare_tasks, run_benchmark
+from sabia_ift.evaluation.benchmark import prepare_tasks, run_benchmark
 from sabia_ift.toy import benchmark_sets
 
 PT_EVAL = SHARED / "pt-eval"
@@ -360,15 +360,21 @@ def test_base_results_from_their_own_stage_give_the_same_metrics(run, tiny_base,
 
 def test_the_stage_scores_what_lm_eval_scores_on_its_own(run, tiny_base, adapter, tmp_path):
     """Same YAML and rows, lm-eval loading the model itself (pretrained=<folder>, peft=<adapter>) and
-    scoring it with its own HFLM (the stage's keeps only the continuation's logits)."""
+    scoring it with its own HFLM (the stage's keeps only the continuation's logits) through
+    `simple_evaluate` (the stage calls the evaluator beneath it)."""
+    import lm_eval
     from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
 
     cfg, metrics, _ = run
     prepare_tasks(cfg, tmp_path)
     names = [t.name for t in cfg.tasks]
     for side, model_args in (("base", {}), ("tuned", {"peft": str(adapter)})):
         lm = HFLM(pretrained=str(tiny_base), device="cpu", batch_size=4, dtype="float32", **model_args)
-        direct = evaluate_tasks(lm, names, tmp_path, limit=None, seed=cfg.seed)
+        direct = lm_eval.simple_evaluate(
+            model=lm, tasks=names, task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False),
+            bootstrap_iters=0, random_seed=cfg.seed, numpy_random_seed=cfg.seed, torch_random_seed=cfg.seed,
+            fewshot_random_seed=cfg.seed)
         for name in names:
             score = direct["results"][name][f"{metrics[name]['metric']},none"]
             assert score == pytest.approx(metrics[name][side], abs=1e-4), (side, name)

@@ -114,16 +114,28 @@ def make_lm(model, tokenizer, batch_size: int | str, max_length: int | None, *, 
 
 def evaluate_tasks(lm, names: list[str], include_path: str | Path, *, limit: int | None, seed: int,
                    log_samples: bool = False) -> dict:
-    """lm-eval's results for the tasks in `include_path`, as `lm_eval.simple_evaluate` returns them."""
-    import lm_eval
-    from lm_eval.tasks import TaskManager
+    """lm-eval's results for the tasks in `include_path` ("results", "samples", "n-samples", ...).
 
-    manager = TaskManager(include_path=str(include_path), include_defaults=False)
-    return lm_eval.simple_evaluate(
-        model=lm, tasks=names, task_manager=manager, limit=limit, log_samples=log_samples,
-        bootstrap_iters=0, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
-        fewshot_random_seed=seed,
-    )
+    What `lm_eval.simple_evaluate` does for a ready model, without its last step: that one
+    records the environment (torch's collect_env runs pip and nvidia-smi in subprocesses,
+    1 to 2 s a call, twice a stage), which nothing here reads.
+    """
+    import random
+
+    import numpy as np
+    from lm_eval.evaluator import evaluate
+    from lm_eval.tasks import TaskManager
+    from lm_eval.utils import set_torch_seed
+
+    random.seed(seed)
+    np.random.seed(seed)
+    set_torch_seed(seed)
+    loaded = TaskManager(include_path=str(include_path), include_defaults=False).load(names)
+    for task in loaded["tasks"].values():
+        if task.get_config("num_fewshot") is None:
+            task.set_config(key="num_fewshot", value=0)
+        task.set_fewshot_seed(seed=seed)
+    return evaluate(lm=lm, task_dict=loaded, limit=limit, log_samples=log_samples, bootstrap_iters=0)
 
 
 def _score(results: dict, name: str, metric: str) -> float | None:
