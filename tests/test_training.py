@@ -247,3 +247,20 @@ def test_evaluation_asks_the_fused_loss_for_no_logits(tiny_base, tmp_path):
     trainer.prediction_step(model, batch, prediction_loss_only=False)  # logits wanted: not skipped
     assert asked == [None, True, None]
     assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_eval_loss_is_the_mean_over_trained_tokens(tiny_base, tokenized, tmp_path, packing):
+    """The train stage's eval_loss is what the evaluate stage's val_loss computes for the same
+    adapter: every trained token weighs alike, not every micro-batch (the val rows here fall into
+    micro-batches of unequal token counts, where the Trainer's mean of means differs)."""
+    from sabia_ift.artifacts import HF_SPLITS, load_tokenized
+    from sabia_ift.evaluation.evaluation import token_loss
+    from sabia_ift.modeling import load_tuned
+
+    sizes = {"packing": True, "micro_batch_tokens": 1024} if packing else {}
+    metrics, _ = train(small_config(max_steps=2, **sizes), tiny_base, tokenized, tmp_path / "adapter",
+                       tmp_path / "ckpt", None)
+    tokenizer, model = load_tuned(tiny_base, tmp_path / "adapter", "cpu")
+    validation = load_tokenized(tokenized)[HF_SPLITS["val"]]
+    assert metrics["eval_loss"] == pytest.approx(token_loss(model, tokenizer, validation, 4, "cpu"), abs=2e-5)

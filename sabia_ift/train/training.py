@@ -34,6 +34,7 @@ from ..modeling import (
     pick_dtype,
     resolve_base,
 )
+from ..template import IGNORE_INDEX
 from . import attention, distributed, hot_path, kernels, weighting
 from .packing import CountingCollator, RowBatchSampler
 from .progress import (
@@ -151,6 +152,7 @@ def _make_trainer_class():
         checkpoint_bytes: int | None = None
         row_weighting: weighting.RowWeighting | None = None
         eval_skips_logits = False
+        eval_sums: list | None = None  # [loss x tokens, tokens] of the evaluation running now
 
         def get_train_dataloader(self):
             # Already sharded by rank: not passed through accelerate's re-sharding.
@@ -183,7 +185,38 @@ def _make_trainer_class():
                 # = 1.95 GiB), the allocation that stopped an 8 GiB card after its last step.
                 # The Trainer asks only when it applied Liger itself; this stage applies it.
                 inputs = {**inputs, "skip_logits": True}
-            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+            loss, logits, labels = super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+            if loss is not None and self.eval_sums is not None and "labels" in inputs:
+                # The loss is this micro-batch's mean over its trained tokens (the model shifts
+                # the labels by one, and so does this count).
+                tokens = int((inputs["labels"][..., 1:] != IGNORE_INDEX).sum())
+                self.eval_sums[0] += float(loss) * tokens
+                self.eval_sums[1] += tokens
+            return loss, logits, labels
+
+        def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                            metric_key_prefix="eval"):
+            # The Trainer's eval loss is the mean of the micro-batches' means: a packed micro-batch
+            # of few long rows weighs as much as one of many short rows (on a random 7B that
+            # moved it by 0.3 from the evaluate stage's). It becomes the mean over every trained
+            # token, as the train loss and the evaluate stage's val_loss are. Under DDP, the rows
+            # accelerate repeats to even out the processes' last batches are counted again.
+            self.eval_sums = [0.0, 0]
+            try:
+                output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
+                                                 metric_key_prefix)
+                total, tokens = self.eval_sums
+            finally:
+                self.eval_sums = None
+            if self.args.world_size > 1:
+                import torch
+
+                sums = torch.tensor([total, float(tokens)], dtype=torch.float64, device=self.args.device)
+                total, tokens = self.accelerator.reduce(sums, reduction="sum").tolist()
+            key = f"{metric_key_prefix}_loss"
+            if tokens and key in output.metrics:
+                output.metrics[key] = total / tokens
+            return output
 
         def evaluate(self, *args, **kwargs):
             self.data_collator.counting = False
