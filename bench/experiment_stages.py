@@ -2,7 +2,7 @@
 experiment, then for one that changes only `train.lr`.
 
     python bench/experiment_stages.py --rows .bench/rows.jsonl --tokenizer .bench/tokenizer \
-        --pt-eval ../shared/pt-eval --work /tmp/bench --out bench/results --phase first|lr_only [--limit 40]
+        --pt-eval ../shared/pt-eval --work /tmp/bench --out bench/results --phase first|lr_only|base [--limit 40]
 
 The random LLaMA-7B (bench/gpu_qlora.py builds it) as the base, the Sabiá-7B
 preset's train, evaluate and benchmark settings (QLoRA r=32 on q/k/v, 3
@@ -16,6 +16,8 @@ rate, through DVC"; tests/test_dvc_yaml.py checks the dependency graph):
 
   first     base, fetch, format, tokenize, train, evaluate_base, evaluate, benchmark_base, benchmark
   lr_only   train, evaluate, benchmark (the base model's stages are DVC's cached outputs)
+  base      base, fetch, format, tokenize, evaluate_base, benchmark_base: only what lr_only reads,
+            for a short device run (lr_only's train then compiles the training kernels itself)
 
 Random weights never emit EOS, so every answer runs to 512 tokens (the base
 model's case at 7B; a tuned model stops earlier). The two phases may run in
@@ -100,7 +102,9 @@ def experiment_arguments(doc: str | None) -> argparse.ArgumentParser:
 
 def main() -> None:
     p = experiment_arguments(__doc__)
-    p.add_argument("--phase", choices=["first", "lr_only"], required=True)
+    p.add_argument("--phase", choices=["first", "lr_only", "base"], required=True,
+                   help="base: only what lr_only reads (the data stages and the base model's two), for a "
+                        "short device run; lr_only's train then pays the first kernel compilations")
     p.add_argument("--tag", default="experiment-stages", help="suffix of the results file name")
     args = p.parse_args()
 
@@ -126,9 +130,13 @@ def main() -> None:
         path.write_text(json.dumps(result, indent=2))
         print(name, walls[name], flush=True)
 
-    if args.phase == "first":
+    if args.phase in ("first", "base"):
         for name, *cli in data_stages(paths, work):
             run(name, *cli)
+    if args.phase == "base":
+        run("evaluate_base", *evaluate_base_cli(paths, paths["eval-base"]))
+        run("benchmark_base", "--base", str(paths["base"]), "--out", str(paths["benchmark-base.json"]))
+        return
     run("train", "--base", str(paths["base"]), "--data", str(paths["tokenized"]), "--out", str(adapter),
         "--checkpoints", str(work / f"ckpt-{args.phase}"), "--metrics", str(work / f"train-{args.phase}.json"),
         "--timings", str(work / f"timings-{args.phase}.json"))
@@ -149,9 +157,10 @@ def main() -> None:
     if "lr_only" in by:
         lr = by["lr_only"]
         result["lr_only_eval_share"] = round((lr["evaluate"] + lr["benchmark"]) / lr["train"], 3)
-    if "first" in by:
+    first = by.get("first") or by.get("base")
+    if first:
         # Before: one evaluate and one benchmark stage computed both models in every experiment.
-        base_of = {tuned: by["first"][base] for base, tuned in PAIRS}
+        base_of = {tuned: first[base] for base, tuned in PAIRS}
         result["exp_wall_s_by_stage_before"] = {
             phase: {name: round(s + base_of.get(name, 0.0), 1) for name, s in stages.items()
                     if name not in dict(PAIRS)}
