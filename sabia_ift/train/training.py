@@ -196,9 +196,8 @@ def _make_trainer_class():
 
         def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                             metric_key_prefix="eval"):
-            # The Trainer's eval loss is the mean of the micro-batches' means: a packed micro-batch
-            # of few long rows weighs as much as one of many short rows (on a random 7B that
-            # moved it by 0.3 from the evaluate stage's). It becomes the mean over every trained
+            # The Trainer's eval loss is the mean of the micro-batches' means: a micro-batch of few
+            # trained tokens weighs as much as one of many. It becomes the mean over every trained
             # token, as the train loss and the evaluate stage's val_loss are. Under DDP, the rows
             # accelerate repeats to even out the processes' last batches are counted again.
             self.eval_sums = [0.0, 0]
