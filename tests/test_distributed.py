@@ -58,6 +58,8 @@ def assert_same_training(one, two, processes=2):
     assert m1["steps"] == m2["steps"] and t1["rows_seen"] == t2["rows_seen"] == 96  # nothing dropped or repeated
     assert t1["global_batch"] == {**t2["global_batch"], "micro_batches_per_process": 2, "processes": 1}
     assert c1 == pytest.approx(c2, rel=1e-4, abs=1e-4)
+    # The final evaluation's loss, a mean over every validation token, summed across the processes.
+    assert m1["eval_loss"] == pytest.approx(m2["eval_loss"], abs=1e-4)
     for name, tensor in a1.items():
         assert (tensor - a2[name]).abs().max() < 1e-4, name
 

@@ -170,6 +170,11 @@ def _make_trainer_class():
             return batches, items
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if self.eval_sums is not None:
+                # In evaluation the Trainer divides each process's loss by the tokens of every
+                # process (and scales it back by their number); evaluation_loop sums each
+                # micro-batch's own token mean times its own tokens instead.
+                num_items_in_batch = None
             if self.row_weighting is None:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             self.row_weighting.weights = inputs.pop(weighting.KEY, None)
@@ -187,8 +192,8 @@ def _make_trainer_class():
                 inputs = {**inputs, "skip_logits": True}
             loss, logits, labels = super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
             if loss is not None and self.eval_sums is not None and "labels" in inputs:
-                # The loss is this micro-batch's mean over its trained tokens (the model shifts
-                # the labels by one, and so does this count).
+                # The loss is this micro-batch's mean over its own trained tokens (compute_loss;
+                # the model shifts the labels by one, and so does this count).
                 tokens = int((inputs["labels"][..., 1:] != IGNORE_INDEX).sum())
                 self.eval_sums[0] += float(loss) * tokens
                 self.eval_sums[1] += tokens
