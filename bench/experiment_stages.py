@@ -87,6 +87,10 @@ def evaluate_base_cli(paths: dict[str, Path], out: Path) -> tuple[str, ...]:
             str(paths["tokenized"]), "--out", str(out))
 
 
+def benchmark_base_cli(paths: dict[str, Path], out: Path) -> tuple[str, ...]:
+    return ("--base", str(paths["base"]), "--out", str(out))
+
+
 def experiment_arguments(doc: str | None) -> argparse.ArgumentParser:
     """The options experiment_params reads."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -135,7 +139,7 @@ def main() -> None:
             run(name, *cli)
     if args.phase == "base":
         run("evaluate_base", *evaluate_base_cli(paths, paths["eval-base"]))
-        run("benchmark_base", "--base", str(paths["base"]), "--out", str(paths["benchmark-base.json"]))
+        run("benchmark_base", *benchmark_base_cli(paths, paths["benchmark-base.json"]))
         return
     run("train", "--base", str(paths["base"]), "--data", str(paths["tokenized"]), "--out", str(adapter),
         "--checkpoints", str(work / f"ckpt-{args.phase}"), "--metrics", str(work / f"train-{args.phase}.json"),
@@ -147,7 +151,7 @@ def main() -> None:
         str(work / f"samples-{args.phase}.jsonl"), "--prompts", str(work / f"prompts-{args.phase}.jsonl"),
         "--metrics", str(work / f"eval-{args.phase}.json"))
     if args.phase == "first":
-        run("benchmark_base", "--base", str(paths["base"]), "--out", str(paths["benchmark-base.json"]))
+        run("benchmark_base", *benchmark_base_cli(paths, paths["benchmark-base.json"]))
     run("benchmark", "--base", str(paths["base"]), "--adapter", str(adapter), "--base_results",
         str(paths["benchmark-base.json"]), "--metrics", str(work / f"benchmarks-{args.phase}.json"))
 

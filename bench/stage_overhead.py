@@ -40,6 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 sys.path.insert(0, str(REPO))
 from experiment_stages import (  # noqa: E402
+    benchmark_base_cli,
     data_stages,
     evaluate_base_cli,
     experiment_arguments,
@@ -152,7 +153,7 @@ def main() -> None:
     for label, code in checkouts.items():
         for name, cli in (
             ("evaluate_base", evaluate_base_cli(paths, work / f"eval-base-{label}")),
-            ("benchmark_base", ("--base", str(paths["base"]), "--out", str(work / f"benchmark-base-{label}.json"))),
+            ("benchmark_base", benchmark_base_cli(paths, work / f"benchmark-base-{label}.json")),
         ):
             wall, text = run_stage(name, params, work, code, args.profile, *cli)
             result["stages"].setdefault(label, {"code": str(code)})[name] = wall
